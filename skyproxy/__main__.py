@@ -1,0 +1,3 @@
+from skyproxy.cli import main
+
+raise SystemExit(main())

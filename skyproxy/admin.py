@@ -1,0 +1,102 @@
+"""The /-/ admin endpoints: answered on every listener, to loopback clients only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from skyproxy import __version__
+from skyproxy.guard import is_loopback
+from skyproxy.metrics import CONTENT_TYPE
+from skyproxy.responses import error_response
+from skyproxy.runtime import State
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def routes(environment: str, state: State) -> list[web.RouteDef]:
+    def guarded(handler: Handler) -> Handler:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            from skyproxy.handler import request_id_of
+
+            request_id = request_id_of(request.headers)
+            env = state.runtime.environments.get(environment)
+            refusal = env.guard.check(request.headers, request.remote) if env else None
+            if refusal is not None:
+                return error_response(refusal.status, refusal.code, refusal.message, request_id)
+            if not is_loopback(request.remote):
+                return error_response(
+                    403,
+                    "admin_not_allowed",
+                    "Admin endpoints answer loopback clients only.",
+                    request_id,
+                )
+            return await handler(request)
+
+        return wrapper
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(status_document(state), dumps=_dumps)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = state.metrics.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    async def reload(request: web.Request) -> web.Response:
+        if state.reload is None:
+            return error_response(503, "reload_unavailable", "Reload is not available.", "")
+        error = await state.reload()
+        runtime = state.runtime
+        body = {"ok": error is None, "generation": runtime.generation, "error": error}
+        return web.json_response(body, status=200 if error is None else 409)
+
+    return [
+        web.get("/-/health", guarded(health)),
+        web.get("/-/status", guarded(status)),
+        web.get("/-/metrics", guarded(metrics)),
+        web.post("/-/reload", guarded(reload)),
+    ]
+
+
+def status_document(state: State) -> dict[str, object]:
+    runtime = state.runtime
+    environments = {}
+    for name, env in runtime.environments.items():
+        environments[name] = {
+            "listen": [str(listen) for listen in env.settings.listen],
+            "upstream": env.settings.upstream,
+            "key": {
+                "source": str(env.settings.key),
+                "fingerprint": env.key.fingerprint,
+                "age_days": state.key_ages.get(name),
+            },
+            "requests": state.requests.get(name, 0),
+        }
+    return {
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - state.started, 3),
+        "config": {
+            "path": str(runtime.settings.path),
+            "generation": runtime.generation,
+            "loaded_at": runtime.loaded_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "last_reload_error": state.last_reload_error,
+        },
+        "environments": environments,
+        "audit": {
+            "path": str(runtime.settings.audit.path),
+            "queue_depth": state.audit.depth,
+            "healthy": state.audit.healthy,
+        },
+    }
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, indent=2)

@@ -1,0 +1,611 @@
+"""The config file: frozen, typed settings resolved and validated before anything binds.
+
+`load(path)` returns one `Settings` or raises `ConfigError` naming the file, the line
+and the field path. All validation lives here; nothing downstream re-checks the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+from skyproxy.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+DEFAULT_UPSTREAM = "https://api.skytells.ai"
+SEARCH_PATH = (
+    Path("skyproxy.toml"),
+    Path("~/.config/skyproxy/skyproxy.toml"),
+    Path("/etc/skyproxy/skyproxy.toml"),
+)
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_PERIOD_LABELS = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Where an environment's key comes from. Holds a location, never key material."""
+
+    kind: KeyKind
+    arg: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "generated":
+            return "generated (mock)"
+        return self.kind if not self.arg else f"{self.kind}:{self.arg}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    count: int
+    period: float
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.unit}"
+
+    @property
+    def label(self) -> str:
+        """The short form used in client messages, such as `10/min`."""
+        return f"{self.count}/{_PERIOD_LABELS[self.unit]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    name: str
+    methods: frozenset[str]
+    paths: tuple[str, ...]
+    per_user: Rate | None
+    per_environment: Rate | None
+    max_wait: float
+
+    def matches(self, method: str, path: str) -> bool:
+        if method not in self.methods:
+            return False
+        for pattern in self.paths:
+            if pattern.endswith("*"):
+                if path.startswith(pattern[:-1]):
+                    return True
+            elif path == pattern:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    user_header: str = "X-User-Id"
+    missing_user: Literal["reject", "shared"] = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentSettings:
+    name: str
+    listen: tuple[Listen, ...]
+    upstream: str  # a base URL without /v1, or "mock"
+    key: KeySpec
+    rules: tuple[RateRule, ...]
+
+    @property
+    def is_mock(self) -> bool:
+        return self.upstream == "mock"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    allowed_hosts: frozenset[str] = frozenset()
+    allowed_origins: frozenset[str] = frozenset()
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    max_body_bytes: int = 52_428_800
+    upstream_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    watch_config: bool = True
+    shutdown_timeout: float = 30.0
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: Path
+    max_bytes: int = 10_485_760
+    backup_count: int = 10
+    rotate_daily: bool = False
+    on_failure: Literal["continue", "reject"] = "continue"
+    queue_size: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeysSettings:
+    max_age_days: int = 90
+    state_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MockSettings:
+    delay: float = 2.0  # seconds from create until a polled prediction has succeeded
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    path: Path
+    server: ServerSettings
+    environments: Mapping[str, EnvironmentSettings]
+    rate_limit: RateLimitSettings
+    audit: AuditSettings
+    pricing: Mapping[str, float]
+    keys: KeysSettings
+    mock: MockSettings = field(default_factory=MockSettings)
+
+    @property
+    def key_state_file(self) -> Path:
+        return self.keys.state_file or self.audit.path.parent / "keys.json"
+
+
+def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The config to use: -c, then $SKYPROXY_CONFIG, then the search path."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("SKYPROXY_CONFIG"):
+        return Path(environ["SKYPROXY_CONFIG"])
+    for candidate in SEARCH_PATH:
+        path = candidate.expanduser()
+        if path.is_file():
+            return path
+    searched = ", ".join(str(p) for p in SEARCH_PATH)
+    raise ConfigError(
+        f"no config file found (searched -c, $SKYPROXY_CONFIG, {searched}); start from skyproxy.toml.example",
+        file="skyproxy.toml",
+    )
+
+
+def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=path) from None
+    return parse(text, path, environ)
+
+
+def parse(text: str, path: Path, environ: Mapping[str, str] = os.environ) -> Settings:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _decode_error_line(exc)
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(f"invalid TOML: {message}", file=path, line=line) from None
+    return _Parser(text, path.resolve(), environ).settings(data)
+
+
+def _decode_error_line(exc: Exception) -> int | None:
+    lineno = getattr(exc, "lineno", None)
+    if isinstance(lineno, int):
+        return lineno
+    found = re.search(r"at line (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+T = TypeVar("T")
+
+
+class _Parser:
+    """Walks the TOML document, turning each table into its frozen settings object."""
+
+    def __init__(self, text: str, path: Path, environ: Mapping[str, str]) -> None:
+        self.text = text
+        self.path = path
+        self.base = path.parent
+        self.environ = environ
+
+    # -- errors -------------------------------------------------------------------------
+    def error(self, field_path: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.path, line=_line_of(self.text, field_path), field=field_path)
+
+    def expected(self, field_path: str, what: str, got: object) -> ConfigError:
+        return self.error(field_path, f"expected {what}, got {_show(got)}")
+
+    # -- typed getters ------------------------------------------------------------------
+    def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.expected(_join(where, key), "a table", value)
+        return value
+
+    def check_keys(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        for key in data:
+            if key not in allowed:
+                hint = _suggest(key, allowed)
+                raise self.error(_join(where, key), f"unknown key{hint}")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        where: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        what: str,
+    ) -> T:
+        if key not in data:
+            return default
+        value = data[key]
+        bad_bool = isinstance(value, bool) and kind is not bool
+        if bad_bool or not isinstance(value, kind):
+            raise self.expected(_join(where, key), what, value)
+        return value  # type: ignore[return-value]
+
+    def number(
+        self, data: Mapping[str, Any], key: str, where: str, default: float, *, minimum: float = 0
+    ) -> float:
+        value = self.get(data, key, where, (int, float), default, "a number")
+        if value < minimum:
+            raise self.expected(_join(where, key), f"a number >= {minimum:g}", value)
+        return float(value)
+
+    def integer(
+        self, data: Mapping[str, Any], key: str, where: str, default: int, *, minimum: int = 0
+    ) -> int:
+        value = self.get(data, key, where, int, default, "an integer")
+        if value < minimum:
+            raise self.expected(_join(where, key), f"an integer >= {minimum}", value)
+        return value
+
+    def strings(self, data: Mapping[str, Any], key: str, where: str) -> list[str]:
+        value = self.get(data, key, where, list, [], "a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.expected(f"{_join(where, key)}[{i}]", "a string", item)
+        return value
+
+    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...]) -> Any:
+        what = " or ".join(f'"{o}"' for o in options)
+        value = self.get(data, key, where, str, options[0], what)
+        if value not in options:
+            raise self.expected(_join(where, key), what, value)
+        return value
+
+    def file_path(self, raw: str, field_path: str) -> Path:
+        expanded = os.path.expanduser(raw)
+        for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", expanded):
+            if name not in self.environ:
+                raise self.error(field_path, f"environment variable ${name} is not set")
+            expanded = re.sub(r"\$\{" + name + r"\}|\$" + name + r"\b", self.environ[name], expanded)
+        path = Path(expanded)
+        return path if path.is_absolute() else self.base / path
+
+    # -- tables -------------------------------------------------------------------------
+    def settings(self, data: dict[str, Any]) -> Settings:
+        self.check_keys(
+            data, "", {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock"}
+        )
+        server = self.server(self.table(data, "server", ""))
+        rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
+        environments = self.environments(data, rules, server)
+        audit = self.audit(self.table(data, "audit", ""))
+        return Settings(
+            path=self.path,
+            server=server,
+            environments=MappingProxyType(environments),
+            rate_limit=rate_limit,
+            audit=audit,
+            pricing=self.pricing(self.table(data, "pricing", "")),
+            keys=self.keys(self.table(data, "keys", "")),
+            mock=self.mock(self.table(data, "mock", "")),
+        )
+
+    def server(self, data: dict[str, Any]) -> ServerSettings:
+        w = "server"
+        self.check_keys(data, w, set(ServerSettings.__dataclass_fields__))
+        hosts = frozenset(h.lower() for h in self.strings(data, "allowed_hosts", w))
+        origins = self.strings(data, "allowed_origins", w)
+        for i, origin in enumerate(origins):
+            self.check_origin(origin, f"{w}.allowed_origins[{i}]")
+        networks = []
+        for i, cidr in enumerate(self.strings(data, "allowed_networks", w)):
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                raise self.expected(f"{w}.allowed_networks[{i}]", "a CIDR", cidr) from None
+        return ServerSettings(
+            allowed_hosts=hosts,
+            allowed_origins=frozenset(o.lower() for o in origins),
+            allowed_networks=tuple(networks),
+            max_body_bytes=self.integer(data, "max_body_bytes", w, 52_428_800, minimum=1),
+            upstream_timeout=self.number(data, "upstream_timeout", w, 120.0, minimum=0.001),
+            connect_timeout=self.number(data, "connect_timeout", w, 10.0, minimum=0.001),
+            watch_config=self.get(data, "watch_config", w, bool, True, "true or false"),
+            shutdown_timeout=self.number(data, "shutdown_timeout", w, 30.0),
+            event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop")),
+            log_level=self.choice(data, "log_level", w, ("info", "debug", "warning", "error")),
+        )
+
+    def check_origin(self, origin: str, field_path: str) -> None:
+        if origin in ("*", "null"):
+            raise self.error(field_path, f"{origin!r} is never allowed; list exact origins")
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise self.expected(field_path, 'an origin like "https://app.example.com"', origin)
+
+    def rate_limit(self, data: dict[str, Any]) -> tuple[RateLimitSettings, list[dict[str, Any]]]:
+        w = "rate_limit"
+        self.check_keys(data, w, {"user_header", "missing_user", "rules"})
+        header = self.get(data, "user_header", w, str, "X-User-Id", "a header name")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+            raise self.expected(f"{w}.user_header", "a header name", header)
+        rules = self.get(data, "rules", w, list, [], "an array of tables [[rate_limit.rules]]")
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, dict):
+                raise self.expected(f"{w}.rules[{i}]", "a table", rule)
+        settings = RateLimitSettings(
+            user_header=header,
+            missing_user=self.choice(data, "missing_user", w, ("reject", "shared")),
+        )
+        return settings, rules or [DEFAULT_RULE]
+
+    def rule(self, data: Mapping[str, Any], where: str, override: Mapping[str, Any]) -> RateRule:
+        self.check_keys(data, where, {"name", "methods", "paths", "per_user", "per_environment", "max_wait"})
+        name = self.get(data, "name", where, str, "", "a rule name")
+        if not name:
+            raise self.error(f"{where}.name", "missing: every rule needs a name")
+        methods = [m.upper() for m in self.strings(data, "methods", where)] or ["POST"]
+        paths = self.strings(data, "paths", where)
+        if not paths:
+            raise self.error(f"{where}.paths", "missing: list the paths this rule limits")
+        for i, p in enumerate(paths):
+            if not p.startswith("/") or "*" in p[:-1]:
+                raise self.expected(f"{where}.paths[{i}]", 'a path like "/v1/x" or "/v1/*"', p)
+        merged = {**data, **override}
+        wait_where = where if "max_wait" not in override else "(override)"
+        return RateRule(
+            name=name,
+            methods=frozenset(methods),
+            paths=tuple(paths),
+            per_user=self.rate(merged, "per_user", where),
+            per_environment=self.rate(merged, "per_environment", where),
+            max_wait=self.number(merged, "max_wait", wait_where, 0.0),
+        )
+
+    def rate(self, data: Mapping[str, Any], key: str, where: str) -> Rate | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        what = '"N/second", "N/minute", "N/hour" or "N/day"'
+        found = isinstance(value, str) and re.fullmatch(
+            r"\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*", value
+        )
+        if not found or int(found.group(1)) < 1:
+            raise self.expected(_join(where, key), what, value)
+        unit = found.group(2)
+        return Rate(int(found.group(1)), _PERIODS[unit], unit)
+
+    def environments(
+        self, data: dict[str, Any], rules: list[dict[str, Any]], server: ServerSettings
+    ) -> dict[str, EnvironmentSettings]:
+        envs = self.table(data, "environments", "")
+        if not envs:
+            raise self.error("environments", "missing: define at least one [environments.NAME]")
+        result: dict[str, EnvironmentSettings] = {}
+        seen: dict[Listen, str] = {}
+        for name, env in envs.items():
+            where = f"environments.{name}"
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise self.expected(where, "a name of letters, digits, - and _", name)
+            if not isinstance(env, dict):
+                raise self.expected(where, "a table", env)
+            result[name] = self.environment(name, env, rules, server)
+            for i, listen in enumerate(result[name].listen):
+                if listen in seen:
+                    raise self.error(f"{where}.listen[{i}]", f"{listen} is already used by {seen[listen]}")
+                seen[listen] = name
+        return result
+
+    def environment(
+        self,
+        name: str,
+        data: dict[str, Any],
+        rules: list[dict[str, Any]],
+        server: ServerSettings,
+    ) -> EnvironmentSettings:
+        where = f"environments.{name}"
+        self.check_keys(data, where, {"listen", "upstream", "key", "rate_limit"})
+        raw_listen = self.strings(data, "listen", where)
+        if not raw_listen:
+            raise self.error(f"{where}.listen", 'missing: list addresses like "127.0.0.1:8787"')
+        listen = tuple(self.listen(v, f"{where}.listen[{i}]") for i, v in enumerate(raw_listen))
+        for i, address in enumerate(listen):
+            if not address.is_loopback and not server.allowed_networks:
+                raise self.error(
+                    f"{where}.listen[{i}]",
+                    f"{address} is not loopback, so [server] allowed_networks must list the "
+                    "networks allowed to connect",
+                )
+        upstream = self.upstream(self.get(data, "upstream", where, str, DEFAULT_UPSTREAM, "a URL"), where)
+        override = self.table(data, "rate_limit", where)
+        self.check_keys(override, f"{where}.rate_limit", {"per_user", "per_environment", "max_wait"})
+        return EnvironmentSettings(
+            name=name,
+            listen=listen,
+            upstream=upstream,
+            key=self.key(data, where, name, upstream == "mock"),
+            rules=tuple(self.rule(r, f"rate_limit.rules[{i}]", override) for i, r in enumerate(rules)),
+        )
+
+    def listen(self, value: str, field_path: str) -> Listen:
+        found = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", value)
+        if not found:
+            raise self.expected(field_path, '"host:port"', value)
+        host = found.group(1) or found.group(3)
+        port = int(found.group(2) or found.group(4))
+        if port > 65535:
+            raise self.expected(field_path, "a port from 0 to 65535", value)
+        if host != "localhost":
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError:
+                raise self.expected(field_path, "an IP address or localhost", host) from None
+        return Listen(host, port)
+
+    def upstream(self, value: str, where: str) -> str:
+        if value == "mock":
+            return value
+        found = re.fullmatch(r"(https?://[^/\s?#]+)(/v1)?/?", value)
+        if not found:
+            raise self.expected(f"{where}.upstream", '"mock" or a URL like "https://api.skytells.ai"', value)
+        return found.group(1)
+
+    def key(self, data: Mapping[str, Any], where: str, name: str, is_mock: bool) -> KeySpec:
+        raw = self.get(data, "key", f"{where}", str, "", "a key source")
+        if not raw:
+            return KeySpec("generated") if is_mock else KeySpec("keyring", "")
+        kind, _, arg = raw.partition(":")
+        field_path = f"{where}.key"
+        if kind == "keyring":
+            return KeySpec("keyring", arg)
+        if kind == "env" and arg:
+            return KeySpec("env", arg)
+        if kind == "credential" and arg:
+            return KeySpec("credential", arg)
+        if kind == "file" and arg:
+            return KeySpec("file", str(self.file_path(arg, field_path)))
+        raise self.expected(
+            field_path,
+            '"keyring", "env:VAR", "file:/path" or "credential:NAME" (never the key itself)',
+            raw if len(raw) < 12 else raw[:4] + "…",
+        )
+
+    def audit(self, data: dict[str, Any]) -> AuditSettings:
+        w = "audit"
+        self.check_keys(data, w, set(AuditSettings.__dataclass_fields__))
+        raw_path = self.get(data, "path", w, str, "audit/audit.jsonl", "a file path")
+        return AuditSettings(
+            path=self.file_path(raw_path, f"{w}.path"),
+            max_bytes=self.integer(data, "max_bytes", w, 10_485_760),
+            backup_count=self.integer(data, "backup_count", w, 10),
+            rotate_daily=self.get(data, "rotate_daily", w, bool, False, "true or false"),
+            on_failure=self.choice(data, "on_failure", w, ("continue", "reject")),
+            queue_size=self.integer(data, "queue_size", w, 100_000, minimum=1),
+        )
+
+    def pricing(self, data: dict[str, Any]) -> Mapping[str, float]:
+        prices: dict[str, float] = {}
+        for model in data:
+            prices[model] = self.number(data, model, "pricing", 0.0)
+        return MappingProxyType(prices)
+
+    def keys(self, data: dict[str, Any]) -> KeysSettings:
+        self.check_keys(data, "keys", {"max_age_days", "state_file"})
+        state = self.get(data, "state_file", "keys", str, "", "a file path")
+        return KeysSettings(
+            max_age_days=self.integer(data, "max_age_days", "keys", 90, minimum=1),
+            state_file=self.file_path(state, "keys.state_file") if state else None,
+        )
+
+    def mock(self, data: dict[str, Any]) -> MockSettings:
+        self.check_keys(data, "mock", {"delay"})
+        return MockSettings(delay=self.number(data, "delay", "mock", 2.0))
+
+
+DEFAULT_RULE: dict[str, Any] = {
+    "name": "predictions",
+    "methods": ["POST"],
+    "paths": ["/v1/predictions", "/v1/predict"],
+    "per_user": "10/minute",
+    "per_environment": "25/minute",
+    "max_wait": 0,
+}
+
+
+def _join(where: str, key: str) -> str:
+    if not where:
+        return key
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return f"{where}.{key}"
+    return f'{where}."{key}"'
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _suggest(key: str, allowed: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    expected = ", ".join(sorted(allowed))
+    return f' (did you mean "{close[0]}"?)' if close else f" (expected one of: {expected})"
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
+_ASSIGN = re.compile(r'^\s*("?)([A-Za-z0-9_.-]+)\1\s*=')
+
+
+def _line_of(text: str, field_path: str) -> int | None:
+    """Best-effort line of a field path, so errors point at the line to edit."""
+    parts = [p for p in re.split(r"\.(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", field_path) if p]
+    if not parts:
+        return None
+    parts = [re.sub(r"\[\d+\]$", "", p).strip('"') for p in parts]
+    table_index = _array_index(field_path)
+    best: int | None = None
+    current: list[str] = []
+    seen_arrays: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            current = [p.strip().strip('"') for p in header.group(1).split(".")]
+            if line.lstrip().startswith("[["):
+                key = ".".join(current)
+                seen_arrays[key] = seen_arrays.get(key, -1) + 1
+                if table_index is not None and seen_arrays[key] != table_index:
+                    current = ["<other>"]
+            if current == parts:
+                best = best or lineno
+            continue
+        assign = _ASSIGN.match(line)
+        if assign:
+            full = current + assign.group(2).split(".")
+            if full == parts or (len(full) < len(parts) and parts[: len(full)] == full):
+                return lineno
+    return best
+
+
+def _array_index(field_path: str) -> int | None:
+    found = re.search(r"rules\[(\d+)\]", field_path)
+    return int(found.group(1)) if found else None

@@ -1,0 +1,125 @@
+"""The live, swappable state: one `Runtime` generation is what a request runs under.
+
+A reload builds a complete new `Runtime` and swaps one reference, so a request that
+started under generation N finishes under N, keys and limits included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import MappingProxyType
+
+import aiohttp
+from multidict import CIMultiDict
+
+from skyproxy.audit import AuditWriter
+from skyproxy.config import EnvironmentSettings, Settings
+from skyproxy.errors import KeySourceError
+from skyproxy.events import Tracker
+from skyproxy.guard import Guard
+from skyproxy.keys import Secret, resolve
+from skyproxy.limits import Limits
+from skyproxy.metrics import Metrics
+from skyproxy.upstream import client_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class EnvRuntime:
+    settings: EnvironmentSettings
+    key: Secret
+    base_url: str
+    guard: Guard
+    timeout: aiohttp.ClientTimeout
+    user_header: str  # lower case
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    generation: int
+    settings: Settings
+    loaded_at: datetime
+    environments: Mapping[str, EnvRuntime]
+    limits: Limits
+
+
+def resolve_keys(
+    settings: Settings, previous: Runtime | None = None
+) -> tuple[dict[str, Secret], dict[str, KeySourceError]]:
+    """Every environment's key; blocking (keyring, files), so call it off the event loop."""
+    keys: dict[str, Secret] = {}
+    errors: dict[str, KeySourceError] = {}
+    for name, env in settings.environments.items():
+        old = previous.environments.get(name) if previous else None
+        if env.key.kind == "generated" and old and old.settings.key.kind == "generated":
+            keys[name] = old.key  # a mock's key lives as long as the process
+            continue
+        try:
+            keys[name] = resolve(name, env.key)
+        except KeySourceError as exc:
+            errors[name] = exc
+    return keys, errors
+
+
+def build_runtime(
+    settings: Settings,
+    keys: Mapping[str, Secret],
+    base_urls: Mapping[str, str],
+    generation: int,
+    previous: Runtime | None = None,
+) -> Runtime:
+    timeout = client_timeout(settings.server)
+    user_header = settings.rate_limit.user_header.lower()
+    environments = {
+        name: EnvRuntime(
+            settings=env,
+            key=keys[name],
+            base_url=base_urls[name],
+            guard=Guard(settings.server, (listen.host for listen in env.listen)),
+            timeout=timeout,
+            user_header=user_header,
+        )
+        for name, env in settings.environments.items()
+    }
+    return Runtime(
+        generation=generation,
+        settings=settings,
+        loaded_at=datetime.now(timezone.utc),
+        environments=MappingProxyType(environments),
+        limits=Limits(settings.environments, previous=previous.limits if previous else None),
+    )
+
+
+class State:
+    """The process's shared services and the current generation, handed to every handler."""
+
+    def __init__(self, runtime: Runtime, audit: AuditWriter, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.audit = audit
+        self.metrics = metrics
+        self.tracker = Tracker()
+        self.started = time.monotonic()
+        self.last_reload_error: str | None = None
+        self.requests: dict[str, int] = {}
+        self.key_ages: dict[str, int | None] = {}
+        self.reload: Callable[[], Awaitable[str | None]] | None = None
+
+    def count(self, environment: str, route: str, status: int) -> None:
+        self.requests[environment] = self.requests.get(environment, 0) + 1
+        self.metrics.request(environment, route, status)
+
+
+def cors_headers(origin: str) -> CIMultiDict[str]:
+    return CIMultiDict(
+        {
+            "Access-Control-Allow-Origin": origin,
+            "Vary": "Origin",
+            "Access-Control-Expose-Headers": "*",
+        }
+    )
