@@ -101,6 +101,7 @@ class RateRule:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitSettings:
+    enabled: bool = True
     user_header: str = "X-User-Id"
     missing_user: Literal["reject", "shared"] = "reject"
 
@@ -135,6 +136,7 @@ class ServerSettings:
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     path: Path
+    enabled: bool = True
     max_bytes: int = 10_485_760
     backup_count: int = 10
     rotate_daily: bool = False
@@ -357,7 +359,7 @@ class _Parser:
 
     def rate_limit(self, data: dict[str, Any]) -> tuple[RateLimitSettings, list[dict[str, Any]]]:
         w = "rate_limit"
-        self.check_keys(data, w, {"user_header", "missing_user", "rules"})
+        self.check_keys(data, w, {"enabled", "user_header", "missing_user", "rules"})
         header = self.get(data, "user_header", w, str, "X-User-Id", "a header name")
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise self.expected(f"{w}.user_header", "a header name", header)
@@ -366,12 +368,17 @@ class _Parser:
             if not isinstance(rule, dict):
                 raise self.expected(f"{w}.rules[{i}]", "a table", rule)
         settings = RateLimitSettings(
+            enabled=self.get(data, "enabled", w, bool, True, "true or false"),
             user_header=header,
             missing_user=self.choice(data, "missing_user", w, ("reject", "shared")),
         )
+        if not settings.enabled:
+            return settings, []
         return settings, rules or [DEFAULT_RULE]
 
-    def rule(self, data: Mapping[str, Any], where: str, override: Mapping[str, Any]) -> RateRule:
+    def rule(
+        self, data: Mapping[str, Any], where: str, override: Mapping[str, Any], override_where: str
+    ) -> RateRule:
         self.check_keys(data, where, {"name", "methods", "paths", "per_user", "per_environment", "max_wait"})
         name = self.get(data, "name", where, str, "", "a rule name")
         if not name:
@@ -383,18 +390,22 @@ class _Parser:
         for i, p in enumerate(paths):
             if not p.startswith("/") or "*" in p[:-1]:
                 raise self.expected(f"{where}.paths[{i}]", 'a path like "/v1/x" or "/v1/*"', p)
-        merged = {**data, **override}
-        wait_where = where if "max_wait" not in override else "(override)"
+
+        def source(key: str) -> tuple[Mapping[str, Any], str]:
+            # An environment's override is reported at its own field path and line.
+            return (override, override_where) if key in override else (data, where)
+
+        wait_data, wait_where = source("max_wait")
         return RateRule(
             name=name,
             methods=frozenset(methods),
             paths=tuple(paths),
-            per_user=self.rate(merged, "per_user", where),
-            per_environment=self.rate(merged, "per_environment", where),
-            max_wait=self.number(merged, "max_wait", wait_where, 0.0),
+            per_user=self.rate("per_user", *source("per_user")),
+            per_environment=self.rate("per_environment", *source("per_environment")),
+            max_wait=self.number(wait_data, "max_wait", wait_where, 0.0),
         )
 
-    def rate(self, data: Mapping[str, Any], key: str, where: str) -> Rate | None:
+    def rate(self, key: str, data: Mapping[str, Any], where: str) -> Rate | None:
         value = data.get(key)
         if value is None:
             return None
@@ -456,7 +467,10 @@ class _Parser:
             listen=listen,
             upstream=upstream,
             key=self.key(data, where, name, upstream == "mock"),
-            rules=tuple(self.rule(r, f"rate_limit.rules[{i}]", override) for i, r in enumerate(rules)),
+            rules=tuple(
+                self.rule(r, f"rate_limit.rules[{i}]", override, f"{where}.rate_limit")
+                for i, r in enumerate(rules)
+            ),
         )
 
     def listen(self, value: str, field_path: str) -> Listen:
@@ -508,6 +522,7 @@ class _Parser:
         raw_path = self.get(data, "path", w, str, "audit/audit.jsonl", "a file path")
         return AuditSettings(
             path=self.file_path(raw_path, f"{w}.path"),
+            enabled=self.get(data, "enabled", w, bool, True, "true or false"),
             max_bytes=self.integer(data, "max_bytes", w, 10_485_760),
             backup_count=self.integer(data, "backup_count", w, 10),
             rotate_daily=self.get(data, "rotate_daily", w, bool, False, "true or false"),

@@ -131,7 +131,6 @@ class Tracker:
         if prediction_id in self._done:
             return False
         self._remember(self._done, prediction_id, None)
-        self._created.pop(prediction_id, None)
         return True
 
     def _remember(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:

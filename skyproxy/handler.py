@@ -76,9 +76,9 @@ class ProxyHandler:
         request_id: str,
     ) -> web.StreamResponse:
         method = request.method
-        kind = events.kind_of(method, path)
-        user = request.headers.get(env.user_header)
         settings = runtime.settings
+        kind = events.kind_of(method, path) if settings.audit.enabled else None
+        user = request.headers.get(env.user_header)
         if runtime.limits.is_limited(env.name, method, path):
             if not user:
                 if settings.rate_limit.missing_user == "reject":
