@@ -26,6 +26,7 @@ from skyproxy.reload import ReloadFailed, prepare, watch_config
 from skyproxy.runtime import Runtime, State, build_runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
+LIMIT_SWEEP_SECONDS = 30.0
 
 
 class StartupError(Exception):
@@ -83,6 +84,7 @@ class Server:
                 env.key.fingerprint,
                 env.settings.key,
             )
+        self._tasks.append(asyncio.create_task(self._sweep_limits()))
         if settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()
@@ -240,6 +242,13 @@ class Server:
     async def _watch(self) -> None:
         assert self.state is not None
         await watch_config(self.state.runtime.settings.path, self.reload, self._stop)
+
+    async def _sweep_limits(self) -> None:
+        # Inserts already evict a few idle buckets each; this catches users who left.
+        assert self.state is not None
+        while True:
+            await asyncio.sleep(LIMIT_SWEEP_SECONDS)
+            self.state.runtime.limits.evict_idle()
 
     async def _watchdog(self, interval: float) -> None:
         assert self.notifier is not None

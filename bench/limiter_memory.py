@@ -1,0 +1,130 @@
+"""Memory of `Limits` under a flood of distinct users; not run by the tests.
+
+Pushes a million distinct user ids through `Limits.check`, lets a (fake) minute pass
+so every bucket has drained, sweeps with `evict_idle()`, then pushes a second million
+new ids. With idle buckets dropped, the second million reuses the memory of the first:
+target is RSS growing by at most 10% over the second million.
+
+    .venv/bin/python bench/limiter_memory.py [USERS]
+
+Prints one JSON object. The clock is aiolimiter's, the running loop's `time()`, replaced
+by a counter so "a minute later" costs no waiting; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
+from skyproxy.limits import Limits
+
+USERS = 1_000_000
+ENVIRONMENT = "bench"
+PATH = "/v1/predictions"
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (peak RSS where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def environments() -> dict[str, EnvironmentSettings]:
+    """The default rule: 10/minute per user, plus an environment quota too large to bind."""
+    rule = RateRule(
+        name="predictions",
+        methods=frozenset({"POST"}),
+        paths=(PATH, "/v1/predict"),
+        per_user=Rate(10, 60.0, "minute"),
+        per_environment=Rate(10**9, 60.0, "minute"),
+        max_wait=0.0,
+    )
+    env = EnvironmentSettings(
+        name=ENVIRONMENT,
+        listen=(Listen("127.0.0.1", 8787),),
+        upstream="mock",
+        key=KeySpec("generated"),
+        rules=(rule,),
+    )
+    return {ENVIRONMENT: env}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _push(limits: Limits, prefix: str, users: int) -> None:
+    check = limits.check
+    for i in range(users):
+        verdict = await check(ENVIRONMENT, "POST", PATH, f"{prefix}-{i:07d}")
+        if verdict is None or not verdict.allowed:  # pragma: no cover - a broken limiter
+            raise RuntimeError(f"user {prefix}-{i} was not allowed: {verdict}")
+
+
+async def _run(users: int) -> dict[str, Any]:
+    clock = _Clock()
+    setattr(asyncio.get_running_loop(), "time", clock)  # noqa: B010 - a method, on purpose
+    started = time.perf_counter()
+
+    # Only the idle sweep and the hot path's own eviction; no hard cap.
+    limits = Limits(environments(), max_buckets_per_rule=None)
+    await _push(limits, "warmup", 1000)
+    clock.now += 61
+    limits.evict_idle()
+    gc.collect()
+    rss_start = rss_mb()
+
+    await _push(limits, "first", users)
+    gc.collect()
+    rss_first = rss_mb()
+    buckets_first = limits.bucket_count()
+
+    clock.now += 61  # a whole period later every bucket has drained
+    evicted = limits.evict_idle()
+    gc.collect()
+    rss_evicted = rss_mb()
+    buckets_evicted = limits.bucket_count()
+
+    await _push(limits, "second", users)
+    gc.collect()
+    rss_second = rss_mb()
+
+    return {
+        "users_per_round": users,
+        "rss_start_mb": rss_start,
+        "rss_after_first_million_mb": rss_first,
+        "buckets_after_first_million": buckets_first,
+        "evicted": evicted,
+        "rss_after_eviction_mb": rss_evicted,
+        "buckets_after_eviction": buckets_evicted,
+        "rss_after_second_million_mb": rss_second,
+        "buckets_after_second_million": limits.bucket_count(),
+        "growth_ratio_second_million": round((rss_second - rss_first) / rss_first, 4),
+        "bytes_per_bucket": round((rss_first - rss_start) * 2**20 / users),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run(users: int = USERS) -> dict[str, Any]:
+    """Run the benchmark in a fresh event loop and return its numbers."""
+    return asyncio.run(_run(users))
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else USERS), indent=2))

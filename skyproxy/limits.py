@@ -1,0 +1,424 @@
+"""Per-user and per-environment rate limits: aiolimiter leaky buckets behind one `check`.
+
+Every bucket is an `aiolimiter.AsyncLimiter`, so the level, the leak and the clock
+(`loop.time()`) are aiolimiter's. A rule's per-user rate gives one limiter per
+(environment, rule, user); its per-environment rate gives one limiter per
+(environment, rule), shared by every user of that environment.
+
+`check` runs on every limited request, in three phases:
+
+1. Per-user buckets are looked at, never waited on: `has_capacity()` leaks the bucket
+   and says whether one more unit fits. If any matching rule has no room, the answer is
+   429 `rate_limited` at once, and nothing has been consumed anywhere.
+2. Environment buckets are decided without consuming either. The wait is known exactly
+   from the level (a leaky bucket drains at a fixed pace), so a request whose wait
+   would exceed the rule's `max_wait` gets 429 `environment_rate_limited` at once
+   instead of after sleeping `max_wait` for nothing. With `max_wait = 0` that is "no
+   capacity, no wait". Because this is decided before anything is consumed, an
+   environment rejection costs the user nothing: no unit is taken, so none needs a
+   refund.
+3. Everything is consumed in one synchronous step: a unit in each per-user bucket and
+   each environment bucket (the same `_level += 1` that `AsyncLimiter.acquire` does,
+   without a coroutine per call). An environment bucket may go above its `max_rate`
+   by the reservations of requests still waiting, at most `max_wait` seconds' worth;
+   each waiting request sleeps until its own unit has drained, so bursts leave at the
+   account's pace, first come first served. A request cancelled while it waits (the
+   client went away) gives all of its units back.
+
+Idle buckets are dropped: a bucket idle for a whole period has fully drained, so a
+fresh one is equivalent. Each (environment, rule) keeps its users in an `OrderedDict`
+in last-use order, so the stale ones are always at the front; inserting a new user
+first drops up to two stale ones from there (amortised O(1), the dict cannot outgrow
+the users seen within one period by more than a constant factor), `evict_idle()` sweeps
+them all for a periodic task, and `max_buckets_per_rule` is a hard cap that drops the
+least recently used bucket even when it has not drained.
+
+A reload builds a new `Limits` with `previous=`: buckets whose (environment, rule name,
+rate) is unchanged are carried over as the same objects, levels included; the others
+start empty, and those of removed rules or environments are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
+
+from skyproxy.config import EnvironmentSettings, Rate, RateRule
+
+__all__ = ["DEFAULT_MAX_BUCKETS_PER_RULE", "Limits", "Verdict"]
+
+# Hard cap on the per-user buckets of one (environment, rule). A bucket costs about
+# 0.7 KB with its key, so this bounds one rule at roughly 0.7 GB even under a flood of
+# distinct user ids that idle eviction alone cannot shed (all active within a period).
+DEFAULT_MAX_BUCKETS_PER_RULE = 1_000_000
+
+# Float slack so a level of 4.000000000001 units still reads as 4.
+_EPS = 1e-9
+# How many stale buckets one insert may drop from the front of its dict.
+_EVICT_PER_INSERT = 2
+
+LIMIT = "RateLimit-Limit"
+REMAINING = "RateLimit-Remaining"
+RESET = "RateLimit-Reset"
+RETRY_AFTER = "Retry-After"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer for one limited request."""
+
+    allowed: bool
+    code: str | None  # None | "rate_limited" | "environment_rate_limited"
+    message: str | None
+    retry_after: int | None  # whole seconds >= 1 when rejected
+    scope: str | None  # "user" | "environment" when rejected
+    rule: str  # the rule that rejected, or whose bucket the headers describe
+    headers: Mapping[str, str]  # RateLimit-Limit/Remaining/Reset (+ Retry-After when rejected)
+
+
+def _remaining(bucket: AsyncLimiter) -> int:
+    """Whole units that fit right now (the level must be freshly leaked)."""
+    return max(0, math.floor(bucket.max_rate - bucket._level + _EPS))
+
+
+def _reset(bucket: AsyncLimiter) -> int:
+    """Whole seconds until the bucket is empty (the level must be freshly leaked)."""
+    return max(0, math.ceil(bucket._level / bucket._rate_per_sec - _EPS))
+
+
+def _wait(bucket: AsyncLimiter) -> float:
+    """Seconds until one more unit fits; <= 0 when it fits now (level freshly leaked)."""
+    return float((bucket._level + 1 - bucket.max_rate) / bucket._rate_per_sec)
+
+
+def _seconds(wait: float) -> int:
+    """A wait as a Retry-After value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(wait - _EPS))
+
+
+def _refund(bucket: AsyncLimiter) -> None:
+    """Give one unit back. Exact for a leaky bucket: leak to now, then take it off."""
+    bucket.has_capacity()
+    bucket._level = max(bucket._level - 1, 0.0)
+
+
+class _UserBuckets:
+    """The per-user buckets of one (environment, rule, rate), least recently used first."""
+
+    __slots__ = ("buckets", "cap", "limit", "max_rate", "period")
+
+    def __init__(self, rate: Rate, cap: int | None) -> None:
+        self.max_rate = rate.count
+        self.period = rate.period
+        self.limit = str(rate.count)
+        self.cap = cap
+        self.buckets: OrderedDict[str, AsyncLimiter] = OrderedDict()
+
+    def get(self, user: str) -> AsyncLimiter:
+        """The user's bucket, marked as just used; created (after some eviction) if new."""
+        buckets = self.buckets
+        bucket = buckets.get(user)
+        if bucket is not None:
+            buckets.move_to_end(user)
+            return bucket
+        if buckets:
+            self.evict(asyncio.get_running_loop().time(), _EVICT_PER_INSERT)
+        bucket = buckets[user] = AsyncLimiter(self.max_rate, self.period)
+        if self.cap is not None and len(buckets) > self.cap:
+            buckets.popitem(last=False)
+        return bucket
+
+    def evict(self, now: float, limit: int = -1) -> int:
+        """Drop up to `limit` (-1: all) buckets idle for a whole period, oldest first."""
+        buckets = self.buckets
+        period = self.period
+        dropped = 0
+        while buckets and dropped != limit:
+            user = next(iter(buckets))
+            # aiolimiter stamps _last_check on every leak, i.e. on every use.
+            if now - buckets[user]._last_check < period:
+                break
+            del buckets[user]
+            dropped += 1
+        return dropped
+
+
+class _Rule:
+    """One effective rule of one environment, with its buckets and prebuilt texts."""
+
+    __slots__ = (
+        "alone",
+        "env",
+        "env_limit",
+        "env_message",
+        "max_wait",
+        "name",
+        "user_message",
+        "users",
+    )
+
+    def __init__(self, rule: RateRule, users: _UserBuckets | None, env: AsyncLimiter | None) -> None:
+        self.name = rule.name
+        self.users = users
+        self.env = env
+        self.max_wait = rule.max_wait
+        self.alone: tuple[_Rule, ...] = (self,)
+        self.user_message = ""
+        if rule.per_user is not None:
+            self.user_message = (
+                f"Your generation limit ({rule.per_user.label}) has been reached. Please wait."
+            )
+        self.env_limit = ""
+        self.env_message = ""
+        if rule.per_environment is not None:
+            self.env_limit = str(rule.per_environment.count)
+            self.env_message = (
+                f"The environment's request quota ({rule.per_environment.label}) "
+                "has been reached. Please retry."
+            )
+
+
+class _Routes:
+    """Which rules apply to a (method, path) in one environment, precomputed.
+
+    Exact paths are one dict lookup per method, already holding every rule that
+    matches them (prefix rules included, in rule order). Other paths are tried
+    against the prefix rules only, one `str.startswith(tuple)` per rule.
+    """
+
+    __slots__ = ("exact", "prefixed")
+
+    def __init__(self, rules: list[tuple[RateRule, _Rule]]) -> None:
+        self.exact: dict[str, dict[str, tuple[_Rule, ...]]] = {}
+        self.prefixed: dict[str, tuple[tuple[tuple[str, ...], _Rule], ...]] = {}
+        methods = {method for rule, _ in rules for method in rule.methods}
+        for method in methods:
+            mine = [(rule, entry) for rule, entry in rules if method in rule.methods]
+            paths = {p for rule, _ in mine for p in rule.paths if not p.endswith("*")}
+            self.exact[method] = {
+                path: tuple(entry for rule, entry in mine if rule.matches(method, path)) for path in paths
+            }
+            prefixed = tuple(
+                (prefixes, entry)
+                for rule, entry in mine
+                if (prefixes := tuple(p[:-1] for p in rule.paths if p.endswith("*")))
+            )
+            if prefixed:
+                self.prefixed[method] = prefixed
+
+    def match(self, method: str, path: str) -> tuple[_Rule, ...]:
+        by_path = self.exact.get(method)
+        if by_path is None:
+            return ()
+        found = by_path.get(path)
+        if found is not None:
+            return found
+        prefixed = self.prefixed.get(method)
+        if prefixed is None:
+            return ()
+        found = ()
+        for prefixes, entry in prefixed:
+            if path.startswith(prefixes):
+                found = found + entry.alone if found else entry.alone
+        return found
+
+
+class Limits:
+    """Every environment's rate limits; one instance per config generation."""
+
+    def __init__(
+        self,
+        environments: Mapping[str, EnvironmentSettings],
+        previous: Limits | None = None,
+        *,
+        max_buckets_per_rule: int | None = DEFAULT_MAX_BUCKETS_PER_RULE,
+    ) -> None:
+        if max_buckets_per_rule is not None and max_buckets_per_rule < 1:
+            raise ValueError("max_buckets_per_rule must be at least 1 (or None)")
+        # Keyed by (environment, rule name, occurrence of that name, rate): what a
+        # reload compares. The occurrence keeps two rules that share a name apart.
+        self._users: dict[tuple[str, str, int, Rate], _UserBuckets] = {}
+        self._envs: dict[tuple[str, str, int, Rate], AsyncLimiter] = {}
+        self._routes: dict[str, _Routes] = {}
+        old_users = previous._users if previous is not None else {}
+        old_envs = previous._envs if previous is not None else {}
+        for env_name, env in environments.items():
+            entries: list[tuple[RateRule, _Rule]] = []
+            seen: dict[str, int] = {}
+            for rule in env.rules:
+                if rule.per_user is None and rule.per_environment is None:
+                    continue  # matches, but limits nothing
+                occurrence = seen[rule.name] = seen.get(rule.name, -1) + 1
+                users = None
+                if rule.per_user is not None:
+                    key = (env_name, rule.name, occurrence, rule.per_user)
+                    users = old_users.get(key)
+                    if users is None:
+                        users = _UserBuckets(rule.per_user, max_buckets_per_rule)
+                    users.cap = max_buckets_per_rule
+                    self._users[key] = users
+                env_bucket = None
+                if rule.per_environment is not None:
+                    rate = rule.per_environment
+                    key = (env_name, rule.name, occurrence, rate)
+                    env_bucket = old_envs.get(key)
+                    if env_bucket is None:
+                        env_bucket = AsyncLimiter(rate.count, rate.period)
+                    self._envs[key] = env_bucket
+                entries.append((rule, _Rule(rule, users, env_bucket)))
+            if entries:
+                self._routes[env_name] = _Routes(entries)
+
+    def is_limited(self, environment: str, method: str, path: str) -> bool:
+        """Whether any rule applies to this request. Cheap, and changes no state."""
+        routes = self._routes.get(environment)
+        return routes is not None and bool(routes.match(method, path))
+
+    async def check(self, environment: str, method: str, path: str, user: str) -> Verdict | None:
+        """Take this request's units, or say why not. None: the route is not limited.
+
+        Never waits on a per-user limit; waits on environment limits up to the rule's
+        `max_wait` when that is enough to get capacity.
+        """
+        routes = self._routes.get(environment)
+        if routes is None:
+            return None
+        rules = routes.match(method, path)
+        if not rules:
+            return None
+
+        # 1. Per-user: look, consume nothing. The longest wait decides Retry-After.
+        blocked: _Rule | None = None
+        blocked_wait = 0.0
+        for rule in rules:
+            if rule.users is not None:
+                bucket = rule.users.get(user)
+                if not bucket.has_capacity():
+                    wait = _wait(bucket)
+                    if blocked is None or wait > blocked_wait:
+                        blocked, blocked_wait = rule, wait
+        if blocked is not None:
+            return self._user_rejection(blocked, blocked_wait, user)
+
+        # 2. Environment: decide, consume nothing. Waiting is fine up to max_wait.
+        delay = 0.0
+        for rule in rules:
+            env = rule.env
+            if env is not None:
+                env.has_capacity()  # leak to now
+                wait = (env._level + 1 - env.max_rate) / env._rate_per_sec  # _wait(env)
+                if wait > rule.max_wait:
+                    over = wait - rule.max_wait
+                    if blocked is None or over > blocked_wait:
+                        blocked, blocked_wait = rule, over
+                elif wait > delay:
+                    delay = wait
+        if blocked is not None:
+            return self._environment_rejection(blocked, blocked_wait)
+
+        # 3. Consume everything at once; pick the bucket the headers describe.
+        shown: AsyncLimiter | None = None
+        shown_rule = rules[0]
+        shown_left = 0
+        for rule in rules:
+            env = rule.env
+            if env is not None:
+                env._level += 1
+            users = rule.users
+            if users is not None:
+                bucket = users.buckets[user]  # present: phase 1 just touched it
+                bucket._level += 1
+                left = math.floor(bucket.max_rate - bucket._level + _EPS)  # _remaining()
+                if shown is None or left < shown_left:
+                    shown, shown_rule, shown_left = bucket, rule, left
+        if shown is None:  # no per-user rate here: describe the environment quota
+            for rule in rules:
+                if rule.env is not None:
+                    left = _remaining(rule.env)
+                    if shown is None or left < shown_left:
+                        shown, shown_rule, shown_left = rule.env, rule, left
+        assert shown is not None  # every rule has a per-user or environment rate
+
+        if delay > 0:
+            await self._wait_turn(rules, user, delay)
+            shown.has_capacity()  # leak over the wait, for fresh headers
+        shown_left = _remaining(shown)
+
+        # Positional: a frozen dataclass is built field by field, and keywords cost more.
+        return Verdict(
+            True,
+            None,
+            None,
+            None,
+            None,
+            shown_rule.name,
+            {LIMIT: str(shown.max_rate), REMAINING: str(shown_left), RESET: str(_reset(shown))},
+        )
+
+    async def _wait_turn(self, rules: tuple[_Rule, ...], user: str, delay: float) -> None:
+        """Sleep until this request's environment units drain; refund all if cancelled."""
+        held = [rule.env for rule in rules if rule.env is not None]
+        held += [rule.users.buckets[user] for rule in rules if rule.users is not None]
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            for bucket in held:
+                _refund(bucket)
+            raise
+
+    @staticmethod
+    def _user_rejection(rule: _Rule, wait: float, user: str) -> Verdict:
+        assert rule.users is not None
+        bucket = rule.users.buckets[user]
+        seconds = _seconds(wait)
+        return Verdict(
+            allowed=False,
+            code="rate_limited",
+            message=rule.user_message,
+            retry_after=seconds,
+            scope="user",
+            rule=rule.name,
+            headers={
+                LIMIT: rule.users.limit,
+                REMAINING: "0",
+                RESET: str(_reset(bucket)),
+                RETRY_AFTER: str(seconds),
+            },
+        )
+
+    @staticmethod
+    def _environment_rejection(rule: _Rule, wait: float) -> Verdict:
+        assert rule.env is not None
+        seconds = _seconds(wait)
+        return Verdict(
+            allowed=False,
+            code="environment_rate_limited",
+            message=rule.env_message,
+            retry_after=seconds,
+            scope="environment",
+            rule=rule.name,
+            headers={
+                LIMIT: rule.env_limit,
+                REMAINING: "0",
+                RESET: str(_reset(rule.env)),
+                RETRY_AFTER: str(seconds),
+            },
+        )
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Drop every per-user bucket idle for a whole period; returns how many.
+
+        `now` defaults to the running loop's clock (aiolimiter's clock).
+        """
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        return sum(users.evict(now) for users in self._users.values())
+
+    def bucket_count(self) -> int:
+        """Limiters held: per-user buckets plus one per environment-limited rule."""
+        return sum(len(users.buckets) for users in self._users.values()) + len(self._envs)
