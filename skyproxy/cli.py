@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from skyproxy import __version__
 
@@ -40,8 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Never echoes an unexpected argument: it may be a key pasted on the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message = (
+                "unrecognized arguments (not shown: keys are never taken from the command line; "
+                "use the prompt or --stdin)"
+            )
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="skyproxy",
         description="Keep Skytells API keys server-side: a local key-injecting proxy.",
     )

@@ -84,7 +84,8 @@ def describe(config_path: str | None, only: str | None = None) -> list[tuple[str
         try:
             key = resolve(name, env.key)
         except KeySourceError as exc:
-            rows.append((name, str(env.key), "-", "-", f"error: {exc.reason}"))
+            fix = f"; {exc.fix}" if exc.fix else ""
+            rows.append((name, str(env.key), "-", "-", f"error: {exc.reason}{fix}"))
             continue
         known = records.get(name)
         age = known.age_days() if known and known.fingerprint == key.fingerprint else None

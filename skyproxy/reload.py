@@ -35,31 +35,48 @@ async def prepare(path: Path, previous: Runtime) -> tuple[config.Settings, dict[
     return settings, keys
 
 
-def _digest(path: Path) -> str | None:
+def digest(path: Path) -> str | None:
+    """The sha256 of the file's bytes, or None while it cannot be read (mid-rename)."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
 
 
-async def watch_config(path: Path, on_change: Callable[[], Awaitable[object]], stop: asyncio.Event) -> None:
-    """Calls `on_change` whenever the file's content changes.
+async def watch_config(
+    path: Path,
+    on_change: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    loaded: Callable[[], str | None],
+) -> None:
+    """Calls `on_change` whenever the file's content differs from the one last loaded.
 
-    The folder is watched, not the file, so that editors that save by writing a new
-    file and renaming it over the old one are still seen.
+    `loaded()` is the digest of the content the server last loaded (or tried to), so
+    a change made before the watcher was ready, or already applied by SIGHUP, is
+    judged against what is serving, not against what the watcher saw first. The
+    folder is watched, not the file, so that editors that save by writing a new file
+    and renaming it over the old one are still seen; a quiet tick every second
+    re-checks the digest, so no change is lost between two events.
     """
     from watchfiles import awatch
 
     path = path.resolve()
-    last = _digest(path)
 
     def is_ours(_change: object, changed: str) -> bool:
         return Path(changed).name == path.name
 
-    async for _changes in awatch(path.parent, watch_filter=is_ours, stop_event=stop, debounce=400, step=50):
-        digest = _digest(path)
-        if digest is None or digest == last:
-            continue  # mid-rename, or touched without a change
-        last = digest
+    async for _changes in awatch(
+        path.parent,
+        watch_filter=is_ours,
+        stop_event=stop,
+        debounce=400,
+        step=50,
+        rust_timeout=1000,
+        yield_on_timeout=True,
+        recursive=False,
+    ):
+        current = digest(path)
+        if current is None or current == loaded():
+            continue  # mid-rename, touched without a change, or already loaded
         log.info("config file changed: reloading")
         await on_change()

@@ -22,7 +22,7 @@ from skyproxy.keys import Secret
 from skyproxy.metrics import Metrics
 from skyproxy.mock import MOCK_STATE, create_mock_app
 from skyproxy.notify import Notifier, watchdog_interval
-from skyproxy.reload import ReloadFailed, prepare, watch_config
+from skyproxy.reload import ReloadFailed, digest, prepare, watch_config
 from skyproxy.runtime import Runtime, State, build_runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
@@ -51,10 +51,12 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._draining: set[asyncio.Task[None]] = set()
+        self._config_digest: str | None = None  # of the config text last loaded, or tried
 
     # -- start ----------------------------------------------------------------------------
     async def start(self) -> None:
         settings = self._initial
+        self._config_digest = await asyncio.to_thread(digest, settings.path)
         keys, errors = await asyncio.to_thread(resolve_keys, settings)
         if errors:
             raise StartupError("\n".join(str(e) for e in errors.values()))
@@ -215,11 +217,15 @@ class Server:
         assert self.state is not None
         state = self.state
         previous = state.runtime
+        # Taken before the load: a change racing with it is seen again, never missed.
+        self._config_digest = await asyncio.to_thread(digest, previous.settings.path)
         try:
             settings, keys = await prepare(previous.settings.path, previous)
         except ReloadFailed as exc:
             state.last_reload_error = str(exc)
             log.error("reload failed, still serving generation %d: %s", previous.generation, exc)
+            if self.notifier:
+                self.notifier.status(f"reload failed, still serving generation {previous.generation}")
             return str(exc)
         base_urls = await self._sync_mocks(settings, keys)
         runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous)
@@ -241,7 +247,9 @@ class Server:
 
     async def _watch(self) -> None:
         assert self.state is not None
-        await watch_config(self.state.runtime.settings.path, self.reload, self._stop)
+        await watch_config(
+            self.state.runtime.settings.path, self.reload, self._stop, lambda: self._config_digest
+        )
 
     async def _sweep_limits(self) -> None:
         # Inserts already evict a few idle buckets each; this catches users who left.

@@ -165,12 +165,13 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     def start(config_path: Path, port: int, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
         full_env = {**os.environ, **(env or {})}
         stderr_path = tmp_path / f"daemon-{len(daemons)}.stderr"
-        process = subprocess.Popen(
-            [*skyproxy_command(), "serve", "-c", str(config_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr_path.open("wb"),
-            env=full_env,
-        )
+        with stderr_path.open("wb") as err:
+            process = subprocess.Popen(
+                [*skyproxy_command(), "serve", "-c", str(config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=full_env,
+            )
         daemon = Daemon(process, f"http://127.0.0.1:{port}", config_path, stderr_path, full_env)
         daemons.append(daemon)
         if wait:

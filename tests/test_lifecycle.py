@@ -1,0 +1,360 @@
+"""The daemon as systemd runs it: a real `skyproxy serve` process, real signals.
+
+The upstreams run in this test process, so every wait on the daemon happens off the
+event loop (asyncio.to_thread) to keep them answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import (
+    CANARY,
+    VENV_BIN,
+    Daemon,
+    assert_no_canary,
+    env_config,
+    free_port,
+    wait_healthy,
+    write_config,
+)
+
+from skyproxy.keys import fingerprint
+from skyproxy.mock import MockState
+
+SKYPROXY = str(VENV_BIN / "skyproxy")
+NO_LIMITS = 'rate_limit = { per_user = "1000000/second", per_environment = "1000000/second" }'
+CREATE = {"model": "truefusion-pro", "input": {"prompt": "a lighthouse"}}
+Spawn = Callable[..., Daemon]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Starts `skyproxy serve -c FILE`; every daemon still running at the end is killed."""
+    daemons: list[Daemon] = []
+
+    def start(config_path: Path, port: int, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        full_env = {**os.environ, "SKYPROXY_TEST_KEY": CANARY, **(env or {})}
+        if "NOTIFY_SOCKET" not in (env or {}):
+            full_env.pop("NOTIFY_SOCKET", None)
+        stderr_path = tmp_path / f"daemon-{len(daemons)}.stderr"
+        with stderr_path.open("wb") as err:
+            process = subprocess.Popen(
+                [SKYPROXY, "serve", "-c", str(config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=full_env,
+            )
+        daemon = Daemon(process, f"http://127.0.0.1:{port}", config_path, stderr_path, full_env)
+        daemons.append(daemon)
+        if wait:
+            wait_healthy(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+        daemon.process.wait(10)
+
+
+async def status_of(session: aiohttp.ClientSession, daemon: Daemon) -> dict[str, object]:
+    async with session.get(f"{daemon.url}/-/status") as r:
+        assert r.status == 200
+        result: dict[str, object] = await r.json()
+        return result
+
+
+def generation(status: dict[str, object]) -> int:
+    return int(status["config"]["generation"])  # type: ignore[index]
+
+
+async def eventually(check: Callable[[], object], what: str, deadline_s: float = 15.0) -> None:
+    """Polls `check` (sync or async) until it returns true; fails after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    last: object = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {deadline_s}s: {what} (last: {last!r})")
+
+
+def audit_lines(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def create(
+    session: aiohttp.ClientSession, base: str, user: str = "alice"
+) -> tuple[int, dict[str, object]]:
+    async with session.post(f"{base}/v1/predictions", json=CREATE, headers={"X-User-Id": user}) as r:
+        body = await r.json(content_type=None)
+        return r.status, body
+
+
+# -- SIGTERM ---------------------------------------------------------------------------------
+
+
+async def test_sigterm_lets_in_flight_requests_finish(
+    tmp_path: Path, raw_upstream: Callable[[web.Application], object], spawn: Spawn
+) -> None:
+    n = 6
+    arrived = 0
+    all_arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal arrived
+        assert request.headers["x-api-key"] == CANARY
+        arrived += 1
+        if arrived == n:
+            all_arrived.set()
+        await asyncio.sleep(1.5)
+        return web.json_response({"slow": True, "n": request.query["n"]})
+
+    app = web.Application()
+    app.router.add_get("/v1/slow", slow)
+    upstream = await raw_upstream(app)  # type: ignore[misc]
+    port = free_port()
+    config = write_config(tmp_path, env_config(str(upstream), listen=f"127.0.0.1:{port}"))
+    daemon = await asyncio.to_thread(spawn, config, port)
+
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int) -> tuple[int, object]:
+            async with session.get(f"{daemon.url}/v1/slow?n={i}") as r:
+                return r.status, await r.json()
+
+        requests = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.wait_for(all_arrived.wait(), 20)
+        daemon.signal(signal.SIGTERM)
+        results = await asyncio.gather(*requests)
+    assert results == [(200, {"slow": True, "n": str(i)}) for i in range(n)]
+    code = await asyncio.to_thread(daemon.wait, 30)
+    stderr = daemon.stderr()
+    assert code == 0, stderr
+    assert "draining" in stderr
+    assert_no_canary(stderr)
+    with socket.socket() as s:  # the port is released
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_sigterm_under_load_writes_every_accepted_audit_line(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
+) -> None:
+    url, mock = mock_upstream
+    port = free_port()
+    config = write_config(tmp_path, env_config(url, listen=f"127.0.0.1:{port}", env_extra=NO_LIMITS))
+    daemon = await asyncio.to_thread(spawn, config, port)
+    received: list[str] = []
+    statuses: list[int] = []
+    terminated = asyncio.Event()
+
+    async def worker(session: aiohttp.ClientSession, user: str) -> None:
+        while True:
+            try:
+                status, body = await create(session, daemon.url, user)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                if terminated.is_set():
+                    return
+                raise
+            statuses.append(status)
+            if 200 <= status < 300:
+                received.append(str(body["id"]))
+            if terminated.is_set() and daemon.process.poll() is not None:
+                return
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        workers = [asyncio.create_task(worker(session, f"user-{i}")) for i in range(12)]
+        await eventually(lambda: len(received) >= 300 or any(w.done() for w in workers), "300 creates")
+        daemon.signal(signal.SIGTERM)
+        terminated.set()
+        await asyncio.gather(*workers)
+        code = await asyncio.to_thread(daemon.wait, 30)
+    assert code == 0, daemon.stderr()
+    assert set(statuses) == {201}, sorted(set(statuses))
+    lines = [line for line in audit_lines(tmp_path / "audit" / "audit.jsonl") if line["status"] == "created"]
+    on_disk = [str(line["predictionId"]) for line in lines]
+    assert len(on_disk) == len(set(on_disk))
+    assert set(received) <= set(on_disk), f"{len(set(received) - set(on_disk))} accepted lines missing"
+    assert len(on_disk) == len(mock.predictions), "every create the upstream answered has its line"
+    assert {line["keyFingerprint"] for line in lines} == {fingerprint(CANARY)}
+    assert_no_canary((tmp_path / "audit" / "audit.jsonl").read_text(), daemon.stderr())
+
+
+# -- SIGHUP and SIGUSR1 ----------------------------------------------------------------------
+
+
+async def test_sighup_reloads_the_config(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
+) -> None:
+    url, _ = mock_upstream
+    port = free_port()
+    body = env_config(url, listen=f"127.0.0.1:{port}")
+    config = write_config(tmp_path, body)
+    daemon = await asyncio.to_thread(spawn, config, port)
+    async with aiohttp.ClientSession() as session:
+        before = await status_of(session, daemon)
+        assert generation(before) == 1
+        foreign = {"Host": "proxy.example.test"}
+        async with session.get(f"{daemon.url}/v1/models", headers=foreign) as r:
+            assert r.status == 403
+            assert (await r.json())["error"]["code"] == "host_not_allowed"
+
+        write_config(
+            tmp_path, body.replace("[server]\n", '[server]\nallowed_hosts = ["proxy.example.test"]\n')
+        )
+        daemon.signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return generation(await status_of(session, daemon)) == 2
+
+        await eventually(reloaded, "generation 2 after SIGHUP")
+        async with session.get(f"{daemon.url}/v1/models", headers=foreign) as r:
+            assert r.status == 200
+
+        # An invalid file on SIGHUP: the old generation keeps serving.
+        write_config(tmp_path, body.replace('upstream = "', 'upstream = 5\nx = "'))
+        daemon.signal(signal.SIGHUP)
+
+        async def failed() -> object:
+            return (await status_of(session, daemon))["config"]["last_reload_error"]  # type: ignore[index]
+
+        await eventually(failed, "last_reload_error after a bad SIGHUP")
+        status = await status_of(session, daemon)
+        assert generation(status) == 2
+        assert "environments.dev" in str(status["config"]["last_reload_error"])  # type: ignore[index]
+        async with session.get(f"{daemon.url}/v1/models", headers=foreign) as r:
+            assert r.status == 200
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+
+
+async def test_sigusr1_reopens_the_audit_file(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
+) -> None:
+    url, _ = mock_upstream
+    port = free_port()
+    config = write_config(tmp_path, env_config(url, listen=f"127.0.0.1:{port}", env_extra=NO_LIMITS))
+    daemon = await asyncio.to_thread(spawn, config, port)
+    audit = tmp_path / "audit" / "audit.jsonl"
+    rotated = tmp_path / "audit" / "audit.jsonl.1"
+    ids: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            status, body = await create(session, daemon.url)
+            assert status == 201
+            ids.append(str(body["id"]))
+        await eventually(lambda: len(audit_lines(audit)) == 3, "3 lines before the rename")
+        os.rename(audit, rotated)
+
+        # Still written to the renamed file: the writer holds its descriptor.
+        status, body = await create(session, daemon.url)
+        ids.append(str(body["id"]))
+        await eventually(lambda: len(audit_lines(rotated)) == 4, "4th line in the renamed file")
+        assert not audit.exists()
+
+        daemon.signal(signal.SIGUSR1)
+
+        async def lands_in_new_file() -> bool:
+            status, body = await create(session, daemon.url)
+            assert status == 201
+            ids.append(str(body["id"]))
+            await asyncio.sleep(0.05)
+            return ids[-1] in {line["predictionId"] for line in audit_lines(audit)}
+
+        await eventually(lands_in_new_file, "a new line in a new file at the configured path")
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+    old = [line["predictionId"] for line in audit_lines(rotated)]
+    new = [line["predictionId"] for line in audit_lines(audit)]
+    assert old[:4] == ids[:4]
+    assert sorted(old + new) == sorted(ids), "every line is in exactly one of the two files"
+    assert "audit file reopened" in daemon.stderr()
+
+
+# -- the notify protocol ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[socket.socket]:
+    folder = tempfile.mkdtemp(prefix="skyproxy-ns-")  # short: sun_path holds 108 bytes
+    path = os.path.join(folder, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    yield sock
+    sock.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+        os.rmdir(folder)
+
+
+def receive(sock: socket.socket, timeout: float = 20.0) -> dict[str, str]:
+    sock.settimeout(timeout)
+    fields = sock.recv(4096).decode().split("\n")
+    return dict(field.split("=", 1) for field in fields)
+
+
+async def test_notify_ready_reloading_stopping(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn, notify_socket: socket.socket
+) -> None:
+    url, _ = mock_upstream
+    port = free_port()
+    body = env_config(url, listen=f"127.0.0.1:{port}")
+    config = write_config(tmp_path, body)
+    address = notify_socket.getsockname()
+    daemon = await asyncio.to_thread(spawn, config, port, {"NOTIFY_SOCKET": address}, False)
+
+    ready = await asyncio.to_thread(receive, notify_socket)
+    assert ready["READY"] == "1", ready
+    assert "STATUS" in ready
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # bound before READY=1
+
+    write_config(tmp_path, body.replace("[server]\n", '[server]\nallowed_hosts = ["x.example"]\n'))
+    daemon.signal(signal.SIGHUP)
+    reloading = await asyncio.to_thread(receive, notify_socket)
+    assert reloading["RELOADING"] == "1", reloading
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    done = await asyncio.to_thread(receive, notify_socket)
+    assert done == {"READY": "1"}
+    async with aiohttp.ClientSession() as session:
+        assert generation(await status_of(session, daemon)) == 2
+
+    daemon.signal(signal.SIGTERM)
+    stopping = await asyncio.to_thread(receive, notify_socket)
+    assert stopping == {"STOPPING": "1"}
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+    notify_socket.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)  # nothing after STOPPING=1
+
+
+async def test_sigint_also_stops_cleanly(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
+) -> None:
+    url, _ = mock_upstream
+    port = free_port()
+    config = write_config(tmp_path, env_config(url, listen=f"127.0.0.1:{port}"))
+    daemon = await asyncio.to_thread(spawn, config, port)
+    daemon.signal(signal.SIGINT)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+    assert "Traceback" not in daemon.stderr()
