@@ -11,7 +11,7 @@ from aiohttp import web
 from skyproxy import __version__
 from skyproxy.guard import is_loopback
 from skyproxy.metrics import CONTENT_TYPE
-from skyproxy.responses import error_response
+from skyproxy.responses import error_response, request_id_of
 from skyproxy.runtime import State
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -20,8 +20,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def routes(environment: str, state: State) -> list[web.RouteDef]:
     def guarded(handler: Handler) -> Handler:
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            from skyproxy.handler import request_id_of
-
             request_id = request_id_of(request.headers)
             env = state.runtime.environments.get(environment)
             refusal = env.guard.check(request.headers, request.remote) if env else None
@@ -34,7 +32,9 @@ def routes(environment: str, state: State) -> list[web.RouteDef]:
                     "Admin endpoints answer loopback clients only.",
                     request_id,
                 )
-            return await handler(request)
+            response = await handler(request)
+            response.headers["X-Request-Id"] = request_id
+            return response
 
         return wrapper
 
@@ -52,7 +52,7 @@ def routes(environment: str, state: State) -> list[web.RouteDef]:
 
     async def reload(request: web.Request) -> web.Response:
         if state.reload is None:
-            return error_response(503, "reload_unavailable", "Reload is not available.", "")
+            return error_response(503, "reload_unavailable", "Reload is not available.", "-")
         error = await state.reload()
         runtime = state.runtime
         body = {"ok": error is None, "generation": runtime.generation, "error": error}

@@ -7,9 +7,7 @@ environment's listener can only ever be sent with that environment's key.
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -18,21 +16,26 @@ from skyproxy import events
 from skyproxy.audit import AuditRecord
 from skyproxy.guard import Refusal
 from skyproxy.metrics import route_of
-from skyproxy.responses import error_response
+from skyproxy.responses import error_response, request_id_of
 from skyproxy.runtime import EnvRuntime, Runtime, State, cors_headers
 from skyproxy.upstream import SESSION, Exchange, forward, outbound_headers
 
 log = logging.getLogger("skyproxy")
 
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 _PREFLIGHT_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def request_id_of(headers: Mapping[str, str]) -> str:
-    given = headers.get("X-Request-Id")
-    if given and _SANE_REQUEST_ID.fullmatch(given):
-        return given
-    return os.urandom(12).hex()
+def _forwardable(request: web.Request) -> bool:
+    """A /v1/ path in origin form, with no dot segment (even percent-encoded) to climb out.
+
+    The upstream URL is the base URL plus the raw target, so an absolute-form target
+    (`GET http://host/v1/x`) or `/v1/../x` must never get that far.
+    """
+    path = request.path
+    return (
+        path.startswith("/v1/") and request.raw_path.startswith("/v1/") and _DOT_SEGMENT.search(path) is None
+    )
 
 
 class ProxyHandler:
@@ -52,7 +55,7 @@ class ProxyHandler:
         if refusal is not None:
             return self._refuse(refusal, request, request_id)
         path = request.path
-        if not path.startswith("/v1/"):
+        if not _forwardable(request):
             return self._count(
                 error_response(404, "not_found", "Only /v1/ paths are forwarded.", request_id),
                 path,

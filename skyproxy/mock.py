@@ -168,8 +168,11 @@ async def _delete(request: web.Request) -> web.Response:
 async def _list(request: web.Request) -> web.Response:
     state = request.app[MOCK_STATE]
     items = [_public(p) for p in state.predictions.values()]
-    per_page = max(1, min(50, int(request.query.get("per_page", "20") or 20)))
-    page = max(1, int(request.query.get("page", "1") or 1))
+    try:
+        per_page = max(1, min(50, int(request.query.get("per_page", "20") or 20)))
+        page = max(1, int(request.query.get("page", "1") or 1))
+    except ValueError:
+        return _error(422, "VALIDATION_ERROR", "page and per_page must be integers")
     chunk = items[(page - 1) * per_page : page * per_page]
     pagination = {"page": page, "per_page": per_page, "total": len(items)}
     return web.json_response({"data": chunk, "pagination": pagination})
@@ -189,7 +192,12 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(422, "VALIDATION_ERROR", "The request body must be JSON")
+    if not isinstance(body, dict):
+        return _error(422, "VALIDATION_ERROR", "The request body must be a JSON object")
     state = request.app[MOCK_STATE]
     words = ["Hello", " from", " the", " skyproxy", " mock", "."]
     cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"

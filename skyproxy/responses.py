@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 
 from aiohttp import web
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def error_response(
@@ -24,3 +28,10 @@ def error_response(
     response = web.Response(status=status, text=body, content_type="application/json", headers=headers)
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    given = headers.get("X-Request-Id")
+    if given and _SANE_REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(12).hex()

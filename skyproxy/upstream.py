@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
+from yarl import URL
 
 from skyproxy.config import ServerSettings
 
@@ -162,7 +163,7 @@ async def forward(
     try:
         async with session.request(
             request.method,
-            url,
+            URL(url, encoded=True),  # as the client encoded it: no re-quoting of path or query
             headers=headers,
             data=data,
             allow_redirects=False,
@@ -207,7 +208,10 @@ async def _relay(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     headers = response.headers
     for name, value in upstream.headers.items():
-        if name.lower() not in _DROP_RESPONSE:
+        lower = name.lower()
+        # The proxy answers CORS itself, for its own allowed origins; the upstream's
+        # (say `Access-Control-Allow-Origin: *`) would contradict or widen that.
+        if lower not in _DROP_RESPONSE and not lower.startswith("access-control-"):
             headers.add(name, value.replace(key, fingerprint) if key in value else value)
     headers.extend(reply_headers)
     encoding = upstream.headers.get("Content-Encoding")

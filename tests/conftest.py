@@ -192,10 +192,12 @@ def wait_healthy(daemon: Daemon, deadline_s: float = 20.0) -> None:
     while time.monotonic() < deadline:
         if daemon.process.poll() is not None:
             raise AssertionError(f"daemon exited {daemon.process.returncode}: {daemon.stderr()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{daemon.url}/-/health", timeout=1) as answer:
-                if answer.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{daemon.url}/-/health", timeout=1) as answer,
+        ):
+            if answer.status == 200:
+                return
         time.sleep(0.05)
     raise AssertionError(f"daemon not healthy in {deadline_s}s: {daemon.stderr()}")
 
