@@ -243,6 +243,7 @@ class Server:
             return state.last_reload_error
         state.last_reload_error = None
         log.info("reloaded %s as generation %d", settings.path, runtime.generation)
+        _log_key_changes(previous, runtime)
         return None
 
     async def _watch(self) -> None:
@@ -328,3 +329,14 @@ def _real_keys(runtime: Runtime) -> dict[str, Secret]:
     return {
         name: env.key for name, env in runtime.environments.items() if env.settings.key.kind != "generated"
     }
+
+
+def _log_key_changes(previous: Runtime, current: Runtime) -> None:
+    for name, env in current.environments.items():
+        old = previous.environments.get(name)
+        if old is None:
+            log.info("environment %s added (key %s)", name, env.key.fingerprint)
+        elif old.key.fingerprint != env.key.fingerprint:
+            log.warning(
+                "environment %s: key changed %s -> %s", name, old.key.fingerprint, env.key.fingerprint
+            )
