@@ -6,10 +6,11 @@ state is recorded once per prediction, however often a client polls.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections import OrderedDict
 from typing import Any, Literal
+
+import orjson
 
 Kind = Literal["create", "poll", "cancel"]
 
@@ -46,7 +47,7 @@ def parse_json(body: bytes | bytearray | None, encoding: str | None) -> dict[str
     """A small JSON object body, or None for anything else (streams, lists, truncated)."""
     if not body:
         return None
-    raw = bytes(body)
+    raw = body
     if encoding in ("gzip", "x-gzip", "deflate"):
         try:
             wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
@@ -56,17 +57,17 @@ def parse_json(body: bytes | bytearray | None, encoding: str | None) -> dict[str
     if raw.startswith(b"data:"):
         return _first_sse_event(raw)
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
 
 
-def _first_sse_event(raw: bytes) -> dict[str, Any] | None:
+def _first_sse_event(raw: bytes | bytearray) -> dict[str, Any] | None:
     line = raw.split(b"\n", 1)[0][5:].strip()
     try:
-        value = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
 

@@ -66,27 +66,34 @@ class ProxyHandler:
         reply = CIMultiDict({"X-Request-Id": request_id})
         if origin is not None:
             reply.extend(cors_headers(origin))
-        response = await self._limited_forward(request, runtime, env, path, reply, request_id)
+        kind = events.kind_of(request.method, path) if runtime.settings.audit.enabled else None
+        refused, user = await self._admit(request, runtime, env, path, kind, reply, request_id)
+        if refused is not None:
+            return self._count(refused, path)
+        # Admission is over before the exchange starts, so the exchange runs a coroutine
+        # frame shallower: every resume of the I/O below walks that chain.
+        response = await self._forward(request, runtime, env, kind, user, reply, request_id)
         return self._count(response, path)
 
-    async def _limited_forward(
+    async def _admit(
         self,
         request: web.Request,
         runtime: Runtime,
         env: EnvRuntime,
         path: str,
+        kind: events.Kind | None,
         reply: CIMultiDict[str],
         request_id: str,
-    ) -> web.StreamResponse:
+    ) -> tuple[web.Response | None, str | None]:
+        """Rate limits and the audit's health: a refusal, or None and the user to bill."""
         method = request.method
-        settings = runtime.settings
-        kind = events.kind_of(method, path) if settings.audit.enabled else None
         user = request.headers.get(env.user_header)
         if runtime.limits.is_limited(env.name, method, path):
+            rate_limit = runtime.settings.rate_limit
             if not user:
-                if settings.rate_limit.missing_user == "reject":
-                    message = f"The {settings.rate_limit.user_header} header is required."
-                    return error_response(400, "missing_user", message, request_id, headers=reply)
+                if rate_limit.missing_user == "reject":
+                    message = f"The {rate_limit.user_header} header is required."
+                    return error_response(400, "missing_user", message, request_id, headers=reply), None
                 user = "anonymous"
             verdict = await runtime.limits.check(env.name, method, path, user)
             if verdict is not None:
@@ -94,8 +101,8 @@ class ProxyHandler:
                 if not verdict.allowed:
                     self.state.metrics.rejected(verdict.rule, verdict.scope or "user")
                     if kind == "create":
-                        self._audit(request, env, kind, user, request_id, 429, None, None, "rejected")
-                    return error_response(
+                        self._audit(request, env, user, request_id, 429, None, None, "rejected")
+                    refusal = error_response(
                         429,
                         verdict.code or "rate_limited",
                         verdict.message or "Rate limited.",
@@ -103,15 +110,11 @@ class ProxyHandler:
                         headers=reply,
                         extra={"retry_after": verdict.retry_after},
                     )
+                    return refusal, user
         if kind == "create" and self.state.audit.reject_new:
-            return error_response(
-                503,
-                "audit_unavailable",
-                "The audit trail cannot be written; predictions are paused.",
-                request_id,
-                headers=reply,
-            )
-        return await self._forward(request, runtime, env, kind, user, reply, request_id)
+            message = "The audit trail cannot be written; predictions are paused."
+            return error_response(503, "audit_unavailable", message, request_id, headers=reply), user
+        return None, user
 
     async def _forward(
         self,
@@ -163,7 +166,7 @@ class ProxyHandler:
                 response.force_close()
             exchange.status = failure.status
         if kind is not None:
-            self._audit_exchange(request, env, kind, user, request_id, exchange)
+            self._audit_exchange(request, runtime, env, kind, user, request_id, exchange)
         assert response is not None
         return response
 
@@ -184,6 +187,7 @@ class ProxyHandler:
     def _audit_exchange(
         self,
         request: web.Request,
+        runtime: Runtime,
         env: EnvRuntime,
         kind: events.Kind,
         user: str | None,
@@ -203,12 +207,11 @@ class ProxyHandler:
                 self.state.tracker.created(prediction_id, model, user)
             else:
                 prediction_id = None
-            cost = self._estimate(model) if ok else None
+            cost = runtime.settings.pricing.get(model) if ok and model else None
             outcome = "created" if ok else "failed"
             self._audit(
                 request,
                 env,
-                kind,
                 user,
                 request_id,
                 status,
@@ -229,12 +232,11 @@ class ProxyHandler:
         created_model, created_user = self.state.tracker.origin(prediction_id)
         model = events.model_of(answer) or created_model
         cost = events.credits_of(answer)
-        if cost is None:
-            cost = self._estimate(model)
+        if cost is None and model is not None:
+            cost = runtime.settings.pricing.get(model)
         self._audit(
             request,
             env,
-            kind,
             user or created_user,
             request_id,
             status,
@@ -245,16 +247,10 @@ class ProxyHandler:
             cost,
         )
 
-    def _estimate(self, model: str | None) -> float | None:
-        if model is None:
-            return None
-        return self.state.runtime.settings.pricing.get(model)
-
     def _audit(
         self,
         request: web.Request,
         env: EnvRuntime,
-        kind: events.Kind,
         user: str | None,
         request_id: str,
         http_status: int,

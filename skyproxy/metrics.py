@@ -85,10 +85,18 @@ class Metrics:
         observe(seconds)
 
     def rejected(self, rule: str, scope: str) -> None:
-        self._rejections.labels(rule, scope).inc()
+        key = ("x", rule, scope)
+        inc = self._cache.get(key)
+        if inc is None:
+            inc = self._cache[key] = self._rejections.labels(rule, scope).inc
+        inc()
 
     def prediction(self, environment: str, status: str) -> None:
-        self._predictions.labels(environment, status).inc()
+        key = ("p", environment, status)
+        inc = self._cache.get(key)
+        if inc is None:
+            inc = self._cache[key] = self._predictions.labels(environment, status).inc
+        inc()
 
     def upstream_rate_limited(self, environment: str) -> None:
         self._upstream_429.labels(environment).inc()

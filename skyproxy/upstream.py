@@ -20,6 +20,10 @@ from yarl import URL
 from skyproxy.config import ServerSettings
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
+# Bodies of a known length up to this are read whole and sent in one write: cheaper than
+# streaming them, and memory stays bounded. Anything larger, or of unknown length, streams.
+SMALL_BODY = 65_536
+EVENT_STREAM_CAPTURE = 4_096  # only the first event of a stream is ever parsed
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the client's own credentials never travel on.
 _DROP_REQUEST = frozenset(
@@ -79,10 +83,11 @@ class Exchange:
     status: int = 0
     latency_ms: float | None = None
     failure: Failure | None = None
+    sent: bool = False  # the status line has gone to the client
     broken: bool = False  # the upstream or client went away after the status was sent
     content_encoding: str | None = None
-    request_prefix: bytearray | None = None
-    response_prefix: bytearray | None = None
+    request_prefix: bytes | bytearray | None = None
+    response_prefix: bytes | bytearray | None = None
 
 
 def open_session(server: ServerSettings) -> aiohttp.ClientSession:
@@ -144,6 +149,20 @@ async def _limited_body(
         yield chunk
 
 
+async def _body(
+    request: web.Request, server: ServerSettings, exchange: Exchange
+) -> bytes | AsyncIterator[bytes] | None:
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY:
+        body = await request.read()
+        if exchange.request_prefix is not None:
+            exchange.request_prefix = body
+        return body
+    return _limited_body(request.content, server.max_body_bytes, exchange)
+
+
 async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -157,10 +176,10 @@ async def forward(
     exchange: Exchange,
 ) -> web.StreamResponse | None:
     """Run the exchange. Returns the response sent, or None with `exchange.failure` set."""
-    data = _limited_body(request.content, server.max_body_bytes, exchange) if request.body_exists else None
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
+        data = await _body(request, server, exchange)
         async with session.request(
             request.method,
             URL(url, encoded=True),  # as the client encoded it: no re-quoting of path or query
@@ -188,7 +207,7 @@ async def forward(
         exchange.latency_ms = (loop.time() - started) * 1000.0
         return response
     exchange.latency_ms = (loop.time() - started) * 1000.0
-    if exchange.status:
+    if exchange.sent:
         # The status line had gone out; nothing to do but cut the client's connection.
         exchange.broken = True
         if request.transport is not None:
@@ -218,16 +237,34 @@ async def _relay(
     exchange.content_encoding = encoding
     if upstream.status >= 400:
         return await _relay_scrubbed(request, upstream, response, key, fingerprint, exchange)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+        return _small_response(upstream, response, await upstream.read(), exchange)
     await response.prepare(request)
+    exchange.sent = True
     prefix = exchange.response_prefix
+    limit = CAPTURE_LIMIT
+    if upstream.content_type == "text/event-stream":
+        limit = EVENT_STREAM_CAPTURE
     try:
         async for chunk in upstream.content.iter_any():
-            if prefix is not None and len(prefix) < CAPTURE_LIMIT:
-                prefix += chunk[: CAPTURE_LIMIT - len(prefix)]
+            if prefix is not None and len(prefix) < limit:
+                prefix += chunk[: limit - len(prefix)]
             await response.write(chunk)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         exchange.broken = True  # the client left; the upstream side closes with the context
+    return response
+
+
+def _small_response(
+    upstream: aiohttp.ClientResponse, streaming: web.StreamResponse, body: bytes, exchange: Exchange
+) -> web.StreamResponse:
+    headers = streaming.headers
+    del headers["Content-Length"]  # web.Response sets it from the body
+    response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+    if exchange.response_prefix is not None:
+        exchange.response_prefix = body
     return response
 
 
@@ -247,6 +284,7 @@ async def _relay_scrubbed(
     scrubber = Scrubber(key.encode(), fingerprint.encode())
     prefix = exchange.response_prefix
     await response.prepare(request)
+    exchange.sent = True
     async for chunk in upstream.content.iter_any():
         plain = decoder.decompress(chunk) if decoder else chunk
         if prefix is not None and len(prefix) < CAPTURE_LIMIT:

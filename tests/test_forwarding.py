@@ -554,7 +554,7 @@ async def stalled_upstream(raw_upstream):  # type: ignore[no-untyped-def]
 
     async def half(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = 100
+        response.content_length = int(request.query.get("length", "100"))
         await response.prepare(request)
         await response.write(b'{"partial":')
         await release.wait()
@@ -575,12 +575,22 @@ async def test_slow_upstream_is_504(stalled_upstream, start_proxy, canary_env):
     assert_error(504, "upstream_timeout", answer)
 
 
-async def test_upstream_stalling_mid_body_cuts_the_client(stalled_upstream, start_proxy, canary_env):
+async def test_upstream_stalling_mid_large_body_cuts_the_client(stalled_upstream, start_proxy, canary_env):
+    # A large body streams, so its status line is out before the stall: all that is left
+    # is to cut the client's connection, which the client sees as a broken payload.
     proxy = await start_proxy(env_config(stalled_upstream, server="upstream_timeout = 0.5"))
-    async with proxy.session.get(f"{proxy.url}/v1/half") as r:
+    async with proxy.session.get(f"{proxy.url}/v1/half?length=1000000") as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
+
+
+async def test_upstream_stalling_mid_small_body_is_a_clean_504(stalled_upstream, start_proxy, canary_env):
+    # A small body is read whole before anything is sent, so a stall is still a clean 504.
+    proxy = await start_proxy(env_config(stalled_upstream, server="upstream_timeout = 0.5"))
+    async with proxy.session.get(f"{proxy.url}/v1/half") as r:
+        assert r.status == 504
+        assert (await r.json())["error"]["code"] == "upstream_timeout"
 
 
 # -- upstream errors: passed through, scrubbed of the key --------------------------------------
