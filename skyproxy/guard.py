@@ -75,14 +75,20 @@ def is_loopback(remote: str | None) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _is_loopback(remote: str) -> bool:
+def _address(remote: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address, an IPv4-mapped IPv6 one (::ffff:a.b.c.d) as the IPv4 it is."""
     try:
         address = ipaddress.ip_address(remote)
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
+        return address.ipv4_mapped
+    return address
+
+
+def _is_loopback(remote: str) -> bool:
+    address = _address(remote)
+    return address is not None and address.is_loopback
 
 
 def _remote_allowed(remote: str | None, networks: tuple[IPNetwork, ...]) -> bool:
@@ -95,13 +101,8 @@ def _remote_allowed(remote: str | None, networks: tuple[IPNetwork, ...]) -> bool
 
 @lru_cache(maxsize=4096)
 def _in_networks(remote: str, networks: tuple[IPNetwork, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    address = _address(remote)
+    return address is not None and any(address in network for network in networks)
 
 
 @lru_cache(maxsize=1024)

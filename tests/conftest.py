@@ -163,7 +163,9 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
     def start(config_path: Path, port: int, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, "SKYPROXY_TEST_KEY": CANARY, **(env or {})}
+        if "NOTIFY_SOCKET" not in (env or {}):
+            full_env.pop("NOTIFY_SOCKET", None)  # a CI under systemd must not get our READY=1
         stderr_path = tmp_path / f"daemon-{len(daemons)}.stderr"
         with stderr_path.open("wb") as err:
             process = subprocess.Popen(
@@ -182,7 +184,7 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     for daemon in daemons:
         if daemon.process.poll() is None:
             daemon.process.kill()
-            daemon.process.wait(10)
+        daemon.process.wait(10)
 
 
 def wait_healthy(daemon: Daemon, deadline_s: float = 20.0) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,6 @@ from conftest import (
     assert_no_canary,
     env_config,
     free_port,
-    wait_healthy,
     write_config,
 )
 
@@ -42,33 +40,9 @@ Spawn = Callable[..., Daemon]
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Starts `skyproxy serve -c FILE`; every daemon still running at the end is killed."""
-    daemons: list[Daemon] = []
-
-    def start(config_path: Path, port: int, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-        full_env = {**os.environ, "SKYPROXY_TEST_KEY": CANARY, **(env or {})}
-        if "NOTIFY_SOCKET" not in (env or {}):
-            full_env.pop("NOTIFY_SOCKET", None)
-        stderr_path = tmp_path / f"daemon-{len(daemons)}.stderr"
-        with stderr_path.open("wb") as err:
-            process = subprocess.Popen(
-                [SKYPROXY, "serve", "-c", str(config_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=full_env,
-            )
-        daemon = Daemon(process, f"http://127.0.0.1:{port}", config_path, stderr_path, full_env)
-        daemons.append(daemon)
-        if wait:
-            wait_healthy(daemon)
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-        daemon.process.wait(10)
+def spawn(run_daemon: Spawn) -> Spawn:
+    """`skyproxy serve -c FILE` as a subprocess, with the canary key in its environment."""
+    return run_daemon
 
 
 async def status_of(session: aiohttp.ClientSession, daemon: Daemon) -> dict[str, object]:
