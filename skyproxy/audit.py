@@ -29,6 +29,8 @@ from io import TextIOWrapper
 from json.encoder import encode_basestring
 from pathlib import Path
 
+import orjson
+
 from skyproxy.config import AuditSettings
 
 __all__ = ["STATUSES", "AuditRecord", "AuditWriter", "iso_millis"]
@@ -108,6 +110,36 @@ class AuditRecord:
             method=method,
             path=path,
         )
+
+    def to_bytes(self) -> bytes:
+        """The line as UTF-8 bytes, as it goes to disk.
+
+        orjson builds it in one call; a lone surrogate (from undecodable header bytes),
+        which orjson refuses, takes the template path and comes out as a \\udcXX escape.
+        """
+        try:
+            return orjson.dumps(
+                {
+                    "timestamp": iso_millis(self.timestamp),
+                    "event": "prediction",
+                    "environment": self.environment,
+                    "userId": self.userId,
+                    "predictionId": self.predictionId,
+                    "model": self.model,
+                    "status": self.status,
+                    "httpStatus": self.httpStatus,
+                    "latencyMs": self.latencyMs,
+                    "costUsd": self.costUsd,
+                    "ipAddress": self.ipAddress,
+                    "requestId": self.requestId,
+                    "keyFingerprint": self.keyFingerprint,
+                    "method": self.method,
+                    "path": self.path,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        except orjson.JSONEncodeError:
+            return self.to_line().encode("utf-8", "backslashreplace")
 
     def to_line(self) -> str:
         """Compact JSON, fields in declaration order, ending in a newline.
@@ -205,7 +237,7 @@ class AuditWriter:
         # writer, where it would hold the GIL (and stall the loop) for milliseconds.
         # Lone surrogates (undecodable header bytes) become \udcXX, a valid JSON
         # escape inside a string, so the line stays valid UTF-8 and valid JSON.
-        accepted = self._queue.offer(record.to_line().encode("utf-8", "backslashreplace"))
+        accepted = self._queue.offer(record.to_bytes())
         if self._queue.qsize() > self._queue.maxsize // 2 and self.healthy:
             self._hand_off()
         return accepted

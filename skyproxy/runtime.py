@@ -28,16 +28,13 @@ from skyproxy.upstream import client_timeout
 
 @dataclass(frozen=True, slots=True)
 class EnvRuntime:
+    name: str  # a field, not a property of settings: it is read several times a request
     settings: EnvironmentSettings
     key: Secret
     base_url: str
     guard: Guard
     timeout: aiohttp.ClientTimeout
     user_header: str  # lower case
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +75,7 @@ def build_runtime(
     user_header = settings.rate_limit.user_header.lower()
     environments = {
         name: EnvRuntime(
+            name=name,
             settings=env,
             key=keys[name],
             base_url=base_urls[name],
