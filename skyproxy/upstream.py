@@ -239,7 +239,16 @@ async def _relay(
         return await _relay_scrubbed(request, upstream, response, key, fingerprint, exchange)
     length = upstream.content_length
     if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-        return _small_response(upstream, response, await upstream.read(), exchange)
+        small = _small_response(upstream, response, await upstream.read(), exchange)
+        # Sent here, not by aiohttp after the handler returns: the client must not wait
+        # for the audit and metrics work that follows the exchange.
+        await small.prepare(request)
+        exchange.sent = True
+        try:
+            await small.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            exchange.broken = True
+        return small
     await response.prepare(request)
     exchange.sent = True
     prefix = exchange.response_prefix
