@@ -66,6 +66,7 @@ key = "env:{key_env}"
 rate_limit = {{ per_user = "100000000/second" }}
 
 [rate_limit]
+enabled = {features}
 user_header = "X-User-Id"
 
 [[rate_limit.rules]]
@@ -76,6 +77,7 @@ per_user = "100000000/second"
 per_environment = "100000000/second"
 
 [audit]
+enabled = {features}
 path = "{audit_dir}/audit.jsonl"
 max_bytes = 104857600
 """
@@ -389,7 +391,12 @@ def start_bare(env: Env, name: str, upstream_port: int) -> tuple[Proc, int]:
 
 
 def write_skyproxy_config(
-    env: Env, name: str, port: int, upstream_port: int, upstream_timeout: float = 120
+    env: Env,
+    name: str,
+    port: int,
+    upstream_port: int,
+    upstream_timeout: float = 120,
+    features: bool = True,
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
@@ -402,18 +409,21 @@ def write_skyproxy_config(
             key_env=KEY_ENV,
             audit_dir=audit_dir,
             upstream_timeout=f"{upstream_timeout:g}",
+            features="true" if features else "false",
         )
     )
     return path
 
 
 def start_skyproxy(
-    env: Env, name: str, upstream_port: int, upstream_timeout: float = 120
+    env: Env, name: str, upstream_port: int, upstream_timeout: float = 120, features: bool = True
 ) -> tuple[Proc, int, Path]:
+    """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
+    and audit off, for the same-run cost of those two features."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout)
+    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features)
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, env.child_env)
     wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=30.0)
@@ -492,7 +502,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (1 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (2 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
@@ -504,6 +514,8 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     if env.skyproxy:
         sky_proc, sky_port, sky_audit = start_skyproxy(env, "skyproxy", up_port)
         targets["skyproxy"] = (sky_proc, sky_port)
+        off_proc, off_port, _ = start_skyproxy(env, "skyproxy-off", up_port, features=False)
+        targets["skyproxy-off"] = (off_proc, off_port)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
@@ -584,6 +596,21 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             ),
             "p50_c1_per_round": spread(paired_p50),
             "p99_c1_per_round": spread(paired_p99),
+        }
+
+    if "skyproxy" in targets and "skyproxy-off" in targets:
+        # What limits and audit cost, against the same proxy with them off, same run.
+        ratios["skyproxy-vs-off"] = {
+            "throughput": ratio(
+                summary["skyproxy"]["rps_c64"]["median"], summary["skyproxy-off"]["rps_c64"]["median"]
+            ),
+            "throughput_per_round": spread(
+                [rd["skyproxy"]["c64"]["rps"] / rd["skyproxy-off"]["c64"]["rps"] for rd in rounds]
+            ),
+            "cpu_per_request": ratio(
+                summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
+                summary["skyproxy-off"]["cpu_us_per_request_c64"]["median"],
+            ),
         }
 
     extra: dict[str, Any] = {}
@@ -1119,6 +1146,13 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             )
         p("  (median of rounds, min-max in brackets)")
         for name, r in tp["ratios"].items():
+            if name == "skyproxy-vs-off":
+                p(
+                    f"limits+audit on / off (same run): throughput {r['throughput']:.2f}x "
+                    f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
+                    f"CPU per request {r['cpu_per_request']:.2f}x"
+                )
+                continue
             p(
                 f"{name} / bare (same run): throughput {r['throughput']:.2f}x "
                 f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
