@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,7 @@ def status_document(state: State) -> dict[str, object]:
     return {
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 3),
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "config": {
             "path": str(runtime.settings.path),
             "generation": runtime.generation,

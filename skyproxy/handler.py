@@ -177,7 +177,7 @@ class ProxyHandler:
         if exchange.status == 401:
             metrics.upstream_unauthorized(env.name)
             log.error(
-                "environment %s: key rejected by upstream (401); revoked or rotated? key %s",
+                "environment %s: key rejected by upstream; revoked or rotated? (401, key %s)",
                 env.name,
                 env.key.fingerprint,
             )
