@@ -75,42 +75,6 @@ class AuditRecord:
     method: str
     path: str
 
-    @classmethod
-    def now(
-        cls,
-        *,
-        environment: str,
-        userId: str | None,
-        predictionId: str | None,
-        model: str | None,
-        status: str,
-        httpStatus: int,
-        latencyMs: float | None,
-        costUsd: float | None,
-        ipAddress: str | None,
-        requestId: str | None,
-        keyFingerprint: str | None,
-        method: str,
-        path: str,
-    ) -> AuditRecord:
-        """A record stamped with the current time."""
-        return cls(
-            timestamp=time.time(),
-            environment=environment,
-            userId=userId,
-            predictionId=predictionId,
-            model=model,
-            status=status,
-            httpStatus=httpStatus,
-            latencyMs=latencyMs,
-            costUsd=costUsd,
-            ipAddress=ipAddress,
-            requestId=requestId,
-            keyFingerprint=keyFingerprint,
-            method=method,
-            path=path,
-        )
-
     def to_bytes(self) -> bytes:
         """The line as UTF-8 bytes, as it goes to disk.
 

@@ -260,7 +260,7 @@ class ProxyHandler:
         latency_ms: float | None = None,
         cost: float | None = None,
     ) -> None:
-        record = AuditRecord.now(
+        record = AuditRecord(
             environment=env.name,
             userId=user,
             predictionId=prediction_id,

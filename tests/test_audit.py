@@ -168,9 +168,9 @@ def test_timestamp_is_iso_utc_with_milliseconds(timestamp: float) -> None:
     assert text == moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def test_now_stamps_the_current_time() -> None:
+def test_a_record_is_stamped_with_the_current_time() -> None:
     before = time.time()
-    rec = AuditRecord.now(**vars_without_time())
+    rec = AuditRecord(**vars_without_time())
     after = time.time()
     assert before <= rec.timestamp <= after
     assert rec.event == "prediction"

@@ -234,7 +234,7 @@ async def test_nothing_captured_holds_the_key(
     }
     audit = files.get(str(tmp_path / "audit" / "audit.jsonl"), "")
     # The scan can only find what was captured: make sure the interesting parts were.
-    assert "key rejected by upstream (401)" in logs.text
+    assert "key rejected by upstream; revoked or rotated?" in logs.text
     assert FINGERPRINT in logs.text
     assert '"status":"created"' in audit.replace(" ", "") and FINGERPRINT in audit
     assert FINGERPRINT in "".join(str(x) for x in seen)
@@ -343,7 +343,7 @@ async def test_daemon_stderr_and_cmdline_hold_no_key(
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0
     stderr = daemon.stderr()
-    assert "key rejected by upstream (401)" in stderr and FINGERPRINT in stderr
+    assert "key rejected by upstream; revoked or rotated?" in stderr and FINGERPRINT in stderr
     audit = (tmp_path / "audit" / "audit.jsonl").read_text()
     assert_no_canary(cmdline, stderr, audit, *seen)
 
