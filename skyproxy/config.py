@@ -364,9 +364,14 @@ class _Parser:
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise self.expected(f"{w}.user_header", "a header name", header)
         rules = self.get(data, "rules", w, list, [], "an array of tables [[rate_limit.rules]]")
+        names: set[object] = set()
         for i, rule in enumerate(rules):
             if not isinstance(rule, dict):
                 raise self.expected(f"{w}.rules[{i}]", "a table", rule)
+            if rule.get("name") in names:
+                # Limiter state survives a reload by rule name, so names must be unique.
+                raise self.error(f"{w}.rules[{i}].name", f"duplicate rule name {rule['name']!r}")
+            names.add(rule.get("name"))
         settings = RateLimitSettings(
             enabled=self.get(data, "enabled", w, bool, True, "true or false"),
             user_header=header,

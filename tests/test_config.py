@@ -530,3 +530,15 @@ def test_variable_pointing_at_missing_file_is_not_skipped(tmp_path: Path) -> Non
 
 def test_console_script_is_installed() -> None:
     assert (VENV_BIN / "skyproxy").exists()
+
+
+def test_duplicate_rule_names_are_refused(tmp_path: Path) -> None:
+    rule = '[[rate_limit.rules]]\nname = "predictions"\npaths = ["/v1/predictions"]\nper_user = "1/minute"\n'
+    text = '[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "mock"\n' + rule + rule
+    path = tmp_path / "skyproxy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.field == "rate_limit.rules[1].name"
+    assert "duplicate rule name 'predictions'" in str(caught.value)
+    assert caught.value.line == 9  # the second rule's name line
