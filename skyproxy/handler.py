@@ -155,6 +155,7 @@ class ProxyHandler:
             key,
             env.key.fingerprint,
             exchange,
+            self.state.deadlines,
         )
         self._observe(env, exchange)
         if exchange.failure is not None and response is None:

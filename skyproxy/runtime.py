@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from skyproxy.audit import AuditWriter
 from skyproxy.config import EnvironmentSettings, Settings
+from skyproxy.deadlines import Deadlines
 from skyproxy.errors import KeySourceError
 from skyproxy.events import Tracker
 from skyproxy.guard import Guard
@@ -102,6 +103,7 @@ class State:
         self.audit = audit
         self.metrics = metrics
         self.tracker = Tracker()
+        self.deadlines = Deadlines()
         self.started = time.monotonic()
         self.last_reload_error: str | None = None
         self.requests: dict[str, int] = {}

@@ -318,6 +318,8 @@ class Server:
             await asyncio.wait(self._draining, timeout=max(timeout, 0.1))
         await asyncio.gather(*(m.cleanup() for m in self._mocks.values()), return_exceptions=True)
         self._mocks.clear()
+        if self.state is not None:
+            await self.state.deadlines.close()
         if self._audit is not None:
             lost = await asyncio.to_thread(self._audit.close, max(timeout, 10.0))
             self._audit = None

@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from skyproxy.config import ServerSettings
+from skyproxy.deadlines import Deadline, Deadlines
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
 # Bodies of a known length up to this are read whole and sent in one write: cheaper than
@@ -102,7 +103,9 @@ def open_session(server: ServerSettings) -> aiohttp.ClientSession:
 
 
 def client_timeout(server: ServerSettings) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=server.upstream_timeout, sock_connect=server.connect_timeout)
+    # The whole-exchange limit (upstream_timeout) is a Deadline armed in forward(): one
+    # shared sweeper instead of aiohttp's timer context per request.
+    return aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout)
 
 
 def outbound_headers(
@@ -174,12 +177,15 @@ async def forward(
     key: str,
     fingerprint: str,
     exchange: Exchange,
+    deadlines: Deadlines,
 ) -> web.StreamResponse | None:
     """Run the exchange. Returns the response sent, or None with `exchange.failure` set."""
     loop = asyncio.get_running_loop()
     started = loop.time()
+    deadline: Deadline | None = None
     try:
         data = await _body(request, server, exchange)
+        deadline = deadlines.arm(server.upstream_timeout)
         async with session.request(
             request.method,
             URL(url, encoded=True),  # as the client encoded it: no re-quoting of path or query
@@ -190,6 +196,12 @@ async def forward(
         ) as upstream:
             exchange.status = upstream.status
             response = await _relay(request, upstream, reply_headers, key, fingerprint, exchange)
+    except asyncio.CancelledError:
+        if deadline is None or not deadline.fired:
+            raise  # a shutdown's or a client's cancellation, not ours to turn into a 504
+        deadline.absorb()
+        if exchange.failure is None:
+            exchange.failure = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
     except BodyTooLarge:
         pass
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -206,6 +218,9 @@ async def forward(
     else:
         exchange.latency_ms = (loop.time() - started) * 1000.0
         return response
+    finally:
+        if deadline is not None:
+            deadline.finish()
     exchange.latency_ms = (loop.time() - started) * 1000.0
     if exchange.sent:
         # The status line had gone out; nothing to do but cut the client's connection.
