@@ -231,6 +231,7 @@ class Server:
         runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous)
         state.audit.reconfigure(settings.audit)
         state.runtime = runtime  # the swap: new requests see the new generation
+        state.last_reload_error = None  # in the same step, so status never mixes the two
         await self._record_keys(runtime)
         failures = await self._sync_listeners(runtime)
         if failures:
@@ -241,7 +242,6 @@ class Server:
                 state.last_reload_error,
             )
             return state.last_reload_error
-        state.last_reload_error = None
         log.info("reloaded %s as generation %d", settings.path, runtime.generation)
         _log_key_changes(previous, runtime)
         return None
