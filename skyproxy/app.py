@@ -9,7 +9,7 @@ from aiohttp import web
 from skyproxy import admin
 from skyproxy.handler import ProxyHandler
 from skyproxy.runtime import State
-from skyproxy.upstream import SESSION, open_session
+from skyproxy.upstream import UPSTREAM, open_client
 
 ENVIRONMENT = web.AppKey("environment", str)
 
@@ -22,12 +22,12 @@ def create_app(environment: str, state: State) -> web.Application:
     app.add_routes(admin.routes(environment, state))
     app.router.add_route("*", "/{tail:.*}", ProxyHandler(environment, state).handle)
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        # One pooled session for the environment's whole life: connections are kept alive.
-        session = open_session(state.runtime.settings.server)
-        app[SESSION] = session
+    async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+        # One pool for the environment's whole life: connections are kept alive.
+        client = open_client(state.runtime.settings.server)
+        app[UPSTREAM] = client
         yield
-        await session.close()
+        await client.close()
 
-    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(upstream_client)
     return app

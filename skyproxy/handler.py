@@ -18,7 +18,7 @@ from skyproxy.guard import Refusal
 from skyproxy.metrics import route_of
 from skyproxy.responses import error_response, request_id_of
 from skyproxy.runtime import EnvRuntime, Runtime, State, cors_headers
-from skyproxy.upstream import SESSION, Exchange, forward, outbound_headers
+from skyproxy.upstream import UPSTREAM, Exchange, forward, outbound_head
 
 log = logging.getLogger("skyproxy")
 
@@ -143,14 +143,13 @@ class ProxyHandler:
             response_prefix=bytearray() if kind is not None else None,
         )
         key = env.key.reveal()
-        headers = outbound_headers(request.headers, key, request_id, env.user_header)
+        head = outbound_head(request.raw_headers, key.encode(), request_id, env.user_header_raw)
         response: web.StreamResponse | None = await forward(
             request,
-            request.app[SESSION],
-            env.base_url + request.raw_path,
-            headers,
+            request.app[UPSTREAM],
+            env.origin,
+            head,
             reply,
-            env.timeout,
             server,
             key,
             env.key.fingerprint,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
 
-import aiohttp
 from multidict import CIMultiDict
 
 from skyproxy.audit import AuditWriter
+from skyproxy.client import Origin
 from skyproxy.config import EnvironmentSettings, Settings
 from skyproxy.deadlines import Deadlines
 from skyproxy.errors import KeySourceError
@@ -24,7 +24,6 @@ from skyproxy.guard import Guard
 from skyproxy.keys import Secret, resolve
 from skyproxy.limits import Limits
 from skyproxy.metrics import Metrics
-from skyproxy.upstream import client_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +32,10 @@ class EnvRuntime:
     settings: EnvironmentSettings
     key: Secret
     base_url: str
+    origin: Origin
     guard: Guard
-    timeout: aiohttp.ClientTimeout
-    user_header: str  # lower case
+    user_header: str
+    user_header_raw: bytes  # lower case, as raw header names are compared
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +72,17 @@ def build_runtime(
     generation: int,
     previous: Runtime | None = None,
 ) -> Runtime:
-    timeout = client_timeout(settings.server)
-    user_header = settings.rate_limit.user_header.lower()
+    user_header = settings.rate_limit.user_header
     environments = {
         name: EnvRuntime(
             name=name,
             settings=env,
             key=keys[name],
             base_url=base_urls[name],
+            origin=Origin.parse(base_urls[name]),
             guard=Guard(settings.server, (listen.host for listen in env.listen)),
-            timeout=timeout,
             user_header=user_header,
+            user_header_raw=user_header.lower().encode("latin-1"),
         )
         for name, env in settings.environments.items()
     }

@@ -1,4 +1,4 @@
-"""The upstream exchange: one pooled ClientSession per environment, streaming both ways.
+"""The upstream exchange: a keep-alive connection per request in flight, streaming both ways.
 
 `forward()` sends the client's request on with the environment's key and streams the
 answer back without buffering it. Connect failures map to 502 and timeouts to 504. An
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
-from yarl import URL
+from multidict import CIMultiDict
 
+from skyproxy.client import Client, ConnectTimeout, Origin, Response, UpstreamError
 from skyproxy.config import ServerSettings
 from skyproxy.deadlines import Deadline, Deadlines
 
@@ -26,24 +26,27 @@ CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are 
 SMALL_BODY = 65_536
 EVENT_STREAM_CAPTURE = 4_096  # only the first event of a stream is ever parsed
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and the client's own credentials never travel on.
+# Hop-by-hop headers (RFC 9110 7.6.1), the client's own credentials, and the framing
+# (the client sets that itself) never travel on.
 _DROP_REQUEST = frozenset(
     (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "x-api-key",
-        "authorization",
-        "cookie",
-        "accept-encoding",
-        "x-request-id",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"x-api-key",
+        b"authorization",
+        b"cookie",
+        b"accept-encoding",
+        b"x-request-id",
+        b"content-length",
+        b"expect",
     )
 )
 _DROP_RESPONSE = frozenset(
@@ -60,10 +63,10 @@ _DROP_RESPONSE = frozenset(
         "x-request-id",
     )
 )
-_SAFE_ENCODINGS = ("gzip", "deflate", "identity")
-X_API_KEY = istr("x-api-key")
-X_REQUEST_ID = istr("X-Request-Id")
-SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+_SAFE_ENCODINGS = (b"gzip", b"deflate", b"identity")
+UPSTREAM = web.AppKey("upstream_client", Client)
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
 class BodyTooLarge(Exception):
@@ -91,50 +94,38 @@ class Exchange:
     response_prefix: bytes | bytearray | None = None
 
 
-def open_session(server: ServerSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bodies pass through byte for byte, encoding included
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        timeout=client_timeout(server),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+def open_client(server: ServerSettings) -> Client:
+    return Client(connect_timeout=server.connect_timeout)
 
 
-def client_timeout(server: ServerSettings) -> aiohttp.ClientTimeout:
-    # The whole-exchange limit (upstream_timeout) is a Deadline armed in forward(): one
-    # shared sweeper instead of aiohttp's timer context per request.
-    return aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout)
-
-
-def outbound_headers(
-    incoming: CIMultiDictProxy[str], key: str, request_id: str, user_header: str
-) -> CIMultiDict[str]:
-    """The headers sent upstream. `user_header` is lower case."""
-    connection_named = _connection_tokens(incoming)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
+def outbound_head(raw: RawHeaders, key: bytes, request_id: str, user_header: bytes) -> bytearray:
+    """The header lines sent upstream, byte for byte as the client sent them, less the
+    dropped ones. `user_header` is lower case."""
+    connection_named = _connection_tokens(raw)
+    out = bytearray()
+    accept: list[bytes] = []
+    for name, value in raw:
         lower = name.lower()
         if lower in _DROP_REQUEST or lower == user_header or lower in connection_named:
+            if lower == b"accept-encoding":
+                accept.append(value)
             continue
-        headers.add(name, value)
-    accept = incoming.get("Accept-Encoding")
+        out += b"%s: %s\r\n" % (name, value)
     if accept:
         # Only encodings we can undo, so an error body can always be scrubbed of the key.
-        safe = [t for t in (p.strip() for p in accept.split(",")) if t.split(";")[0] in _SAFE_ENCODINGS]
+        tokens = (t.strip() for v in accept for t in v.split(b","))
+        safe = [t for t in tokens if t.split(b";")[0].strip().lower() in _SAFE_ENCODINGS]
         if safe:
-            headers["Accept-Encoding"] = ", ".join(safe)
-    headers[X_API_KEY] = key
-    headers[X_REQUEST_ID] = request_id
-    return headers
+            out += b"Accept-Encoding: %s\r\n" % b", ".join(safe)
+    out += b"x-api-key: %s\r\nX-Request-Id: %s\r\n" % (key, request_id.encode())
+    return out
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    value = headers.get("Connection")
-    if not value:
+def _connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
+    named = [value for name, value in raw if name.lower() == b"connection"]
+    if not named:
         return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(t.strip().lower() for value in named for t in value.split(b",") if t.strip())
 
 
 async def _limited_body(
@@ -154,25 +145,25 @@ async def _limited_body(
 
 async def _body(
     request: web.Request, server: ServerSettings, exchange: Exchange
-) -> bytes | AsyncIterator[bytes] | None:
+) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    """The body to send, and its length when it streams with a known one."""
     if not request.body_exists:
-        return None
+        return None, None
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
         body = await request.read()
         if exchange.request_prefix is not None:
             exchange.request_prefix = body
-        return body
-    return _limited_body(request.content, server.max_body_bytes, exchange)
+        return body, None
+    return _limited_body(request.content, server.max_body_bytes, exchange), length
 
 
 async def forward(
     request: web.Request,
-    session: aiohttp.ClientSession,
-    url: str,
-    headers: CIMultiDict[str],
+    client: Client,
+    origin: Origin,
+    head: bytearray,
     reply_headers: CIMultiDict[str],
-    timeout: aiohttp.ClientTimeout,
     server: ServerSettings,
     key: str,
     fingerprint: str,
@@ -183,19 +174,14 @@ async def forward(
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline: Deadline | None = None
+    upstream: Response | None = None
     try:
-        data = await _body(request, server, exchange)
+        body, length = await _body(request, server, exchange)
         deadline = deadlines.arm(server.upstream_timeout)
-        async with session.request(
-            request.method,
-            URL(url, encoded=True),  # as the client encoded it: no re-quoting of path or query
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=timeout,
-        ) as upstream:
-            exchange.status = upstream.status
-            response = await _relay(request, upstream, reply_headers, key, fingerprint, exchange)
+        # The target goes on as the client encoded it: no re-quoting of path or query.
+        upstream = await client.request(request.method, origin, request.raw_path, head, body, length)
+        exchange.status = upstream.status
+        response = await _relay(request, upstream, reply_headers, key, fingerprint, exchange)
     except asyncio.CancelledError:
         if deadline is None or not deadline.fired:
             raise  # a shutdown's or a client's cancellation, not ours to turn into a 504
@@ -204,23 +190,21 @@ async def forward(
             exchange.failure = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
     except BodyTooLarge:
         pass
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except ConnectTimeout:
         if exchange.failure is None:
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                exchange.failure = Failure(502, "upstream_unreachable", "Upstream connect timed out.")
-            else:
-                exchange.failure = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
-    except (aiohttp.ClientError, OSError) as exc:
+            exchange.failure = Failure(502, "upstream_unreachable", "Upstream connect timed out.")
+    except (UpstreamError, aiohttp.ClientError, OSError) as exc:
         if exchange.failure is None:
-            exchange.failure = Failure(
-                502, "upstream_unreachable", f"Upstream unreachable: {type(exc).__name__}."
-            )
+            why = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
+            exchange.failure = Failure(502, "upstream_unreachable", f"Upstream unreachable: {why}.")
     else:
         exchange.latency_ms = (loop.time() - started) * 1000.0
         return response
     finally:
         if deadline is not None:
             deadline.finish()
+        if upstream is not None:
+            upstream.release()
     exchange.latency_ms = (loop.time() - started) * 1000.0
     if exchange.sent:
         # The status line had gone out; nothing to do but cut the client's connection.
@@ -233,23 +217,22 @@ async def forward(
 
 async def _relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     reply_headers: CIMultiDict[str],
     key: str,
     fingerprint: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
     headers = response.headers
-    for name, value in upstream.headers.items():
+    for name, value in upstream.headers:
         lower = name.lower()
         # The proxy answers CORS itself, for its own allowed origins; the upstream's
         # (say `Access-Control-Allow-Origin: *`) would contradict or widen that.
         if lower not in _DROP_RESPONSE and not lower.startswith("access-control-"):
             headers.add(name, value.replace(key, fingerprint) if key in value else value)
     headers.extend(reply_headers)
-    encoding = upstream.headers.get("Content-Encoding")
-    exchange.content_encoding = encoding
+    exchange.content_encoding = upstream.content_encoding
     if upstream.status >= 400:
         return await _relay_scrubbed(request, upstream, response, key, fingerprint, exchange)
     length = upstream.content_length
@@ -271,22 +254,24 @@ async def _relay(
     if upstream.content_type == "text/event-stream":
         limit = EVENT_STREAM_CAPTURE
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_any():
             if prefix is not None and len(prefix) < limit:
                 prefix += chunk[: limit - len(prefix)]
             await response.write(chunk)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        exchange.broken = True  # the client left; the upstream side closes with the context
+        exchange.broken = True  # the client left; the upstream connection is closed on release
     return response
 
 
 def _small_response(
-    upstream: aiohttp.ClientResponse, streaming: web.StreamResponse, body: bytes, exchange: Exchange
+    upstream: Response, streaming: web.StreamResponse, body: bytes, exchange: Exchange
 ) -> web.StreamResponse:
     headers = streaming.headers
     del headers["Content-Length"]  # web.Response sets it from the body
-    response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+    response = web.Response(
+        status=upstream.status, reason=upstream.reason or None, headers=headers, body=body
+    )
     if exchange.response_prefix is not None:
         exchange.response_prefix = body
     return response
@@ -294,7 +279,7 @@ def _small_response(
 
 async def _relay_scrubbed(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     response: web.StreamResponse,
     key: str,
     fingerprint: str,
@@ -309,7 +294,7 @@ async def _relay_scrubbed(
     prefix = exchange.response_prefix
     await response.prepare(request)
     exchange.sent = True
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_any():
         plain = decoder.decompress(chunk) if decoder else chunk
         if prefix is not None and len(prefix) < CAPTURE_LIMIT:
             prefix += plain[: CAPTURE_LIMIT - len(prefix)]
