@@ -65,6 +65,10 @@ class Origin:
         return cls(tls, parts.hostname, port, parts.netloc.encode("idna"))
 
 
+class _Beyond(Exception):
+    """Raised from the parser's callbacks: a second answer follows the one asked for."""
+
+
 class Response:
     """One upstream answer: status and headers once it starts, the body as it comes.
 
@@ -190,6 +194,8 @@ class Response:
         except httptools.HttpParserError as exc:
             self._conn.close()
             cause = exc.__context__  # what a callback of ours raised, if it was one
+            if isinstance(cause, _Beyond):
+                return  # the answer is whole; what follows it was never asked for
             self.fail(cause if isinstance(cause, ProtocolError) else ProtocolError("malformed answer"))
 
     def lost(self, exc: Exception | None) -> None:
@@ -206,6 +212,11 @@ class Response:
         self._wake()
 
     # -- llhttp's callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._complete:  # llhttp goes on to the next message within the same read
+            self._reusable = False
+            raise _Beyond
+
     def on_status(self, reason: bytes) -> None:
         self.reason = reason.decode("latin-1")
 
@@ -241,6 +252,9 @@ class Response:
             self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._complete:  # a body after a HEAD's or a 204's answer
+            self._reusable = False
+            return
         self._chunks.append(body)
         self._pending += len(body)
         if self._pending > HIGH_WATER and not self._paused:
@@ -348,6 +362,7 @@ class Client:
         self._open: set[_Connection] = set()
         self._tls: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        self._closing = False
 
     async def request(
         self,
@@ -457,6 +472,8 @@ class Client:
         return self._tls
 
     def put(self, conn: _Connection) -> None:
+        if self._closing:
+            conn.close()  # an exchange that finished during shutdown
         if conn.closed:
             return
         loop = asyncio.get_running_loop()
@@ -491,6 +508,7 @@ class Client:
         return len(self._open)
 
     async def close(self) -> None:
+        self._closing = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
