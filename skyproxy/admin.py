@@ -15,12 +15,14 @@ from skyproxy.metrics import CONTENT_TYPE
 from skyproxy.responses import error_response, request_id_of
 from skyproxy.runtime import State
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def routes(environment: str, state: State) -> list[web.RouteDef]:
+def routes(environment: str, state: State) -> dict[str, Handler]:
+    """The admin paths and their handlers; each answers 405 to a method it lacks."""
+
     def guarded(handler: Handler) -> Handler:
-        async def wrapper(request: web.Request) -> web.StreamResponse:
+        async def wrapper(request: web.BaseRequest) -> web.StreamResponse:
             request_id = request_id_of(request.headers)
             env = state.runtime.environments.get(environment)
             refusal = env.guard.check(request.headers, request.remote) if env else None
@@ -34,24 +36,24 @@ def routes(environment: str, state: State) -> list[web.RouteDef]:
                     request_id,
                 )
             response = await handler(request)
-            response.headers["X-Request-Id"] = request_id
+            response.headers.setdefault("X-Request-Id", request_id)
             return response
 
         return wrapper
 
-    async def health(request: web.Request) -> web.Response:
+    async def health(request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def status(request: web.Request) -> web.Response:
+    async def status(request: web.BaseRequest) -> web.Response:
         return web.json_response(status_document(state), dumps=_dumps)
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics(request: web.BaseRequest) -> web.Response:
         body = state.metrics.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
 
-    async def reload(request: web.Request) -> web.Response:
+    async def reload(request: web.BaseRequest) -> web.Response:
         if state.reload is None:
             return error_response(503, "reload_unavailable", "Reload is not available.", "-")
         error = await state.reload()
@@ -59,12 +61,29 @@ def routes(environment: str, state: State) -> list[web.RouteDef]:
         body = {"ok": error is None, "generation": runtime.generation, "error": error}
         return web.json_response(body, status=200 if error is None else 409)
 
-    return [
-        web.get("/-/health", guarded(health)),
-        web.get("/-/status", guarded(status)),
-        web.get("/-/metrics", guarded(metrics)),
-        web.post("/-/reload", guarded(reload)),
-    ]
+    def path(**methods: Handler) -> Handler:
+        async def by_method(request: web.BaseRequest) -> web.StreamResponse:
+            handler = methods.get(request.method)
+            if handler is None:
+                return _not_allowed(request, methods)
+            return await handler(request)
+
+        return guarded(by_method)
+
+    return {
+        "/-/health": path(GET=health, HEAD=health),
+        "/-/status": path(GET=status, HEAD=status),
+        "/-/metrics": path(GET=metrics, HEAD=metrics),
+        "/-/reload": path(POST=reload),
+    }
+
+
+def _not_allowed(request: web.BaseRequest, methods: dict[str, Handler]) -> web.StreamResponse:
+    allowed = ", ".join(methods)
+    message = f"{request.path} answers {allowed} only."
+    response = error_response(405, "method_not_allowed", message, request_id_of(request.headers))
+    response.headers["Allow"] = allowed
+    return response
 
 
 def status_document(state: State) -> dict[str, object]:

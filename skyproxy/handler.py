@@ -14,11 +14,12 @@ from multidict import CIMultiDict
 
 from skyproxy import events
 from skyproxy.audit import AuditRecord
+from skyproxy.client import Client
 from skyproxy.guard import Refusal
 from skyproxy.metrics import route_of
 from skyproxy.responses import error_response, request_id_of
 from skyproxy.runtime import EnvRuntime, Runtime, State, cors_headers
-from skyproxy.upstream import UPSTREAM, Exchange, forward, outbound_head
+from skyproxy.upstream import Exchange, forward, outbound_head
 
 log = logging.getLogger("skyproxy")
 
@@ -26,7 +27,7 @@ _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 _PREFLIGHT_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def _forwardable(request: web.Request) -> bool:
+def _forwardable(request: web.BaseRequest) -> bool:
     """A /v1/ path in origin form, with no dot segment (even percent-encoded) to climb out.
 
     The upstream URL is the base URL plus the raw target, so an absolute-form target
@@ -39,13 +40,14 @@ def _forwardable(request: web.Request) -> bool:
 
 
 class ProxyHandler:
-    __slots__ = ("environment", "state")
+    __slots__ = ("client", "environment", "state")
 
-    def __init__(self, environment: str, state: State) -> None:
+    def __init__(self, environment: str, state: State, client: Client) -> None:
         self.environment = environment
         self.state = state
+        self.client = client
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.state.runtime  # this request's generation, start to finish
         env = runtime.environments.get(self.environment)
         request_id = request_id_of(request.headers)
@@ -77,7 +79,7 @@ class ProxyHandler:
 
     async def _admit(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         runtime: Runtime,
         env: EnvRuntime,
         path: str,
@@ -118,7 +120,7 @@ class ProxyHandler:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         runtime: Runtime,
         env: EnvRuntime,
         kind: events.Kind | None,
@@ -146,7 +148,7 @@ class ProxyHandler:
         head = outbound_head(request.raw_headers, key.encode(), request_id, env.user_header_raw)
         response: web.StreamResponse | None = await forward(
             request,
-            request.app[UPSTREAM],
+            self.client,
             env.origin,
             head,
             reply,
@@ -186,7 +188,7 @@ class ProxyHandler:
 
     def _audit_exchange(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         runtime: Runtime,
         env: EnvRuntime,
         kind: events.Kind,
@@ -249,7 +251,7 @@ class ProxyHandler:
 
     def _audit(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         env: EnvRuntime,
         user: str | None,
         request_id: str,
@@ -279,13 +281,13 @@ class ProxyHandler:
         if not self.state.audit.submit(record):
             log.error("audit queue full: a %s line for %s was dropped", status, request_id)
 
-    def _refuse(self, refusal: Refusal, request: web.Request, request_id: str) -> web.StreamResponse:
+    def _refuse(self, refusal: Refusal, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, refusal.code)
         return self._count(
             error_response(refusal.status, refusal.code, refusal.message, request_id), request.path
         )
 
-    def _preflight(self, request: web.Request, origin: str | None, request_id: str) -> web.Response:
+    def _preflight(self, request: web.BaseRequest, origin: str | None, request_id: str) -> web.Response:
         if origin is None:
             return error_response(
                 403, "origin_not_allowed", "CORS preflight from an origin not allowed.", request_id

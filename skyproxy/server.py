@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from skyproxy import keystate
-from skyproxy.app import create_app
+from skyproxy.app import create_server
 from skyproxy.audit import AuditWriter
+from skyproxy.client import Client
 from skyproxy.config import Listen, Settings
 from skyproxy.keys import Secret
 from skyproxy.metrics import Metrics
@@ -35,8 +36,16 @@ class StartupError(Exception):
 
 @dataclass
 class _Environment:
-    runner: web.AppRunner
+    runner: web.ServerRunner
+    client: Client  # the upstream pool, for the environment's whole life
     sites: dict[Listen, web.TCPSite] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        """Stops the listeners, lets in-flight requests finish, then closes the pool."""
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.client.close()
 
 
 class Server:
@@ -163,19 +172,21 @@ class Server:
         for name in set(self._envs) - set(runtime.environments):
             env = self._envs.pop(name)
             log.info("environment %s removed; its listeners stop accepting", name)
-            self._spawn_drain(env.runner.cleanup())
+            self._spawn_drain(env.close())
+        server = runtime.settings.server
         for name, env_rt in runtime.environments.items():
             found = self._envs.get(name)
             if found is None:
-                runner = web.AppRunner(
-                    create_app(name, self.state),
-                    access_log=None,
+                client = Client(connect_timeout=server.connect_timeout)
+                runner = web.ServerRunner(
+                    create_server(name, self.state, client),
                     handle_signals=False,
-                    shutdown_timeout=runtime.settings.server.shutdown_timeout,
+                    shutdown_timeout=server.shutdown_timeout,
                 )
                 await runner.setup()
-                found = self._envs[name] = _Environment(runner)
+                found = self._envs[name] = _Environment(runner, client)
             env = found
+            env.client.connect_timeout = server.connect_timeout  # a reload may change it
             wanted = set(env_rt.settings.listen)
             for listen in set(env.sites) - wanted:
                 log.info("environment %s stops listening on %s", name, listen)
@@ -312,7 +323,7 @@ class Server:
         for env in self._envs.values():
             for site in list(env.sites.values()):
                 await site.stop()
-        await asyncio.gather(*(env.runner.cleanup() for env in self._envs.values()), return_exceptions=True)
+        await asyncio.gather(*(env.close() for env in self._envs.values()), return_exceptions=True)
         self._envs.clear()
         if self._draining:
             await asyncio.wait(self._draining, timeout=max(timeout, 0.1))

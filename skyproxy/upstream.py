@@ -64,7 +64,6 @@ _DROP_RESPONSE = frozenset(
     )
 )
 _SAFE_ENCODINGS = (b"gzip", b"deflate", b"identity")
-UPSTREAM = web.AppKey("upstream_client", Client)
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
@@ -92,10 +91,6 @@ class Exchange:
     content_encoding: str | None = None
     request_prefix: bytes | bytearray | None = None
     response_prefix: bytes | bytearray | None = None
-
-
-def open_client(server: ServerSettings) -> Client:
-    return Client(connect_timeout=server.connect_timeout)
 
 
 def outbound_head(raw: RawHeaders, key: bytes, request_id: str, user_header: bytes) -> bytearray:
@@ -144,7 +139,7 @@ async def _limited_body(
 
 
 async def _body(
-    request: web.Request, server: ServerSettings, exchange: Exchange
+    request: web.BaseRequest, server: ServerSettings, exchange: Exchange
 ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
     """The body to send, and its length when it streams with a known one."""
     if not request.body_exists:
@@ -159,7 +154,7 @@ async def _body(
 
 
 async def forward(
-    request: web.Request,
+    request: web.BaseRequest,
     client: Client,
     origin: Origin,
     head: bytearray,
@@ -216,7 +211,7 @@ async def forward(
 
 
 async def _relay(
-    request: web.Request,
+    request: web.BaseRequest,
     upstream: Response,
     reply_headers: CIMultiDict[str],
     key: str,
@@ -278,7 +273,7 @@ def _small_response(
 
 
 async def _relay_scrubbed(
-    request: web.Request,
+    request: web.BaseRequest,
     upstream: Response,
     response: web.StreamResponse,
     key: str,

@@ -333,16 +333,40 @@ async def test_health_and_status_are_answered_not_forwarded(mock_upstream, start
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("GET", "/-/nothing"), ("POST", "/-/health"), ("GET", "/-/health/x")]
+    ("method", "path", "code", "allow"),
+    [
+        ("GET", "/-/nothing", "not_found", None),
+        ("GET", "/-/health/x", "not_found", None),
+        ("POST", "/-/health", "method_not_allowed", "GET, HEAD"),
+        ("DELETE", "/-/metrics", "method_not_allowed", "GET, HEAD"),
+        ("GET", "/-/reload", "method_not_allowed", "POST"),
+    ],
 )
 async def test_other_admin_looking_paths_are_not_forwarded(
-    method, path, mock_upstream, start_proxy, canary_env
+    method, path, code, allow, mock_upstream, start_proxy, canary_env
 ):
     url, state = mock_upstream
     proxy = await start_proxy(env_config(url))
-    status, _, _ = await get(proxy.session, proxy.url, path, method=method)
-    assert status in (404, 405)
+    answer = await get(proxy.session, proxy.url, path, method=method)
+    assert_refused(answer, code, 405 if allow else 404)
+    assert answer[1].get("Allow") == allow
+    assert answer[1]["X-Request-Id"]
     assert not state.seen
+
+
+async def test_admin_method_refusal_comes_after_the_guard(mock_upstream, start_proxy, canary_env):
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    answer = await get(proxy.session, proxy.url, "/-/reload", Host="evil.example")
+    assert_refused(answer, "host_not_allowed")
+
+
+async def test_head_of_an_admin_read_has_no_body(mock_upstream, start_proxy, canary_env):
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    status, headers, body = await get(proxy.session, proxy.url, "/-/health", method="HEAD")
+    assert (status, body) == (200, b"")
+    assert headers["Content-Type"].startswith("application/json")
 
 
 async def test_admin_answers_carry_a_request_id(mock_upstream, start_proxy, canary_env):
