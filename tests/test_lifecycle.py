@@ -332,3 +332,28 @@ async def test_sigint_also_stops_cleanly(
     daemon.signal(signal.SIGINT)
     assert await asyncio.to_thread(daemon.wait, 30) == 0
     assert "Traceback" not in daemon.stderr()
+
+
+async def test_a_daemon_freezes_its_startup_heap_and_an_embedded_server_does_not(tmp_path, canary_env):
+    import gc
+
+    from skyproxy import config
+    from skyproxy.server import Server
+
+    path = write_config(tmp_path, env_config("mock", listen="127.0.0.1:0"))
+    gc.unfreeze()
+    embedded = Server(config.load(path))
+    await embedded.start()
+    try:
+        assert gc.get_freeze_count() == 0  # tests and embedders keep their own GC
+    finally:
+        await embedded.stop()
+    daemon = Server(config.load(path), freeze_heap=True)
+    await daemon.start()
+    try:
+        # What start() built (the runtime, the apps) is frozen, not walked by every
+        # full collection.
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+        await daemon.stop()
