@@ -129,6 +129,10 @@ class ProxyHandler:
         request_id: str,
     ) -> web.StreamResponse:
         server = runtime.settings.server
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            message = "Only the expectation 100-continue is understood."
+            return error_response(417, "expectation_failed", message, request_id, headers=reply)
         length = request.content_length
         if length is not None and length > server.max_body_bytes:
             too_large = error_response(

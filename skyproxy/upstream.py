@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 from skyproxy.client import Client, ConnectTimeout, Origin, Response, UpstreamError
@@ -144,6 +145,10 @@ async def _body(
     """The body to send, and its length when it streams with a known one."""
     if not request.body_exists:
         return None, None
+    if request.version == HttpVersion11 and "Expect" in request.headers:
+        # Only now, once the request is admitted: a refused client never uploads.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
         body = await request.read()

@@ -457,6 +457,72 @@ async def test_body_too_large_by_content_length(mock_upstream, start_proxy, cana
     assert ok[0] == 200 and json.loads(ok[2])["size"] == 1024
 
 
+async def _expecting(proxy_url: str, extra: list[tuple[str, str]], body: bytes) -> tuple[bytes, RawResponse]:
+    """Sends a head with `Expect: 100-continue`, waits for the interim answer, then the body.
+
+    Returns what came before the body was sent, and the final response."""
+    target = URL(proxy_url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = [
+            ("Host", host_of(proxy_url)),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Expect", "100-continue"),
+            *extra,
+        ]
+        writer.write(http_head("POST", "/v1/predictions", head))
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if interim.startswith(b"HTTP/1.1 100 "):
+            writer.write(body)
+            await writer.drain()
+            final = await asyncio.wait_for(read_response(reader), 10)
+        else:  # a final answer instead: the body must not be needed
+            status = int(interim.split()[1])
+            rest = await asyncio.wait_for(reader.read(65536), 5)
+            final = RawResponse(status, CIMultiDict(), rest)
+            interim = b""
+        return interim, final
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_expect_100_continue_is_answered_then_the_body_forwarded(
+    mock_upstream, start_proxy, canary_env
+):
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    body = json.dumps({"model": "truefusion-pro", "input": {"prompt": "x" * 4000}}).encode()
+    interim, final = await _expecting(proxy.url, [("X-User-Id", "alice")], body)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.status == 201, final.body
+    assert [s.path for s in state.seen] == ["/v1/predictions"]
+    assert "Expect" not in state.seen[0].headers  # answered here, never sent on
+
+
+async def test_a_refused_request_gets_its_answer_instead_of_100_continue(
+    mock_upstream, start_proxy, canary_env
+):
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url, server="max_body_bytes = 1024"))
+    interim, final = await _expecting(proxy.url, [("X-User-Id", "alice")], b"x" * 5000)
+    assert interim == b""
+    assert final.status == 413
+    assert not state.seen
+
+
+async def test_an_unknown_expectation_is_417(mock_upstream, start_proxy, canary_env):
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    head = [("Host", host_of(proxy.url)), ("X-User-Id", "alice"), ("Expect", "tea"), ("Content-Length", "2")]
+    answer = await raw_request(proxy.url, http_head("POST", "/v1/predictions", head) + b"{}")
+    assert_error(417, "expectation_failed", answer)
+    assert not state.seen
+
+
 class CountingSink:
     """An upstream that counts the bytes of an upload, and tells when the first arrived."""
 
