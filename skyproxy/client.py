@@ -99,7 +99,7 @@ class Response:
 
     def __init__(self, conn: _Connection, method: str) -> None:
         self._conn = conn
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self._chunks: list[bytes] = []
         self._pending = 0
@@ -147,6 +147,9 @@ class Response:
         """Done with the answer: the connection goes back to the pool, or is closed."""
         conn = self._conn
         conn.response = None
+        # The parser holds this answer's bound methods: dropping it breaks the cycle,
+        # so the answer is freed by reference counting, not left to the collector.
+        self._parser = None
         writer = self._writer
         if writer is not None and not writer.done():
             writer.cancel()
@@ -183,11 +186,12 @@ class Response:
         self._wake()
 
     def feed(self, data: bytes) -> None:
-        if self._complete:
+        parser = self._parser
+        if self._complete or parser is None:
             self._reusable = False  # bytes beyond the answer: the connection is not trusted
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._conn.close()
             self.fail(ProtocolError("upstream switched protocols"))
@@ -240,14 +244,16 @@ class Response:
             self.content_encoding = text
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # it is the parser calling
+        status = parser.get_status_code()
         if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer follows
             self._reset_head()
             return
         self.status = status
         if self._head_only or status in _NO_BODY_STATUS:
             self.delimited = True
-            self._finish(self._parser.should_keep_alive())
+            self._finish(parser.should_keep_alive())
         else:
             self._wake()
 
@@ -265,7 +271,9 @@ class Response:
     def on_message_complete(self) -> None:
         if not self.status or self._complete:
             return  # the end of an informational answer, or of a HEAD's
-        self._finish(self._parser.should_keep_alive())
+        parser = self._parser
+        assert parser is not None  # it is the parser calling
+        self._finish(parser.should_keep_alive())
 
     def _reset_head(self) -> None:
         self.headers = []

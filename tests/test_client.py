@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from conftest import CANARY, env_config, free_port, write_config
 from multidict import CIMultiDict
-from test_forwarding import assert_error, fetch, host_of, http_head, read_response
+from test_forwarding import assert_error, fetch, host_of, http_head, raw_request, read_response
 from yarl import URL
 
 from skyproxy.client import Client, Origin
@@ -838,3 +838,33 @@ async def test_untrusted_tls_upstream_is_a_502(certificate, tls_upstream, run_da
         answer = await asyncio.wait_for(fetch(session, "GET", f"{daemon.url}/v1/models"), TIMEOUT)
     assert_error(502, "upstream_unreachable", answer)
     assert tls_upstream.seen == []
+
+
+async def test_exchanges_leave_no_cyclic_garbage(mock_upstream, start_proxy, canary_env):
+    """Every answer is freed by reference counting: none waits for the cycle collector,
+    which would cost CPU and pause the loop (the parser holds the answer's methods)."""
+    import gc
+
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    body = b'{"model":"truefusion-pro","input":{"prompt":"x"}}'
+
+    def head(user: int) -> list[tuple[str, str]]:
+        return [("Host", host_of(proxy.url)), ("X-User-Id", f"u{user}"), ("Content-Type", "application/json")]
+
+    def create(user: int) -> bytes:
+        return http_head("POST", "/v1/predictions", [*head(user), ("Content-Length", str(len(body)))]) + body
+
+    assert (await raw_request(proxy.url, create(0))).status == 201
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for user in range(1, 21):
+            assert (await raw_request(proxy.url, create(user))).status == 201
+            assert (await raw_request(proxy.url, http_head("GET", "/v1/models", head(user)))).status == 200
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith(("skyproxy", "httptools"))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
