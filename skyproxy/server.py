@@ -28,6 +28,7 @@ from skyproxy.reload import ReloadFailed, digest, prepare, watch_config
 from skyproxy.runtime import Runtime, State, build_runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
+GC_YOUNG_THRESHOLD = 3500  # allocations before a young collection (CPython's default: 700)
 LIMIT_SWEEP_SECONDS = 30.0
 
 
@@ -50,11 +51,9 @@ class _Environment:
 
 
 class Server:
-    def __init__(
-        self, settings: Settings, notifier: Notifier | None = None, *, freeze_heap: bool = False
-    ) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, *, own_gc: bool = False) -> None:
         self._initial = settings
-        self._freeze_heap = freeze_heap
+        self._own_gc = own_gc  # the process is ours: tune its garbage collector
         self.notifier = notifier
         self.state: State | None = None
         self._audit: AuditWriter | None = None
@@ -105,12 +104,8 @@ class Server:
         interval = watchdog_interval()
         if interval and self.notifier:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        if self._freeze_heap:
-            # Everything alive now (modules, config, apps) lives as long as the process.
-            # Frozen, a full collection no longer walks it: measured under load, the
-            # longest collection fell from 25 ms to 5 ms and p99.9 at 1 connection
-            # from 19.6 ms to 2.3 ms.
-            gc.freeze()
+        if self._own_gc:
+            _tune_gc()
         if self.notifier:
             self.notifier.ready(f"serving {len(runtime.environments)} environment(s)")
 
@@ -346,6 +341,24 @@ class Server:
             self._audit = None
             if lost:
                 log.error("%d audit lines could not be written before exit", lost)
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper cycle collections for a daemon whose requests leave no cycles.
+
+    Everything alive once startup is done (modules, config, servers) lives as long as
+    the process: frozen, no collection walks it again. The longest gen2 collection
+    fell from 25 ms to 5 ms, and p99.9 at 1 connection from 19.6 ms to 2.3 ms.
+
+    A request allocates a few hundred objects and frees nearly all of them before
+    the next collection could matter, so the young generation may grow larger before
+    it is scanned. Under load at 64 connections, the collector's share of the proxy's
+    core fell from about 7.6% (threshold 700) to 1.5% (3500). The longest pause rose
+    from 2-3 ms to 7 ms.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _real_keys(runtime: Runtime) -> dict[str, Secret]:

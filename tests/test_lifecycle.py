@@ -334,26 +334,30 @@ async def test_sigint_also_stops_cleanly(
     assert "Traceback" not in daemon.stderr()
 
 
-async def test_a_daemon_freezes_its_startup_heap_and_an_embedded_server_does_not(tmp_path, canary_env):
+async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, canary_env):
     import gc
 
     from skyproxy import config
-    from skyproxy.server import Server
+    from skyproxy.server import GC_YOUNG_THRESHOLD, Server
 
     path = write_config(tmp_path, env_config("mock", listen="127.0.0.1:0"))
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     embedded = Server(config.load(path))
     await embedded.start()
     try:
-        assert gc.get_freeze_count() == 0  # tests and embedders keep their own GC
+        # Tests and embedders keep their own GC.
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     finally:
         await embedded.stop()
-    daemon = Server(config.load(path), freeze_heap=True)
+    daemon = Server(config.load(path), own_gc=True)
     await daemon.start()
     try:
-        # What start() built (the runtime, the apps) is frozen, not walked by every
-        # full collection.
+        # What start() built (the runtime, the servers) is frozen, not walked by every
+        # full collection, and young collections come less often.
         assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
         await daemon.stop()
