@@ -371,6 +371,7 @@ class Client:
         self._tls: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._closing = False
+        self.opened_total = 0  # connections ever opened: against requests, how well reuse works
 
     async def request(
         self,
@@ -507,6 +508,7 @@ class Client:
 
     def opened(self, conn: _Connection) -> None:
         self._open.add(conn)
+        self.opened_total += 1
 
     def closed(self, conn: _Connection) -> None:
         self._open.discard(conn)
@@ -514,6 +516,10 @@ class Client:
     @property
     def connections(self) -> int:
         return len(self._open)
+
+    @property
+    def idle(self) -> int:
+        return sum(not conn.closed for idle in self._idle.values() for conn in idle)
 
     async def close(self) -> None:
         self._closing = True

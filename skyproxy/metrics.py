@@ -9,8 +9,9 @@ fifth of the per-request Python calls skyproxy adds over a bare proxy.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -25,6 +26,19 @@ from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class UpstreamPool(Protocol):
+    """What the metrics read of an environment's upstream connection pool."""
+
+    @property
+    def connections(self) -> int: ...
+
+    @property
+    def idle(self) -> int: ...
+
+    @property
+    def opened_total(self) -> int: ...
 
 
 class _Latency:
@@ -44,6 +58,7 @@ class Metrics:
         self.upstream_401: dict[str, int] = {}
         self.latencies: dict[str, _Latency] = {}
         self._audit: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
+        self._upstream: Callable[[], Mapping[str, UpstreamPool]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -51,6 +66,10 @@ class Metrics:
         self, depth: Callable[[], float], failures: Callable[[], float], dropped: Callable[[], float]
     ) -> None:
         self._audit = (depth, failures, dropped)
+
+    def watch_upstream(self, pools: Callable[[], Mapping[str, UpstreamPool]]) -> None:
+        """`pools()` gives each environment's upstream pool, read at scrape time."""
+        self._upstream = pools
 
     def request(self, environment: str, route: str, status: int) -> None:
         key = (environment, route, status)
@@ -121,6 +140,8 @@ class Metrics:
             ["environment"],
             (((k,), v) for k, v in self.upstream_401.items()),
         )
+        if self._upstream is not None:
+            yield from _upstream_families(self._upstream())
         if self._audit is not None:
             depth, failures, dropped = self._audit
             yield GaugeMetricFamily(
@@ -132,6 +153,25 @@ class Metrics:
             yield GaugeMetricFamily(
                 "skyproxy_audit_dropped", "Audit lines refused because the queue was full", dropped()
             )
+
+
+def _upstream_families(pools: Mapping[str, UpstreamPool]) -> Iterator[Metric]:
+    connections = GaugeMetricFamily(
+        "skyproxy_upstream_connections",
+        "Connections to the upstream: in use, or idle and kept alive",
+        labels=["environment", "state"],
+    )
+    for environment, pool in pools.items():
+        idle = pool.idle
+        connections.add_metric([environment, "idle"], idle)
+        connections.add_metric([environment, "active"], pool.connections - idle)
+    yield connections
+    yield _counter(
+        "skyproxy_upstream_connections_opened",
+        "Connections opened to the upstream; far fewer than requests when keep-alive works",
+        ["environment"],
+        (((environment,), pool.opened_total) for environment, pool in pools.items()),
+    )
 
 
 def _counter(

@@ -76,6 +76,7 @@ class Server:
         audit.start()
         metrics = Metrics()
         metrics.watch_audit(lambda: audit.depth, lambda: audit.write_failures, lambda: audit.dropped)
+        metrics.watch_upstream(lambda: {name: env.client for name, env in self._envs.items()})
         try:
             base_urls = await self._sync_mocks(settings, keys)
             runtime = build_runtime(settings, keys, base_urls, generation=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import env_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyproxy.metrics import Metrics, route_of
@@ -54,3 +55,22 @@ def test_route_labels_fold_ids() -> None:
     assert route_of("/v1/predictions/abc/cancel") == "/v1/predictions/{id}/cancel"
     assert route_of("/v1/models/truefusion") == "/v1/models/{slug}"
     assert route_of("/v1/anything/else") == "other"
+
+
+async def test_upstream_pool_gauges_show_keep_alive_at_work(mock_upstream, start_proxy, canary_env) -> None:
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    for _ in range(5):
+        async with proxy.session.get(f"{proxy.url}/v1/models") as r:
+            assert r.status == 200
+    async with proxy.session.get(f"{proxy.url}/-/metrics") as r:
+        text = await r.text()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    dev = (("environment", "dev"),)
+    assert len(state.seen) == 5
+    assert found[("skyproxy_upstream_connections_opened_total", dev)] == 1  # one, kept alive
+    assert found[("skyproxy_upstream_connections", (*dev, ("state", "idle")))] == 1
+    assert found[("skyproxy_upstream_connections", (*dev, ("state", "active")))] == 0
