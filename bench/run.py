@@ -39,7 +39,7 @@ POST_LUA = BENCH_DIR / "post.lua"
 PYTHON = sys.executable
 KEY_ENV = "SKYPROXY_BENCH_KEY"
 BENCH_KEY = "sk-bench-dummy-key-0000000000000000"
-SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart")
+SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions")
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
 # The targets of the issue; every verdict line prints its threshold.
@@ -372,9 +372,12 @@ def start_upstream_fast(env: Env, name: str) -> tuple[Proc, int, str]:
     return proc, port, kind
 
 
-def start_bare(env: Env, name: str, upstream_port: int) -> tuple[Proc, int]:
+def start_bare(
+    env: Env, name: str, upstream_port: int, wrap: Sequence[str] = (), deadline_s: float = 20.0
+) -> tuple[Proc, int]:
     port = free_port()
     cmd = [
+        *wrap,
         PYTHON,
         "-m",
         "bench.bare_proxy",
@@ -386,7 +389,7 @@ def start_bare(env: Env, name: str, upstream_port: int) -> tuple[Proc, int]:
         KEY_ENV,
     ]
     proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, env.child_env)
-    wait_http(f"http://127.0.0.1:{port}/-/health", proc)
+    wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=deadline_s)
     return proc, port
 
 
@@ -416,17 +419,26 @@ def write_skyproxy_config(
 
 
 def start_skyproxy(
-    env: Env, name: str, upstream_port: int, upstream_timeout: float = 120, features: bool = True
+    env: Env,
+    name: str,
+    upstream_port: int,
+    upstream_timeout: float = 120,
+    features: bool = True,
+    wrap: Sequence[str] = (),
+    deadline_s: float = 30.0,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
-    and audit off, for the same-run cost of those two features."""
+    and audit off, for the same-run cost of those two features. `wrap` prefixes the
+    command (callgrind), which then runs the console script through the interpreter."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
     config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features)
     cmd = [env.skyproxy, "serve", "-c", str(config)]
+    if wrap:
+        cmd = [*wrap, PYTHON, *cmd]
     proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, env.child_env)
-    wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=30.0)
+    wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=deadline_s)
     return proc, port, config.parent / "audit"
 
 
@@ -913,6 +925,71 @@ def scenario_audit(env: Env) -> dict[str, Any]:
     return run_python_snippet(env, "audit_throughput", env.args.module_timeout)
 
 
+def scenario_instructions(env: Env) -> dict[str, Any]:
+    """Instructions per request for bare, skyproxy and skyproxy-off, under callgrind."""
+    from bench import instructions
+
+    why_not = instructions.available()
+    if why_not:
+        return {"skipped": why_not}
+    requests, concurrency = env.args.instructions_requests, 16
+    _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-fast")
+    out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
+    counts: dict[str, float] = {}
+    for name in ("bare", "skyproxy", "skyproxy-off"):
+        if name != "bare" and not env.skyproxy:
+            continue
+        env.check_time(f"instructions {name}", 120)
+        out_file = env.workdir / f"callgrind-{name}.out"
+        wrap = instructions.wrap(out_file)
+        if name == "bare":
+            proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
+        else:
+            features = name == "skyproxy"
+            proc, port, _ = start_skyproxy(
+                env, name, upstream_port, features=features, wrap=wrap, deadline_s=120.0
+            )
+        url = f"http://127.0.0.1:{port}/v1/predictions"
+        _instruction_load(env, url, max(requests // 5, 100), concurrency)  # warm up, not counted
+        instructions.control(proc.pid, "-i", "on")
+        _instruction_load(env, url, requests, concurrency)
+        instructions.control(proc.pid, "-d")
+        instructions.control(proc.pid, "-i", "off")
+        env.procs.stop(proc)
+        try:
+            counts[name] = instructions.dumped_total(out_file) / requests
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
+        log(f"instructions {name}: {counts[name] / 1000:,.0f}k per request")
+    out["per_request"] = {name: round(count) for name, count in counts.items()}
+    if "bare" in counts:
+        out["ratios"] = {
+            name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
+        }
+    return out
+
+
+def _instruction_load(env: Env, url: str, requests: int, concurrency: int) -> None:
+    cmd = [
+        *env.cpus.prefix(env.cpus.load),
+        PYTHON,
+        "-m",
+        "bench.instructions",
+        "load",
+        "--url",
+        url,
+        "--requests",
+        str(requests),
+        "--concurrency",
+        str(concurrency),
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=env.child_env, capture_output=True, timeout=min(600.0, env.remaining())
+    )
+    if done.returncode != 0:
+        raise BenchError(f"instruction load failed: {(done.stdout + done.stderr).decode()[-300:]}")
+
+
 def time_command(cmd: list[str], runs: int, env: dict[str, str]) -> dict[str, Any]:
     """Wall time of ``cmd`` in ms: one warm-up run (page cache), then ``runs`` runs."""
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
@@ -1186,7 +1263,7 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                 f"proxy CPU {cpu if cpu is not None else '-'} µs/event; "
                 f"RSS growth while held {x.get('rss_growth_kb_per_s_while_held', '-')} kB/s"
             )
-    for key in ("idle", "streams", "limiter", "audit", "coldstart"):
+    for key in ("idle", "streams", "limiter", "audit", "coldstart", "instructions"):
         section = results.get(key)
         if isinstance(section, dict) and "error" in section:
             p(f"{key}: ERROR {section['error'].splitlines()[0]}")
@@ -1196,6 +1273,20 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             "\ncold start (median ms, min-max): "
             + "; ".join(f"{k} {fmt_spread(v['ms'])}" for k, v in cs.items() if isinstance(v, dict))
         )
+    ins = results.get("instructions")
+    if isinstance(ins, dict) and "per_request" in ins:
+        counts = ins["per_request"]
+        ratios = ins.get("ratios", {})
+        p(
+            f"\nCPU instructions per request (callgrind, {ins['requests']:,} POSTs at concurrency "
+            f"{ins['concurrency']}, deterministic): "
+            + ", ".join(
+                f"{name} {count / 1000:,.0f}k" + (f" ({ratios[name]:.2f}x bare)" if name in ratios else "")
+                for name, count in counts.items()
+            )
+        )
+    elif isinstance(ins, dict) and "skipped" in ins:
+        p(f"\ninstructions: skipped, {ins['skipped']}")
     p("\ntargets")
     for v in vs:
         line = f"  {v.status:<5} {v.name:<40} {v.value:<34} target {v.target}"
@@ -1243,6 +1334,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="niceness of every process the bench starts (negative needs root; 0: leave as is)",
     )
     parser.add_argument("--coldstart-runs", type=int, help="runs per cold-start command (default 10)")
+    parser.add_argument(
+        "--instructions-requests", type=int, help="requests counted under callgrind per target (default 2000)"
+    )
     parser.add_argument("--idle-settle", type=float, default=2.0, help="seconds before reading idle RSS")
     parser.add_argument("--module-timeout", type=float, default=300.0, help="bound on limiter/audit run()")
     parser.add_argument(
@@ -1264,6 +1358,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "streams": 1000 if quick else TARGET_STREAMS,
         "stream_hold": 6.0 if quick else 20.0,
         "coldstart_runs": 5 if quick else 10,
+        "instructions_requests": 500 if quick else 2000,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1351,6 +1446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "limiter": scenario_limiter,
         "audit": scenario_audit,
         "coldstart": scenario_coldstart,
+        "instructions": scenario_instructions,
     }
     interrupted = False
     try:

@@ -1,0 +1,95 @@
+"""CPU instructions per proxied request, counted by callgrind: the deterministic measure.
+
+Requests per second on a shared VM move by a third from one run to the next; callgrind
+counts the instructions a process executes, the same on a busy machine as on a quiet
+one. For each target the runner starts the proxy under callgrind with counting off,
+warms it up, counts exactly N requests, and divides. The count covers every thread of
+the process (skyproxy's audit writer included) in user space; it does not see the
+kernel, cache misses or waiting, so it ranks code, not machines.
+
+The load generator, run on the other core:
+
+    python -m bench.instructions load --url http://127.0.0.1:8801/v1/predictions --requests 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
+USERS = 100
+_TOTALS = re.compile(rb"^totals:\s+(\d+)", re.MULTILINE)
+
+
+def available() -> str | None:
+    """None when callgrind can run here, else why not."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        return "valgrind is not installed (apt-get install valgrind)"
+    return None
+
+
+def wrap(out_file: Path) -> list[str]:
+    """The command prefix that runs a target under callgrind with counting off."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}"]
+
+
+def control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=60)
+
+
+def dumped_total(out_file: Path) -> int:
+    """Instructions in the first dump (`callgrind_control -d`) written for `out_file`."""
+    dumps = sorted(out_file.parent.glob(out_file.name + ".*"))
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump next to {out_file}")
+    found = _TOTALS.search(dumps[0].read_bytes())
+    if found is None:
+        raise RuntimeError(f"no totals line in {dumps[0]}")
+    return int(found.group(1))
+
+
+async def load(url: str, requests: int, concurrency: int) -> int:
+    """POSTs `requests` predictions with `concurrency` workers; returns how many failed."""
+    import aiohttp
+
+    left = requests
+    failed = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal left, failed
+        while left > 0:
+            left -= 1
+            headers = {"Content-Type": "application/json", "X-User-Id": f"bench-user-{left % USERS}"}
+            async with session.post(url, data=BODY, headers=headers) as response:
+                await response.read()
+                failed += response.status != 201
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("load", help="send N prediction POSTs and exit")
+    run.add_argument("--url", required=True)
+    run.add_argument("--requests", type=int, default=2000)
+    run.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    failed = asyncio.run(load(args.url, args.requests, args.concurrency))
+    if failed:
+        print(f"{failed} of {args.requests} requests failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
