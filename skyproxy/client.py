@@ -388,7 +388,6 @@ class Client:
         `length` is a streamed body's length when known (else it is sent chunked).
         The caller must call `release()` on the answer.
         """
-        reused_ok = method in IDEMPOTENT and not isinstance(body, AsyncIterator)
         while True:
             conn, reused = await self._acquire(origin)
             response = Response(conn, method)
@@ -398,9 +397,11 @@ class Client:
                 await response._start()
             except Disconnected:
                 response.release()
-                # A kept-alive connection the server closed just as we used it: try a
-                # fresh one, but only where sending twice cannot do anything twice.
-                if reused and reused_ok:
+                # A kept-alive connection the server closed just as we used it: try the
+                # next one, but only where sending twice cannot do anything twice. A
+                # fresh connection is never retried, so this ends.
+                replayable = body is None or isinstance(body, bytes)
+                if reused and replayable and method in IDEMPOTENT:
                     continue
                 raise
             except BaseException:
