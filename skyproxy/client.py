@@ -61,8 +61,13 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
-        return cls(tls, parts.hostname, port, parts.netloc.encode("idna"))
+        host = parts.hostname
+        # Built from host and port, not copied from the URL: credentials in a URL's
+        # userinfo must never travel in a Host header.
+        authority = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            authority += f":{parts.port}"
+        return cls(tls, host, parts.port or (443 if tls else 80), authority.encode("idna"))
 
 
 class _Beyond(Exception):
@@ -203,8 +208,8 @@ class Response:
             self.fail(cause if isinstance(cause, ProtocolError) else ProtocolError("malformed answer"))
 
     def lost(self, exc: Exception | None) -> None:
-        if self._complete:
-            return
+        if self._complete or self._error is not None:
+            return  # an answer that already failed must not look whole once the close lands
         if self.status and not self.delimited and not self._head_only:
             self._finish(reusable=False)  # a body without framing ends with the connection
             return

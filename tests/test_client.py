@@ -227,6 +227,9 @@ def test_origin_parse():
     assert Origin.parse("https://api.skytells.ai") == Origin(True, "api.skytells.ai", 443, b"api.skytells.ai")
     assert Origin.parse("http://127.0.0.1:8080") == Origin(False, "127.0.0.1", 8080, b"127.0.0.1:8080")
     assert Origin.parse("http://example.com").port == 80
+    assert Origin.parse("http://[::1]:8080") == Origin(False, "::1", 8080, b"[::1]:8080")
+    # Userinfo never reaches the Host header.
+    assert Origin.parse("https://user:secret@api.example.com").authority == b"api.example.com"
     for bad in ("ftp://example.com", "example.com", "https://", "mock"):
         with pytest.raises(ValueError):
             Origin.parse(bad)
