@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from skyproxy.audit import AuditRecord, AuditWriter
+from skyproxy.audit.writer import AuditRecord, AuditWriter
 from skyproxy.config import AuditSettings
 
 TICK = 0.001

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
-from skyproxy.limits import Limits
+from skyproxy.proxy.limits import Limits
 
 USERS = 1_000_000
 ENVIRONMENT = "bench"

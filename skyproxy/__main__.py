@@ -1,3 +1,3 @@
-from skyproxy.cli import main
+from skyproxy.cli.main import main
 
 raise SystemExit(main())

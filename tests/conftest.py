@@ -25,8 +25,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from skyproxy import config
-from skyproxy.mock import MOCK_STATE, MockState, create_mock_app
-from skyproxy.server import Server
+from skyproxy.daemon.supervisor import Server
+from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
 
 # A key that must never appear in anything a test captures: responses, logs, files.
 CANARY = "sk-canary-" + "7f3e9b2c4d1a8e6f5b0c9d2e"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from skyproxy import audit
-from skyproxy.audit import AuditRecord, AuditWriter, iso_millis
+from skyproxy.audit import writer as audit
+from skyproxy.audit.writer import AuditRecord, AuditWriter, iso_millis
 from skyproxy.config import AuditSettings
 
 FIELDS = [

@@ -16,7 +16,7 @@ import pytest
 from conftest import CANARY, VENV_BIN, assert_no_canary, free_port, write_config
 
 from skyproxy import __version__
-from skyproxy.keys import SERVICE, fingerprint
+from skyproxy.keys.sources import SERVICE, fingerprint
 
 SKYPROXY = str(VENV_BIN / "skyproxy")
 OTHER = "sk-other-" + "0a1b2c3d4e5f60718293"

@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 from test_forwarding import assert_error, fetch, host_of, http_head, raw_request, read_response
 from yarl import URL
 
-from skyproxy.client import Client, Origin
+from skyproxy.http1.client import Client, Origin
 
 MIB = 1024 * 1024
 TIMEOUT = 10.0  # generous: only there so a broken client fails instead of hanging

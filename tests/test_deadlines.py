@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from skyproxy import deadlines as module
-from skyproxy.deadlines import Deadlines
+from skyproxy.proxy import deadlines as module
+from skyproxy.proxy.deadlines import Deadlines
 
 
 async def test_an_expired_deadline_cancels_its_task_and_says_so() -> None:

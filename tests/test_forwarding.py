@@ -26,8 +26,8 @@ from conftest import CANARY, assert_no_canary, env_config, free_port, write_conf
 from multidict import CIMultiDict
 from yarl import URL
 
-from skyproxy.keys import fingerprint
-from skyproxy.upstream import Scrubber
+from skyproxy.keys.sources import fingerprint
+from skyproxy.proxy.forward import Scrubber
 
 FINGERPRINT = fingerprint(CANARY)
 SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")

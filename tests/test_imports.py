@@ -1,27 +1,42 @@
-"""Import structure: every module imports on its own, and leaves stay leaves.
+"""Import structure: every module imports on its own, and the arrows point one way.
 
-Each check runs in a fresh interpreter, so one module's import cannot hide another's
-cycle, and sys.modules shows exactly what an import pulled in.
+config -> daemon (wiring) -> proxy (the handler) -> http1 (the upstream), with keys,
+audit, limits, guard and metrics as leaves that never reach back up. Each check runs in
+a fresh interpreter, so one module's import cannot hide another's cycle, and
+sys.modules shows exactly what an import pulled in.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 import skyproxy
 
+PACKAGE = Path(skyproxy.__file__).parent
 MODULES = sorted(
-    f"skyproxy.{info.name}" for info in pkgutil.iter_modules(skyproxy.__path__) if info.name != "__main__"
+    info.name
+    for info in pkgutil.walk_packages(skyproxy.__path__, prefix="skyproxy.")
+    if not info.name.endswith("__main__")
 )
-# Modules the hot path and the CLI build on; they must never reach back into the server.
-LEAVES = ("keys", "limits", "audit", "metrics", "guard", "config", "errors", "client")
-UPPER = ("skyproxy.handler", "skyproxy.app", "skyproxy.server")
+# The wiring and the handler: nothing below them may import them.
+UPPER_PREFIXES = ("skyproxy.daemon", "skyproxy.cli", "skyproxy.proxy.handler", "skyproxy.proxy.dispatch")
+UPPER_MODULES = (
+    "skyproxy.proxy.forward",
+    "skyproxy.proxy.runtime",
+    "skyproxy.ops.admin",
+)
+# Leaves: whole packages and single modules the hot path and the CLI build on.
+LEAF_PREFIXES = ("skyproxy.keys", "skyproxy.audit", "skyproxy.http1", "skyproxy.config", "skyproxy.errors")
+LEAF_MODULES = ("skyproxy.ops.metrics", "skyproxy.proxy.guard", "skyproxy.proxy.limits")
+LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
 
 _PROBE = """
 import importlib, json, sys
@@ -43,6 +58,10 @@ def _imported_by(module: str) -> list[str]:
     return loaded
 
 
+def _ours(loaded: list[str]) -> set[str]:
+    return {m for m in loaded if m.startswith("skyproxy.")}
+
+
 @pytest.fixture(scope="module")
 def imported() -> dict[str, list[str]]:
     """What each module pulls in, imported alone in a fresh interpreter (in parallel)."""
@@ -51,9 +70,10 @@ def imported() -> dict[str, list[str]]:
 
 
 def test_the_package_is_found() -> None:
-    assert len(MODULES) >= 20
-    for name in ("skyproxy.server", "skyproxy.cli", *(f"skyproxy.{leaf}" for leaf in LEAVES)):
-        assert name in MODULES
+    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock"):
+        assert f"skyproxy.{folder}" in MODULES
+    assert len(LEAVES) >= 12
+    assert "skyproxy.proxy.handler" in MODULES
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -62,28 +82,99 @@ def test_each_module_imports_alone(module: str, imported: dict[str, list[str]]) 
 
 
 @pytest.mark.parametrize("leaf", LEAVES)
-def test_leaf_modules_never_import_the_server(leaf: str, imported: dict[str, list[str]]) -> None:
-    loaded = set(imported[f"skyproxy.{leaf}"])
-    assert loaded.isdisjoint(UPPER), sorted(loaded & set(UPPER))
-    assert "skyproxy.runtime" not in loaded
-    assert "skyproxy.reload" not in loaded
+def test_leaves_never_import_the_proxy_or_the_daemon(leaf: str, imported: dict[str, list[str]]) -> None:
+    reached = _ours(imported[leaf])
+    upper = {m for m in reached if m.startswith(UPPER_PREFIXES) or m in UPPER_MODULES}
+    assert not upper, sorted(upper)
 
 
-@pytest.mark.parametrize("leaf", ["errors", "config", "keys", "guard", "audit", "limits", "metrics"])
-def test_leaf_modules_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:
-    assert "aiohttp" not in imported[f"skyproxy.{leaf}"]
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("skyproxy.http1")])
+def test_http1_imports_nothing_of_skyproxy(module: str, imported: dict[str, list[str]]) -> None:
+    outside = {m for m in _ours(imported[module]) if not m.startswith("skyproxy.http1")}
+    assert not outside, sorted(outside)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("skyproxy.config")])
+def test_config_imports_nothing_but_errors(module: str, imported: dict[str, list[str]]) -> None:
+    outside = {m for m in _ours(imported[module]) if not m.startswith(("skyproxy.config", "skyproxy.errors"))}
+    assert not outside, sorted(outside)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if not m.startswith("skyproxy.daemon")])
+def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
+    module: str, imported: dict[str, list[str]]
+) -> None:
+    if module.startswith("skyproxy.cli"):
+        return
+    assert not {m for m in _ours(imported[module]) if m.startswith("skyproxy.daemon")}
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        "skyproxy.errors",
+        "skyproxy.config",
+        "skyproxy.keys.sources",
+        "skyproxy.proxy.guard",
+        "skyproxy.audit.writer",
+        "skyproxy.proxy.limits",
+        "skyproxy.ops.metrics",
+    ],
+)
+def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:
+    assert "aiohttp" not in imported[leaf]
 
 
 def test_cli_defers_heavy_imports(imported: dict[str, list[str]]) -> None:
-    # `skyproxy --version` and `--help` must not pay for aiohttp or the server.
-    loaded = set(imported["skyproxy.cli"])
+    # `skyproxy --version` and `--help` must not pay for aiohttp or the daemon.
+    loaded = set(imported["skyproxy.cli.main"])
     assert "aiohttp" not in loaded
-    assert loaded.isdisjoint(UPPER)
-    assert "skyproxy.config" not in loaded
+    assert not {m for m in loaded if m.startswith(("skyproxy.daemon", "skyproxy.proxy", "skyproxy.config"))}
 
 
 def test_errors_imports_nothing_of_skyproxy(imported: dict[str, list[str]]) -> None:
-    assert [m for m in imported["skyproxy.errors"] if m.startswith("skyproxy.")] == ["skyproxy.errors"]
+    assert _ours(imported["skyproxy.errors"]) == {"skyproxy.errors"}
+
+
+def _prints_or_exits(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = (
+                func.id
+                if isinstance(func, ast.Name)
+                else func.attr
+                if isinstance(func, ast.Attribute)
+                else ""
+            )
+            if name in ("print", "exit", "_exit"):
+                found.append(f"line {node.lineno}: {name}()")
+        elif isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id == "SystemExit":
+                found.append(f"line {node.lineno}: raise SystemExit")
+    return sorted(found)
+
+
+def test_only_the_cli_prints_or_exits() -> None:
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "cli" or relative.name == "__main__.py":
+            continue
+        found = _prints_or_exits(ast.parse(path.read_text(encoding="utf-8")))
+        if found:
+            offenders[str(relative)] = found
+    assert offenders == {}
+
+
+def test_the_print_check_can_fail() -> None:
+    assert _prints_or_exits(ast.parse("import sys\nprint('x')\nsys.exit(2)\nraise SystemExit(1)\n")) == [
+        "line 2: print()",
+        "line 3: exit()",
+        "line 4: raise SystemExit",
+    ]
 
 
 def test_main_module_runs_the_cli() -> None:

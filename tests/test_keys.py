@@ -18,7 +18,7 @@ from conftest import CANARY, assert_no_canary, skyproxy_command, write_config
 
 from skyproxy.config import KeySpec
 from skyproxy.errors import KeySourceError
-from skyproxy.keys import SERVICE, Secret, fingerprint, resolve
+from skyproxy.keys.sources import SERVICE, Secret, fingerprint, resolve
 
 FINGERPRINT = re.compile(r"[0-9a-f]{8}\.\..{4}")
 

@@ -22,10 +22,10 @@ from conftest import CANARY, assert_no_canary, free_port, write_config
 
 from skyproxy import config
 from skyproxy.config import KeySpec
+from skyproxy.daemon.supervisor import Server, StartupError
 from skyproxy.errors import ConfigError, KeySourceError
-from skyproxy.keys import Secret, fingerprint, resolve
-from skyproxy.mock import create_mock_app
-from skyproxy.server import Server, StartupError
+from skyproxy.keys.sources import Secret, fingerprint, resolve
+from skyproxy.mock.app import create_mock_app
 
 FINGERPRINT = fingerprint(CANARY)
 ORIGIN = "http://localhost:3000"

@@ -30,8 +30,8 @@ from conftest import (
     write_config,
 )
 
-from skyproxy.keys import fingerprint
-from skyproxy.mock import MockState
+from skyproxy.keys.sources import fingerprint
+from skyproxy.mock.app import MockState
 
 SKYPROXY = str(VENV_BIN / "skyproxy")
 NO_LIMITS = 'rate_limit = { per_user = "1000000/second", per_environment = "1000000/second" }'
@@ -338,7 +338,7 @@ async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, c
     import gc
 
     from skyproxy import config
-    from skyproxy.server import GC_YOUNG_THRESHOLD, Server
+    from skyproxy.daemon.supervisor import GC_YOUNG_THRESHOLD, Server
 
     path = write_config(tmp_path, env_config("mock", listen="127.0.0.1:0"))
     thresholds = gc.get_threshold()

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
-from skyproxy.limits import Limits, Verdict
+from skyproxy.proxy.limits import Limits, Verdict
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 MESSAGE_10_MIN = "Your generation limit (10/min) has been reached. Please wait."

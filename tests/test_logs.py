@@ -16,7 +16,7 @@ from typing import TextIO
 
 import pytest
 
-from skyproxy.logs import configure_logging, is_journal_stream, syslog_priority
+from skyproxy.daemon.logs import configure_logging, is_journal_stream, syslog_priority
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (\S+) ([A-Z]+) (.*)")
@@ -204,7 +204,7 @@ def test_custom_levels_round_down(levelno: int, priority: int) -> None:
 
 CHILD = """\
 import logging
-from skyproxy.logs import configure_logging
+from skyproxy.daemon.logs import configure_logging
 configure_logging()
 logging.getLogger("skyproxy.upstream").error("upstream down")
 """

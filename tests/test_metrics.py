@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import env_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from skyproxy.metrics import Metrics, route_of
+from skyproxy.ops.metrics import Metrics, route_of
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

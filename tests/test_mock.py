@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import env_config
 
-from skyproxy.mock import MOCK_STATE, PRICES, MockState, create_mock_app
+from skyproxy.mock.app import MOCK_STATE, PRICES, MockState, create_mock_app
 
 KEY = "sk-mock-test-" + "0123456789abcdef"
 UNAUTHORIZED = {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from skyproxy.notify import Notifier, watchdog_interval
+from skyproxy.daemon.notify import Notifier, watchdog_interval
 
 
 class Receiver:

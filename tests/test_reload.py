@@ -23,8 +23,8 @@ from aiohttp.test_utils import TestServer
 from conftest import CANARY, VENV_BIN, Proxy, assert_no_canary, free_port, write_config
 from test_lifecycle import Spawn, audit_lines, create, eventually, spawn, status_of  # noqa: F401
 
-from skyproxy.keys import SERVICE, fingerprint
-from skyproxy.mock import MOCK_STATE, MockState, create_mock_app
+from skyproxy.keys.sources import SERVICE, fingerprint
+from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
 
 NO_LIMITS = 'rate_limit = { per_user = "1000000/second", per_environment = "1000000/second" }'
 StartProxy = Callable[..., "asyncio.Future[Proxy]"]

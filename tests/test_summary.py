@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from skyproxy.audit import AuditRecord
-from skyproxy.summary import (
+from skyproxy.audit.summary import (
     Row,
     Summary,
     audit_files,
@@ -21,6 +20,7 @@ from skyproxy.summary import (
     summarize,
     to_json,
 )
+from skyproxy.audit.writer import AuditRecord
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
 

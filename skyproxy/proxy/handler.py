@@ -12,14 +12,14 @@ import re
 from aiohttp import web
 from multidict import CIMultiDict
 
-from skyproxy import events
-from skyproxy.audit import AuditRecord
-from skyproxy.client import Client
-from skyproxy.guard import Refusal
-from skyproxy.metrics import route_of
-from skyproxy.responses import error_response, request_id_of
-from skyproxy.runtime import EnvRuntime, Runtime, State, cors_headers
-from skyproxy.upstream import Exchange, forward, outbound_head
+from skyproxy.audit import events
+from skyproxy.audit.writer import AuditRecord
+from skyproxy.http1.client import Client
+from skyproxy.ops.metrics import route_of
+from skyproxy.proxy.forward import Exchange, forward, outbound_head
+from skyproxy.proxy.guard import Refusal
+from skyproxy.proxy.responses import error_response, request_id_of
+from skyproxy.proxy.runtime import EnvRuntime, Runtime, State, cors_headers
 
 log = logging.getLogger("skyproxy")
 

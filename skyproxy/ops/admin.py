@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from skyproxy import __version__
-from skyproxy.guard import is_loopback
-from skyproxy.metrics import CONTENT_TYPE
-from skyproxy.responses import error_response, request_id_of
-from skyproxy.runtime import State
+from skyproxy.ops.metrics import CONTENT_TYPE
+from skyproxy.proxy.guard import is_loopback
+from skyproxy.proxy.responses import error_response, request_id_of
+from skyproxy.proxy.runtime import State
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 

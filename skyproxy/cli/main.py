@@ -119,9 +119,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from skyproxy.logs import configure_logging
-    from skyproxy.notify import Notifier
-    from skyproxy.server import Server, StartupError
+    from skyproxy.daemon.logs import configure_logging
+    from skyproxy.daemon.notify import Notifier
+    from skyproxy.daemon.supervisor import Server, StartupError
 
     settings = _settings(args)
     configure_logging(settings.server.log_level)
@@ -158,9 +158,9 @@ def _run(coro: object, event_loop: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from skyproxy import keystate
     from skyproxy.errors import KeySourceError
-    from skyproxy.keys import resolve
+    from skyproxy.keys import ages as keystate
+    from skyproxy.keys.sources import resolve
 
     settings = _settings(args)
     records = keystate.read(settings.key_state_file)
@@ -201,7 +201,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_key_set(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     fp = keyops.set_key(args.environment, keyops.read_key(args.stdin), args.config)
     print(f"stored the key for {args.environment} in the keyring: {fp}")
@@ -209,7 +209,7 @@ def cmd_key_set(args: argparse.Namespace) -> int:
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
     rows.extend(keyops.describe(args.config, only=args.environment))
@@ -218,7 +218,7 @@ def cmd_key_show(args: argparse.Namespace) -> int:
 
 
 def cmd_key_list(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
     rows.extend(keyops.describe(args.config))
@@ -227,7 +227,7 @@ def cmd_key_list(args: argparse.Namespace) -> int:
 
 
 def cmd_key_delete(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     if keyops.delete_key(args.environment, args.config):
         print(f"deleted the key for {args.environment} from the keyring")
@@ -237,13 +237,13 @@ def cmd_key_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     return keyops.rotate(args.environment, keyops.read_key(args.stdin), args.config, args.timeout, print)
 
 
 def cmd_key_rollback(args: argparse.Namespace) -> int:
-    from skyproxy import keyops
+    from skyproxy.keys import rotation as keyops
 
     return keyops.rollback(args.environment, args.config, print)
 
@@ -255,7 +255,7 @@ def cmd_audit_summary(args: argparse.Namespace) -> int:
     import json
     from datetime import datetime, timezone
 
-    from skyproxy import summary
+    from skyproxy.audit import summary
 
     settings = _settings(args)
     since = None

@@ -15,10 +15,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from skyproxy import config, keystate
+from skyproxy import config
 from skyproxy.config import EnvironmentSettings, KeySpec, Settings
 from skyproxy.errors import KeySourceError, KeyStoreError, SkyproxyError
-from skyproxy.keys import Secret, delete_stored, keyring_username, load_stored, resolve, store
+from skyproxy.keys import ages as keystate
+from skyproxy.keys.sources import Secret, delete_stored, keyring_username, load_stored, resolve, store
 
 Say = Callable[[str], None]
 

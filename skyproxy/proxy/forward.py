@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
-from skyproxy.client import Client, ConnectTimeout, Origin, Response, UpstreamError
 from skyproxy.config import ServerSettings
-from skyproxy.deadlines import Deadline, Deadlines
+from skyproxy.http1.client import Client, ConnectTimeout, Origin, Response, UpstreamError
+from skyproxy.proxy.deadlines import Deadline, Deadlines
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
 # Bodies of a known length up to this are read whole and sent in one write: cheaper than

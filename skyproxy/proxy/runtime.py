@@ -14,16 +14,16 @@ from types import MappingProxyType
 
 from multidict import CIMultiDict
 
-from skyproxy.audit import AuditWriter
-from skyproxy.client import Origin
+from skyproxy.audit.events import Tracker
+from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import EnvironmentSettings, Settings
-from skyproxy.deadlines import Deadlines
 from skyproxy.errors import KeySourceError
-from skyproxy.events import Tracker
-from skyproxy.guard import Guard
-from skyproxy.keys import Secret, resolve
-from skyproxy.limits import Limits
-from skyproxy.metrics import Metrics
+from skyproxy.http1.client import Origin
+from skyproxy.keys.sources import Secret, resolve
+from skyproxy.ops.metrics import Metrics
+from skyproxy.proxy.deadlines import Deadlines
+from skyproxy.proxy.guard import Guard
+from skyproxy.proxy.limits import Limits
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from skyproxy import config
 from skyproxy.errors import ConfigError
-from skyproxy.keys import Secret
-from skyproxy.runtime import Runtime, resolve_keys
+from skyproxy.keys.sources import Secret
+from skyproxy.proxy.runtime import Runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
 

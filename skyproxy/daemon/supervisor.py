@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from skyproxy import keystate
-from skyproxy.app import create_server
-from skyproxy.audit import AuditWriter
-from skyproxy.client import Client
+from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import Listen, Settings
-from skyproxy.keys import Secret
-from skyproxy.metrics import Metrics
-from skyproxy.mock import MOCK_STATE, create_mock_app
-from skyproxy.notify import Notifier, watchdog_interval
-from skyproxy.reload import ReloadFailed, digest, prepare, watch_config
-from skyproxy.runtime import Runtime, State, build_runtime, resolve_keys
+from skyproxy.daemon.notify import Notifier, watchdog_interval
+from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
+from skyproxy.http1.client import Client
+from skyproxy.keys import ages as keystate
+from skyproxy.keys.sources import Secret
+from skyproxy.mock.app import MOCK_STATE, create_mock_app
+from skyproxy.ops.metrics import Metrics
+from skyproxy.proxy.dispatch import create_server
+from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
 GC_YOUNG_THRESHOLD = 3500  # allocations before a young collection (CPython's default: 700)

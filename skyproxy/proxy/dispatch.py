@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from skyproxy import admin
-from skyproxy.client import Client
-from skyproxy.handler import ProxyHandler
-from skyproxy.runtime import State
+from skyproxy.http1.client import Client
+from skyproxy.ops import admin
+from skyproxy.proxy.handler import ProxyHandler
+from skyproxy.proxy.runtime import State
 
 
 def create_server(environment: str, state: State, client: Client) -> web.Server:

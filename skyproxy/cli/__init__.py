@@ -1,0 +1,1 @@
+"""The command line: serve, check, key, audit. The only place that prints and exits."""

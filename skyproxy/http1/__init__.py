@@ -1,0 +1,1 @@
+"""The upstream HTTP/1.1 client. Imports nothing of skyproxy."""

@@ -1,0 +1,1 @@
+"""Keys: the `Secret` wrapper, key sources, the keyring, key ages and rotation."""

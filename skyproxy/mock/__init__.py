@@ -1,0 +1,1 @@
+"""The embedded Skytells imitation: an offline upstream that follows the API reference."""

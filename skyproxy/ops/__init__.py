@@ -1,0 +1,1 @@
+"""Operations: the admin endpoints (/-/health, /-/status, /-/metrics, /-/reload) and the metrics."""
