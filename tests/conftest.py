@@ -9,72 +9,27 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from helpers import (
+    CANARY,
+    Daemon,
+    Proxy,
+    skyproxy_command,
+    wait_for_secret_service,
+    wait_healthy,
+    write_config,
+)
 
 from skyproxy import config
 from skyproxy.daemon.supervisor import Server
 from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
-
-# A key that must never appear in anything a test captures: responses, logs, files.
-CANARY = "sk-canary-" + "7f3e9b2c4d1a8e6f5b0c9d2e"
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(folder: Path, body: str, name: str = "skyproxy.toml") -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
-    return path
-
-
-def env_config(
-    upstream: str,
-    *,
-    key: str = 'key = "env:SKYPROXY_TEST_KEY"',
-    listen: str = "127.0.0.1:0",
-    extra: str = "",
-    rules: str = "",
-    server: str = "",
-    env_extra: str = "",
-) -> str:
-    """A one-environment config; `extra` adds whole tables."""
-    return (
-        f"[server]\nwatch_config = false\nshutdown_timeout = 5\n{server}\n"
-        f'[environments.dev]\nlisten = ["{listen}"]\nupstream = "{upstream}"\n{key}\n{env_extra}\n'
-        f"{rules}\n"
-        f'[audit]\npath = "audit/audit.jsonl"\n{extra}\n'
-    )
-
-
-@dataclass
-class Proxy:
-    server: Server
-    url: str
-    session: aiohttp.ClientSession
-    audit_path: Path
-
-    @property
-    def state(self):  # type: ignore[no-untyped-def]
-        assert self.server.state is not None
-        return self.server.state
 
 
 @pytest.fixture
@@ -133,31 +88,6 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         await proxy.server.stop()
 
 
-@dataclass
-class Daemon:
-    """skyproxy serve as a real subprocess, for signals and exit codes."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    config: Path
-    stderr_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.process.wait(timeout)
-
-
-def skyproxy_command() -> list[str]:
-    script = VENV_BIN / "skyproxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "skyproxy"]
-
-
 @pytest.fixture
 def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
@@ -185,23 +115,6 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         if daemon.process.poll() is None:
             daemon.process.kill()
         daemon.process.wait(10)
-
-
-def wait_healthy(daemon: Daemon, deadline_s: float = 20.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if daemon.process.poll() is not None:
-            raise AssertionError(f"daemon exited {daemon.process.returncode}: {daemon.stderr()}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{daemon.url}/-/health", timeout=1) as answer,
-        ):
-            if answer.status == 200:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"daemon not healthy in {deadline_s}s: {daemon.stderr()}")
 
 
 # -- the real keyring: a private D-Bus session with gnome-keyring's Secret Service ----------
@@ -248,7 +161,7 @@ def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     keyring_daemon.stdin.close()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    _wait_for_secret_service()
+    wait_for_secret_service()
     try:
         yield env
     finally:
@@ -263,25 +176,7 @@ def secret_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
                 process.wait(5)
 
 
-def _wait_for_secret_service() -> None:
-    import keyring
-    from keyring.backends import SecretService
-
-    keyring.set_keyring(SecretService.Keyring())
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            keyring.set_password("skyproxy-selftest", "probe", "ok")
-            keyring.delete_password("skyproxy-selftest", "probe")
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def assert_no_canary(*captured: object) -> None:
-    for item in captured:
-        text = item if isinstance(item, str) else repr(item)
-        assert CANARY not in text, "the key leaked"
-        assert CANARY[-12:] not in text, "part of the key leaked"
+@pytest.fixture
+def spawn(run_daemon: Callable[..., Daemon]) -> Callable[..., Daemon]:
+    """`skyproxy serve -c FILE` as a subprocess, with the canary key in its environment."""
+    return run_daemon

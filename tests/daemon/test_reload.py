@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import CANARY, VENV_BIN, Proxy, assert_no_canary, free_port, write_config
-from test_lifecycle import Spawn, audit_lines, create, eventually, spawn, status_of  # noqa: F401
+from helpers import CANARY, VENV_BIN, Proxy, assert_no_canary, free_port, write_config
+from helpers.daemon import Spawn, audit_lines, create, eventually, status_of
 
 from skyproxy.keys.sources import SERVICE, fingerprint
 from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
@@ -399,7 +399,7 @@ async def test_rotate_under_load_then_rollback(
     tmp_path: Path,
     keyring_dev: dict[str, str],
     switchable_mock: tuple[str, MockState],
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
 ) -> None:
     import keyring
 
@@ -478,7 +478,7 @@ async def test_rotate_refuses_a_key_the_upstream_rejects(
     tmp_path: Path,
     keyring_dev: dict[str, str],
     switchable_mock: tuple[str, MockState],
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
 ) -> None:
     import keyring
 

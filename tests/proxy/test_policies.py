@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from conftest import CANARY, env_config
+from helpers import CANARY, env_config
 
 CREATE = {"model": "truefusion-pro", "input": {"prompt": "a secret prompt about otters"}}
 PRICING = '[pricing]\n"truefusion-pro" = 0.05\n'
@@ -228,7 +228,7 @@ async def test_failed_creates_and_rejections(mock_upstream, start_proxy, canary_
 
 
 async def test_unreachable_create_is_failed(start_proxy, canary_env):
-    from conftest import free_port
+    from helpers import free_port
 
     proxy = await start_proxy(env_config(f"http://127.0.0.1:{free_port()}"))
     status, _, body = await post(proxy)

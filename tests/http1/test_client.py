@@ -22,9 +22,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import CANARY, env_config, free_port, write_config
+from helpers import CANARY, env_config, free_port, write_config
+from helpers.http import assert_error, fetch, host_of, http_head, raw_request, read_response
 from multidict import CIMultiDict
-from test_forwarding import assert_error, fetch, host_of, http_head, raw_request, read_response
 from yarl import URL
 
 from skyproxy.http1.client import Client, Origin

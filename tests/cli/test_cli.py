@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CANARY, VENV_BIN, assert_no_canary, free_port, write_config
+from helpers import CANARY, VENV_BIN, assert_no_canary, free_port, write_config
 
 from skyproxy import __version__
 from skyproxy.keys.sources import SERVICE, fingerprint

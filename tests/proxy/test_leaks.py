@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import CANARY, assert_no_canary, free_port, write_config
+from helpers import CANARY, assert_no_canary, free_port, write_config
 
 from skyproxy import config
 from skyproxy.config import KeySpec

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import env_config
+from helpers import env_config
 
 from skyproxy.mock.app import MOCK_STATE, PRICES, MockState, create_mock_app
 

@@ -16,7 +16,7 @@ import subprocess
 
 import aiohttp
 import pytest
-from conftest import CANARY, env_config, write_config
+from helpers import CANARY, env_config, write_config
 from multidict import CIMultiDict
 from yarl import URL
 

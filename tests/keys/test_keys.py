@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CANARY, assert_no_canary, skyproxy_command, write_config
+from helpers import CANARY, assert_no_canary, skyproxy_command, write_config
 
 from skyproxy.config import KeySpec
 from skyproxy.errors import KeySourceError

@@ -18,7 +18,7 @@ import pytest
 
 from skyproxy.daemon.logs import configure_logging, is_journal_stream, syslog_priority
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PLAIN = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (\S+) ([A-Z]+) (.*)")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 

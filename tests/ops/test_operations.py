@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import CANARY, assert_no_canary, env_config, free_port, write_config
+from helpers import CANARY, assert_no_canary, env_config, free_port, write_config
 
 from skyproxy.keys.sources import fingerprint
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import env_config
+from helpers import env_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyproxy.ops.metrics import Metrics, route_of

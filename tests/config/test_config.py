@@ -13,13 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, skyproxy_command, write_config
+from helpers import VENV_BIN, skyproxy_command, write_config
 
 from skyproxy import config
 from skyproxy.config import KeySpec, Listen
 from skyproxy.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "skyproxy.toml.example"
+EXAMPLE = Path(__file__).resolve().parents[2] / "skyproxy.toml.example"
 
 # A minimal valid environment, appended where a test needs one and does not care.
 DEV = '[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "mock"\n'

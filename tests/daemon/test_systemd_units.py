@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-UNITS = Path(__file__).resolve().parents[1] / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
 SYSTEM_UNIT = UNITS / "skyproxy.service"
 USER_UNIT = UNITS / "skyproxy-user.service"
 SYSTEM_EXEC = "/usr/local/bin/skyproxy"
