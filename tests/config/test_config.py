@@ -542,3 +542,16 @@ def test_duplicate_rule_names_are_refused(tmp_path: Path) -> None:
     assert caught.value.field == "rate_limit.rules[1].name"
     assert "duplicate rule name 'predictions'" in str(caught.value)
     assert caught.value.line == 9  # the second rule's name line
+
+
+def test_an_omitted_field_takes_the_dataclass_default(tmp_path: Path) -> None:
+    # Defaults are written once, on the settings dataclasses; the parser must not carry
+    # its own copy that could drift.
+    path = write_config(tmp_path, '[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "mock"\n')
+    settings = config.load(path, {})
+    assert settings.server == config.ServerSettings()
+    assert settings.rate_limit == config.RateLimitSettings()
+    assert settings.keys == config.KeysSettings()
+    assert settings.mock == config.MockSettings()
+    assert settings.audit == config.AuditSettings(path=tmp_path / "audit/audit.jsonl")
+    assert settings.environments["dev"].rules[0].max_wait == 0.0

@@ -1,8 +1,4 @@
-"""The config file: frozen, typed settings resolved and validated before anything binds.
-
-`load(path)` returns one `Settings` or raises `ConfigError` naming the file, the line
-and the field path. All validation lives here; nothing downstream re-checks the file.
-"""
+"""Parsing and validating the TOML text into `Settings`: types, ranges, and where each error is."""
 
 from __future__ import annotations
 
@@ -11,164 +7,36 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
+from skyproxy.config.lines import line_of
+from skyproxy.config.settings import (
+    DEFAULT_AUDIT_PATH,
+    DEFAULT_RULE,
+    DEFAULT_UPSTREAM,
+    PERIODS,
+    SEARCH_PATH,
+    AuditSettings,
+    EnvironmentSettings,
+    KeySpec,
+    KeysSettings,
+    Listen,
+    MockSettings,
+    Rate,
+    RateLimitSettings,
+    RateRule,
+    ServerSettings,
+    Settings,
+)
 from skyproxy.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-DEFAULT_UPSTREAM = "https://api.skytells.ai"
-SEARCH_PATH = (
-    Path("skyproxy.toml"),
-    Path("~/.config/skyproxy/skyproxy.toml"),
-    Path("/etc/skyproxy/skyproxy.toml"),
-)
-
-_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-_PERIOD_LABELS = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def is_loopback(self) -> bool:
-        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpec:
-    """Where an environment's key comes from. Holds a location, never key material."""
-
-    kind: KeyKind
-    arg: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "generated":
-            return "generated (mock)"
-        return self.kind if not self.arg else f"{self.kind}:{self.arg}"
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    count: int
-    period: float
-    unit: str
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.unit}"
-
-    @property
-    def label(self) -> str:
-        """The short form used in client messages, such as `10/min`."""
-        return f"{self.count}/{_PERIOD_LABELS[self.unit]}"
-
-
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    name: str
-    methods: frozenset[str]
-    paths: tuple[str, ...]
-    per_user: Rate | None
-    per_environment: Rate | None
-    max_wait: float
-
-    def matches(self, method: str, path: str) -> bool:
-        if method not in self.methods:
-            return False
-        for pattern in self.paths:
-            if pattern.endswith("*"):
-                if path.startswith(pattern[:-1]):
-                    return True
-            elif path == pattern:
-                return True
-        return False
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitSettings:
-    enabled: bool = True
-    user_header: str = "X-User-Id"
-    missing_user: Literal["reject", "shared"] = "reject"
-
-
-@dataclass(frozen=True, slots=True)
-class EnvironmentSettings:
-    name: str
-    listen: tuple[Listen, ...]
-    upstream: str  # a base URL without /v1, or "mock"
-    key: KeySpec
-    rules: tuple[RateRule, ...]
-
-    @property
-    def is_mock(self) -> bool:
-        return self.upstream == "mock"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    allowed_hosts: frozenset[str] = frozenset()
-    allowed_origins: frozenset[str] = frozenset()
-    allowed_networks: tuple[IPNetwork, ...] = ()
-    max_body_bytes: int = 52_428_800
-    upstream_timeout: float = 120.0
-    connect_timeout: float = 10.0
-    watch_config: bool = True
-    shutdown_timeout: float = 30.0
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditSettings:
-    path: Path
-    enabled: bool = True
-    max_bytes: int = 10_485_760
-    backup_count: int = 10
-    rotate_daily: bool = False
-    on_failure: Literal["continue", "reject"] = "continue"
-    queue_size: int = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class KeysSettings:
-    max_age_days: int = 90
-    state_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MockSettings:
-    delay: float = 2.0  # seconds from create until a polled prediction has succeeded
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    path: Path
-    server: ServerSettings
-    environments: Mapping[str, EnvironmentSettings]
-    rate_limit: RateLimitSettings
-    audit: AuditSettings
-    pricing: Mapping[str, float]
-    keys: KeysSettings
-    mock: MockSettings = field(default_factory=MockSettings)
-
-    @property
-    def key_state_file(self) -> Path:
-        return self.keys.state_file or self.audit.path.parent / "keys.json"
 
 
 def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
@@ -231,7 +99,7 @@ class _Parser:
 
     # -- errors -------------------------------------------------------------------------
     def error(self, field_path: str, message: str) -> ConfigError:
-        return ConfigError(message, file=self.path, line=_line_of(self.text, field_path), field=field_path)
+        return ConfigError(message, file=self.path, line=line_of(self.text, field_path), field=field_path)
 
     def expected(self, field_path: str, what: str, got: object) -> ConfigError:
         return self.error(field_path, f"expected {what}, got {_show(got)}")
@@ -289,9 +157,11 @@ class _Parser:
                 raise self.expected(f"{_join(where, key)}[{i}]", "a string", item)
         return value
 
-    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...]) -> Any:
+    def choice(
+        self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...], default: str
+    ) -> Any:
         what = " or ".join(f'"{o}"' for o in options)
-        value = self.get(data, key, where, str, options[0], what)
+        value = self.get(data, key, where, str, default, what)
         if value not in options:
             raise self.expected(_join(where, key), what, value)
         return value
@@ -327,7 +197,8 @@ class _Parser:
 
     def server(self, data: dict[str, Any]) -> ServerSettings:
         w = "server"
-        self.check_keys(data, w, set(ServerSettings.__dataclass_fields__))
+        d = ServerSettings()
+        self.check_keys(data, w, {f.name for f in fields(ServerSettings)})
         hosts = frozenset(h.lower() for h in self.strings(data, "allowed_hosts", w))
         origins = self.strings(data, "allowed_origins", w)
         for i, origin in enumerate(origins):
@@ -342,13 +213,13 @@ class _Parser:
             allowed_hosts=hosts,
             allowed_origins=frozenset(o.lower() for o in origins),
             allowed_networks=tuple(networks),
-            max_body_bytes=self.integer(data, "max_body_bytes", w, 52_428_800, minimum=1),
-            upstream_timeout=self.number(data, "upstream_timeout", w, 120.0, minimum=0.001),
-            connect_timeout=self.number(data, "connect_timeout", w, 10.0, minimum=0.001),
-            watch_config=self.get(data, "watch_config", w, bool, True, "true or false"),
-            shutdown_timeout=self.number(data, "shutdown_timeout", w, 30.0),
-            event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop")),
-            log_level=self.choice(data, "log_level", w, ("info", "debug", "warning", "error")),
+            max_body_bytes=self.integer(data, "max_body_bytes", w, d.max_body_bytes, minimum=1),
+            upstream_timeout=self.number(data, "upstream_timeout", w, d.upstream_timeout, minimum=0.001),
+            connect_timeout=self.number(data, "connect_timeout", w, d.connect_timeout, minimum=0.001),
+            watch_config=self.get(data, "watch_config", w, bool, d.watch_config, "true or false"),
+            shutdown_timeout=self.number(data, "shutdown_timeout", w, d.shutdown_timeout),
+            event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop"), d.event_loop),
+            log_level=self.choice(data, "log_level", w, ("debug", "info", "warning", "error"), d.log_level),
         )
 
     def check_origin(self, origin: str, field_path: str) -> None:
@@ -360,7 +231,8 @@ class _Parser:
     def rate_limit(self, data: dict[str, Any]) -> tuple[RateLimitSettings, list[dict[str, Any]]]:
         w = "rate_limit"
         self.check_keys(data, w, {"enabled", "user_header", "missing_user", "rules"})
-        header = self.get(data, "user_header", w, str, "X-User-Id", "a header name")
+        d = RateLimitSettings()
+        header = self.get(data, "user_header", w, str, d.user_header, "a header name")
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise self.expected(f"{w}.user_header", "a header name", header)
         rules = self.get(data, "rules", w, list, [], "an array of tables [[rate_limit.rules]]")
@@ -373,9 +245,9 @@ class _Parser:
                 raise self.error(f"{w}.rules[{i}].name", f"duplicate rule name {rule['name']!r}")
             names.add(rule.get("name"))
         settings = RateLimitSettings(
-            enabled=self.get(data, "enabled", w, bool, True, "true or false"),
+            enabled=self.get(data, "enabled", w, bool, d.enabled, "true or false"),
             user_header=header,
-            missing_user=self.choice(data, "missing_user", w, ("reject", "shared")),
+            missing_user=self.choice(data, "missing_user", w, ("reject", "shared"), d.missing_user),
         )
         if not settings.enabled:
             return settings, []
@@ -407,7 +279,7 @@ class _Parser:
             paths=tuple(paths),
             per_user=self.rate("per_user", *source("per_user")),
             per_environment=self.rate("per_environment", *source("per_environment")),
-            max_wait=self.number(wait_data, "max_wait", wait_where, 0.0),
+            max_wait=self.number(wait_data, "max_wait", wait_where, _default(RateRule, "max_wait")),
         )
 
     def rate(self, key: str, data: Mapping[str, Any], where: str) -> Rate | None:
@@ -421,7 +293,7 @@ class _Parser:
         if not found or int(found.group(1)) < 1:
             raise self.expected(_join(where, key), what, value)
         unit = found.group(2)
-        return Rate(int(found.group(1)), _PERIODS[unit], unit)
+        return Rate(int(found.group(1)), PERIODS[unit], unit)
 
     def environments(
         self, data: dict[str, Any], rules: list[dict[str, Any]], server: ServerSettings
@@ -523,16 +395,17 @@ class _Parser:
 
     def audit(self, data: dict[str, Any]) -> AuditSettings:
         w = "audit"
-        self.check_keys(data, w, set(AuditSettings.__dataclass_fields__))
-        raw_path = self.get(data, "path", w, str, "audit/audit.jsonl", "a file path")
+        self.check_keys(data, w, {f.name for f in fields(AuditSettings)})
+        raw_path = self.get(data, "path", w, str, DEFAULT_AUDIT_PATH, "a file path")
+        d = AuditSettings(path=Path(raw_path))
         return AuditSettings(
             path=self.file_path(raw_path, f"{w}.path"),
-            enabled=self.get(data, "enabled", w, bool, True, "true or false"),
-            max_bytes=self.integer(data, "max_bytes", w, 10_485_760),
-            backup_count=self.integer(data, "backup_count", w, 10),
-            rotate_daily=self.get(data, "rotate_daily", w, bool, False, "true or false"),
-            on_failure=self.choice(data, "on_failure", w, ("continue", "reject")),
-            queue_size=self.integer(data, "queue_size", w, 100_000, minimum=1),
+            enabled=self.get(data, "enabled", w, bool, d.enabled, "true or false"),
+            max_bytes=self.integer(data, "max_bytes", w, d.max_bytes),
+            backup_count=self.integer(data, "backup_count", w, d.backup_count),
+            rotate_daily=self.get(data, "rotate_daily", w, bool, d.rotate_daily, "true or false"),
+            on_failure=self.choice(data, "on_failure", w, ("continue", "reject"), d.on_failure),
+            queue_size=self.integer(data, "queue_size", w, d.queue_size, minimum=1),
         )
 
     def pricing(self, data: dict[str, Any]) -> Mapping[str, float]:
@@ -545,23 +418,18 @@ class _Parser:
         self.check_keys(data, "keys", {"max_age_days", "state_file"})
         state = self.get(data, "state_file", "keys", str, "", "a file path")
         return KeysSettings(
-            max_age_days=self.integer(data, "max_age_days", "keys", 90, minimum=1),
+            max_age_days=self.integer(data, "max_age_days", "keys", KeysSettings().max_age_days, minimum=1),
             state_file=self.file_path(state, "keys.state_file") if state else None,
         )
 
     def mock(self, data: dict[str, Any]) -> MockSettings:
         self.check_keys(data, "mock", {"delay"})
-        return MockSettings(delay=self.number(data, "delay", "mock", 2.0))
+        return MockSettings(delay=self.number(data, "delay", "mock", MockSettings().delay))
 
 
-DEFAULT_RULE: dict[str, Any] = {
-    "name": "predictions",
-    "methods": ["POST"],
-    "paths": ["/v1/predictions", "/v1/predict"],
-    "per_user": "10/minute",
-    "per_environment": "25/minute",
-    "max_wait": 0,
-}
+def _default(cls: type, name: str) -> Any:
+    """A dataclass field's default: the one place each default is written."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _join(where: str, key: str) -> str:
@@ -590,42 +458,3 @@ def _suggest(key: str, allowed: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
     expected = ", ".join(sorted(allowed))
     return f' (did you mean "{close[0]}"?)' if close else f" (expected one of: {expected})"
-
-
-_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
-_ASSIGN = re.compile(r'^\s*("?)([A-Za-z0-9_.-]+)\1\s*=')
-
-
-def _line_of(text: str, field_path: str) -> int | None:
-    """Best-effort line of a field path, so errors point at the line to edit."""
-    parts = [p for p in re.split(r"\.(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", field_path) if p]
-    if not parts:
-        return None
-    parts = [re.sub(r"\[\d+\]$", "", p).strip('"') for p in parts]
-    table_index = _array_index(field_path)
-    best: int | None = None
-    current: list[str] = []
-    seen_arrays: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            current = [p.strip().strip('"') for p in header.group(1).split(".")]
-            if line.lstrip().startswith("[["):
-                key = ".".join(current)
-                seen_arrays[key] = seen_arrays.get(key, -1) + 1
-                if table_index is not None and seen_arrays[key] != table_index:
-                    current = ["<other>"]
-            if current == parts:
-                best = best or lineno
-            continue
-        assign = _ASSIGN.match(line)
-        if assign:
-            full = current + assign.group(2).split(".")
-            if full == parts or (len(full) < len(parts) and parts[: len(full)] == full):
-                return lineno
-    return best
-
-
-def _array_index(field_path: str) -> int | None:
-    found = re.search(r"rules\[(\d+)\]", field_path)
-    return int(found.group(1)) if found else None

@@ -1,0 +1,168 @@
+"""The frozen settings a config file resolves to, and every default, written once."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+DEFAULT_UPSTREAM = "https://api.skytells.ai"
+DEFAULT_AUDIT_PATH = "audit/audit.jsonl"  # relative to the config file's folder
+SEARCH_PATH = (
+    Path("skyproxy.toml"),
+    Path("~/.config/skyproxy/skyproxy.toml"),
+    Path("/etc/skyproxy/skyproxy.toml"),
+)
+
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+PERIOD_LABELS = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Where an environment's key comes from. Holds a location, never key material."""
+
+    kind: KeyKind
+    arg: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "generated":
+            return "generated (mock)"
+        return self.kind if not self.arg else f"{self.kind}:{self.arg}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    count: int
+    period: float
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.unit}"
+
+    @property
+    def label(self) -> str:
+        """The short form used in client messages, such as `10/min`."""
+        return f"{self.count}/{PERIOD_LABELS[self.unit]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    name: str
+    methods: frozenset[str]
+    paths: tuple[str, ...]
+    per_user: Rate | None
+    per_environment: Rate | None
+    max_wait: float = 0.0
+
+    def matches(self, method: str, path: str) -> bool:
+        if method not in self.methods:
+            return False
+        for pattern in self.paths:
+            if pattern.endswith("*"):
+                if path.startswith(pattern[:-1]):
+                    return True
+            elif path == pattern:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    enabled: bool = True
+    user_header: str = "X-User-Id"
+    missing_user: Literal["reject", "shared"] = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentSettings:
+    name: str
+    listen: tuple[Listen, ...]
+    upstream: str  # a base URL without /v1, or "mock"
+    key: KeySpec
+    rules: tuple[RateRule, ...]
+
+    @property
+    def is_mock(self) -> bool:
+        return self.upstream == "mock"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    allowed_hosts: frozenset[str] = frozenset()
+    allowed_origins: frozenset[str] = frozenset()
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    max_body_bytes: int = 52_428_800
+    upstream_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    watch_config: bool = True
+    shutdown_timeout: float = 30.0
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: Path
+    enabled: bool = True
+    max_bytes: int = 10_485_760
+    backup_count: int = 10
+    rotate_daily: bool = False
+    on_failure: Literal["continue", "reject"] = "continue"
+    queue_size: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeysSettings:
+    max_age_days: int = 90
+    state_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MockSettings:
+    delay: float = 2.0  # seconds from create until a polled prediction has succeeded
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    path: Path
+    server: ServerSettings
+    environments: Mapping[str, EnvironmentSettings]
+    rate_limit: RateLimitSettings
+    audit: AuditSettings
+    pricing: Mapping[str, float]
+    keys: KeysSettings
+    mock: MockSettings = field(default_factory=MockSettings)
+
+    @property
+    def key_state_file(self) -> Path:
+        return self.keys.state_file or self.audit.path.parent / "keys.json"
+
+
+# The rule that applies when [rate_limit] lists none.
+DEFAULT_RULE: dict[str, Any] = {
+    "name": "predictions",
+    "methods": ["POST"],
+    "paths": ["/v1/predictions", "/v1/predict"],
+    "per_user": "10/minute",
+    "per_environment": "25/minute",
+    "max_wait": 0,
+}
