@@ -28,7 +28,7 @@ from helpers import (
 )
 
 from skyproxy import config
-from skyproxy.daemon.supervisor import Server
+from skyproxy.daemon.supervisor import Supervisor
 from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
 
 
@@ -74,7 +74,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     async def start(body: str, environment: str = "dev") -> Proxy:
         path = write_config(tmp_path, body)
         settings = config.load(path)
-        server = Server(settings)
+        server = Supervisor(settings)
         await server.start()
         address = server.addresses(environment)[0]
         session = aiohttp.ClientSession(auto_decompress=False)

@@ -121,12 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from skyproxy.daemon.logs import configure_logging
     from skyproxy.daemon.notify import Notifier
-    from skyproxy.daemon.supervisor import Server, StartupError
+    from skyproxy.daemon.supervisor import StartupError, Supervisor
 
     settings = _settings(args)
     configure_logging(settings.server.log_level)
     notifier = Notifier.from_environ()
-    server = Server(settings, notifier, own_gc=True)  # a daemon's own process
+    server = Supervisor(settings, notifier, own_gc=True)  # a daemon's own process
     try:
         _run(server.run(), settings.server.event_loop)
     except StartupError as exc:

@@ -1,64 +1,47 @@
-"""Lifecycle in one place: bind, signals, reload, notify, and graceful shutdown.
+"""Lifecycle in one place: start, signals, reload and graceful shutdown.
 
 Order at start: keys resolved, audit writer started, mocks bound, Runtime built, then
 listeners bound and READY=1. Order at stop: stop accepting, drain in-flight requests
-(up to shutdown_timeout), close upstream sessions, drain the audit queue.
+(up to shutdown_timeout), close the upstream pools, drain the audit queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
-from dataclasses import dataclass, field
-
-from aiohttp import web
+from collections.abc import Awaitable
+from typing import Any
 
 from skyproxy.audit.writer import AuditWriter
-from skyproxy.config import Listen, Settings
+from skyproxy.config import Settings
+from skyproxy.daemon import housekeeping
+from skyproxy.daemon.gc import tune_gc
+from skyproxy.daemon.listeners import Listeners
+from skyproxy.daemon.mocks import Mocks
 from skyproxy.daemon.notify import Notifier, watchdog_interval
 from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
-from skyproxy.http1.client import Client
-from skyproxy.keys import ages as keystate
-from skyproxy.keys.sources import Secret
-from skyproxy.mock.app import MOCK_STATE, create_mock_app
 from skyproxy.ops.metrics import Metrics
-from skyproxy.proxy.dispatch import create_server
 from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")
-GC_YOUNG_THRESHOLD = 3500  # allocations before a young collection (CPython's default: 700)
-LIMIT_SWEEP_SECONDS = 30.0
 
 
 class StartupError(Exception):
     """Startup could not complete; the message says why, with no key material."""
 
 
-@dataclass
-class _Environment:
-    runner: web.ServerRunner
-    client: Client  # the upstream pool, for the environment's whole life
-    sites: dict[Listen, web.TCPSite] = field(default_factory=dict)
+class Supervisor:
+    """Owns every long-lived resource of the daemon and starts and stops them in order."""
 
-    async def close(self) -> None:
-        """Stops the listeners, lets in-flight requests finish, then closes the pool."""
-        try:
-            await self.runner.cleanup()
-        finally:
-            await self.client.close()
-
-
-class Server:
     def __init__(self, settings: Settings, notifier: Notifier | None = None, *, own_gc: bool = False) -> None:
         self._initial = settings
         self._own_gc = own_gc  # the process is ours: tune its garbage collector
         self.notifier = notifier
         self.state: State | None = None
         self._audit: AuditWriter | None = None
-        self._envs: dict[str, _Environment] = {}
-        self._mocks: dict[str, web.AppRunner] = {}
+        self._listeners = Listeners()
+        self._mocks = Mocks()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,20 +59,28 @@ class Server:
         audit.start()
         metrics = Metrics()
         metrics.watch_audit(lambda: audit.depth, lambda: audit.write_failures, lambda: audit.dropped)
-        metrics.watch_upstream(lambda: {name: env.client for name, env in self._envs.items()})
+        metrics.watch_upstream(lambda: self._listeners.clients)
         try:
-            base_urls = await self._sync_mocks(settings, keys)
+            base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
             runtime = build_runtime(settings, keys, base_urls, generation=1)
-            self.state = State(runtime, audit, metrics)
-            self.state.reload = self.reload
-            await self._record_keys(runtime)
-            failures = await self._sync_listeners(runtime)
+            state = self.state = State(runtime, audit, metrics)
+            state.reload = self.reload
+            await housekeeping.record_key_ages(state, runtime)
+            failures = await self._listeners.sync(runtime, state, self._spawn_drain)
         except BaseException:
             await self._close_everything(timeout=0)
             raise
         if failures:
             await self._close_everything(timeout=0)
             raise StartupError("\n".join(failures))
+        self._log_started(runtime)
+        self._start_chores(state)
+        if self._own_gc:
+            tune_gc()
+        if self.notifier:
+            self.notifier.ready(f"serving {len(runtime.environments)} environment(s)")
+
+    def _log_started(self, runtime: Runtime) -> None:
         for env in runtime.environments.values():
             log.info(
                 "environment %s listening on %s -> %s (key %s from %s)",
@@ -99,119 +90,22 @@ class Server:
                 env.key.fingerprint,
                 env.settings.key,
             )
-        self._tasks.append(asyncio.create_task(self._sweep_limits()))
-        if settings.server.watch_config:
+
+    def _start_chores(self, state: State) -> None:
+        self._tasks.append(asyncio.create_task(housekeeping.sweep_limits(state)))
+        if state.runtime.settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()
         if interval and self.notifier:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        if self._own_gc:
-            _tune_gc()
-        if self.notifier:
-            self.notifier.ready(f"serving {len(runtime.environments)} environment(s)")
-
-    async def _record_keys(self, runtime: Runtime) -> None:
-        assert self.state is not None
-        ages = await asyncio.to_thread(keystate.observe, runtime.settings, _real_keys(runtime))
-        self.state.key_ages = ages
-        limit = runtime.settings.keys.max_age_days
-        for name, age in ages.items():
-            if age is not None and age > limit:
-                log.warning(
-                    "environment %s: key %s is %d days old (max_age_days = %d); rotate it: "
-                    "skyproxy key rotate %s",
-                    name,
-                    runtime.environments[name].key.fingerprint,
-                    age,
-                    limit,
-                    name,
-                )
+            self._tasks.append(asyncio.create_task(housekeeping.keep_watchdog(self.notifier, interval)))
 
     def addresses(self, environment: str) -> list[str]:
         """The addresses actually bound for an environment, with real ports for port 0."""
-        env = self._envs.get(environment)
-        if env is None:
-            return []
-        found = []
-        for site in env.sites.values():
-            server = site._server
-            for sock in getattr(server, "sockets", None) or ():
-                host, port = sock.getsockname()[:2]
-                found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return found
+        return self._listeners.addresses(environment)
 
-    # -- mocks ----------------------------------------------------------------------------
-    async def _sync_mocks(self, settings: Settings, keys: dict[str, Secret]) -> dict[str, str]:
-        """Starts the embedded mock for each mock environment; returns every base URL."""
-        urls: dict[str, str] = {}
-        for name, env in settings.environments.items():
-            if not env.is_mock:
-                urls[name] = env.upstream
-                continue
-            runner = self._mocks.get(name)
-            if runner is None:
-                runner = web.AppRunner(
-                    create_mock_app([keys[name].reveal()], settings.mock.delay),
-                    access_log=None,
-                    handle_signals=False,
-                )
-                await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                self._mocks[name] = runner
-            mock_state = runner.app[MOCK_STATE]
-            mock_state.accepted_keys = {keys[name].reveal()}
-            mock_state.delay = settings.mock.delay
-            host, port = runner.addresses[0][:2]
-            urls[name] = f"http://{host}:{port}"
-        for name in list(self._mocks):
-            kept = settings.environments.get(name)
-            if kept is None or not kept.is_mock:
-                self._spawn_drain(self._mocks.pop(name).cleanup())
-        return urls
-
-    # -- listeners ------------------------------------------------------------------------
-    async def _sync_listeners(self, runtime: Runtime) -> list[str]:
-        """Binds new addresses and stops removed ones; returns the bind errors."""
-        assert self.state is not None
-        failures: list[str] = []
-        for name in set(self._envs) - set(runtime.environments):
-            env = self._envs.pop(name)
-            log.info("environment %s removed; its listeners stop accepting", name)
-            self._spawn_drain(env.close())
-        server = runtime.settings.server
-        for name, env_rt in runtime.environments.items():
-            found = self._envs.get(name)
-            if found is None:
-                client = Client(connect_timeout=server.connect_timeout)
-                runner = web.ServerRunner(
-                    create_server(name, self.state, client),
-                    handle_signals=False,
-                    shutdown_timeout=server.shutdown_timeout,
-                )
-                await runner.setup()
-                found = self._envs[name] = _Environment(runner, client)
-            env = found
-            env.client.connect_timeout = server.connect_timeout  # a reload may change it
-            wanted = set(env_rt.settings.listen)
-            for listen in set(env.sites) - wanted:
-                log.info("environment %s stops listening on %s", name, listen)
-                self._spawn_drain(env.sites.pop(listen).stop())
-            for listen in env_rt.settings.listen:
-                if listen in env.sites:
-                    continue
-                site = web.TCPSite(env.runner, listen.host, listen.port, reuse_address=True)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    failures.append(f"environment {name}: cannot listen on {listen}: {exc.strerror or exc}")
-                    continue
-                env.sites[listen] = site
-        return failures
-
-    def _spawn_drain(self, coro: object) -> None:
+    def _spawn_drain(self, work: Awaitable[Any]) -> None:
         async def run() -> None:
-            await coro  # type: ignore[misc]
+            await work
 
         task = asyncio.create_task(run())
         self._draining.add(task)
@@ -225,14 +119,12 @@ class Server:
             if self.notifier:
                 self.notifier.reloading()
             try:
-                return await self._reload()
+                return await self._reload(self.state)
             finally:
                 if self.notifier:
                     self.notifier.ready()
 
-    async def _reload(self) -> str | None:
-        assert self.state is not None
-        state = self.state
+    async def _reload(self, state: State) -> str | None:
         previous = state.runtime
         # Taken before the load: a change racing with it is seen again, never missed.
         self._config_digest = await asyncio.to_thread(digest, previous.settings.path)
@@ -244,23 +136,19 @@ class Server:
             if self.notifier:
                 self.notifier.status(f"reload failed, still serving generation {previous.generation}")
             return str(exc)
-        base_urls = await self._sync_mocks(settings, keys)
+        base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
         runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous)
         state.audit.reconfigure(settings.audit)
         state.runtime = runtime  # the swap: new requests see the new generation
         state.last_reload_error = None  # in the same step, so status never mixes the two
-        await self._record_keys(runtime)
-        failures = await self._sync_listeners(runtime)
+        await housekeeping.record_key_ages(state, runtime)
+        failures = await self._listeners.sync(runtime, state, self._spawn_drain)
         if failures:
             state.last_reload_error = "; ".join(failures)
-            log.error(
-                "reload applied as generation %d, but: %s",
-                runtime.generation,
-                state.last_reload_error,
-            )
+            log.error("reload applied as generation %d, but: %s", runtime.generation, state.last_reload_error)
             return state.last_reload_error
         log.info("reloaded %s as generation %d", settings.path, runtime.generation)
-        _log_key_changes(previous, runtime)
+        housekeeping.log_key_changes(previous, runtime)
         return None
 
     async def _watch(self) -> None:
@@ -269,19 +157,6 @@ class Server:
             self.state.runtime.settings.path, self.reload, self._stop, lambda: self._config_digest
         )
 
-    async def _sweep_limits(self) -> None:
-        # Inserts already evict a few idle buckets each; this catches users who left.
-        assert self.state is not None
-        while True:
-            await asyncio.sleep(LIMIT_SWEEP_SECONDS)
-            self.state.runtime.limits.evict_idle()
-
-    async def _watchdog(self, interval: float) -> None:
-        assert self.notifier is not None
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
-
     # -- run and stop ---------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
@@ -289,15 +164,17 @@ class Server:
     async def run(self) -> None:
         """Serves until SIGTERM or SIGINT; SIGHUP reloads, SIGUSR1 reopens the audit file."""
         loop = asyncio.get_running_loop()
+        handlers: dict[signal.Signals, Any] = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: lambda: self._spawn_drain(self.reload()),
+            signal.SIGUSR1: self._reopen_audit,
+        }
         installed: list[signal.Signals] = []
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+            for sig, handler in handlers.items():
+                loop.add_signal_handler(sig, handler)
                 installed.append(sig)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn_drain(self.reload()))
-            installed.append(signal.SIGHUP)
-            loop.add_signal_handler(signal.SIGUSR1, self._reopen_audit)
-            installed.append(signal.SIGUSR1)
             await self.start()
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
@@ -326,15 +203,11 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         # Stop accepting everywhere first, then let in-flight requests finish together.
-        for env in self._envs.values():
-            for site in list(env.sites.values()):
-                await site.stop()
-        await asyncio.gather(*(env.close() for env in self._envs.values()), return_exceptions=True)
-        self._envs.clear()
+        await self._listeners.stop_accepting()
+        await self._listeners.close()
         if self._draining:
             await asyncio.wait(self._draining, timeout=max(timeout, 0.1))
-        await asyncio.gather(*(m.cleanup() for m in self._mocks.values()), return_exceptions=True)
-        self._mocks.clear()
+        await self._mocks.close()
         if self.state is not None:
             await self.state.deadlines.close()
         if self._audit is not None:
@@ -342,38 +215,3 @@ class Server:
             self._audit = None
             if lost:
                 log.error("%d audit lines could not be written before exit", lost)
-
-
-def _tune_gc() -> None:
-    """Fewer, cheaper cycle collections for a daemon whose requests leave no cycles.
-
-    Everything alive once startup is done (modules, config, servers) lives as long as
-    the process: frozen, no collection walks it again. The longest gen2 collection
-    fell from 25 ms to 5 ms, and p99.9 at 1 connection from 19.6 ms to 2.3 ms.
-
-    A request allocates a few hundred objects and frees nearly all of them before
-    the next collection could matter, so the young generation may grow larger before
-    it is scanned. Under load at 64 connections, the collector's share of the proxy's
-    core fell from about 7.6% (threshold 700) to 1.5% (3500). The longest pause rose
-    from 2-3 ms to 7 ms.
-    """
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
-def _real_keys(runtime: Runtime) -> dict[str, Secret]:
-    return {
-        name: env.key for name, env in runtime.environments.items() if env.settings.key.kind != "generated"
-    }
-
-
-def _log_key_changes(previous: Runtime, current: Runtime) -> None:
-    for name, env in current.environments.items():
-        old = previous.environments.get(name)
-        if old is None:
-            log.info("environment %s added (key %s)", name, env.key.fingerprint)
-        elif old.key.fingerprint != env.key.fingerprint:
-            log.warning(
-                "environment %s: key changed %s -> %s", name, old.key.fingerprint, env.key.fingerprint
-            )

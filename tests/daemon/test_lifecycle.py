@@ -289,19 +289,20 @@ async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, c
     import gc
 
     from skyproxy import config
-    from skyproxy.daemon.supervisor import GC_YOUNG_THRESHOLD, Server
+    from skyproxy.daemon.gc import GC_YOUNG_THRESHOLD
+    from skyproxy.daemon.supervisor import Supervisor
 
     path = write_config(tmp_path, env_config("mock", listen="127.0.0.1:0"))
     thresholds = gc.get_threshold()
     gc.unfreeze()
-    embedded = Server(config.load(path))
+    embedded = Supervisor(config.load(path))
     await embedded.start()
     try:
         # Tests and embedders keep their own GC.
         assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     finally:
         await embedded.stop()
-    daemon = Server(config.load(path), own_gc=True)
+    daemon = Supervisor(config.load(path), own_gc=True)
     await daemon.start()
     try:
         # What start() built (the runtime, the servers) is frozen, not walked by every

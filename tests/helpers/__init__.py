@@ -57,7 +57,7 @@ def env_config(
 
 @dataclass
 class Proxy:
-    server: Any  # skyproxy.daemon.supervisor.Server
+    server: Any  # skyproxy.daemon.supervisor.Supervisor
     url: str
     session: aiohttp.ClientSession
     audit_path: Path

@@ -22,7 +22,7 @@ from helpers import CANARY, assert_no_canary, free_port, write_config
 
 from skyproxy import config
 from skyproxy.config import KeySpec
-from skyproxy.daemon.supervisor import Server, StartupError
+from skyproxy.daemon.supervisor import StartupError, Supervisor
 from skyproxy.errors import ConfigError, KeySourceError
 from skyproxy.keys.sources import Secret, fingerprint, resolve
 from skyproxy.mock.app import create_mock_app
@@ -301,7 +301,7 @@ async def test_startup_failure_does_not_show_the_key(tmp_path, monkeypatch):
         '[audit]\npath = "audit/audit.jsonl"\n'
     )
     settings = config.load(write_config(tmp_path, body))
-    server = Server(settings)
+    server = Supervisor(settings)
     with pytest.raises(StartupError) as caught:
         await server.start()
     assert "SKYPROXY_TEST_KEY" in str(caught.value)
