@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -11,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
@@ -86,6 +88,8 @@ def _decode_error_line(exc: Exception) -> int | None:
 
 
 T = TypeVar("T")
+MAX_SECONDS = 86_400.0  # the longest any timeout or wait may be: a day
+MAX_PRICE_USD = 1_000_000.0
 
 
 class _Parser:
@@ -135,11 +139,19 @@ class _Parser:
         return value  # type: ignore[return-value]
 
     def number(
-        self, data: Mapping[str, Any], key: str, where: str, default: float, *, minimum: float = 0
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        where: str,
+        default: float,
+        *,
+        minimum: float = 0,
+        maximum: float = MAX_SECONDS,
     ) -> float:
         value = self.get(data, key, where, (int, float), default, "a number")
-        if value < minimum:
-            raise self.expected(_join(where, key), f"a number >= {minimum:g}", value)
+        # TOML has nan and inf; either would silently disable a timeout or a budget.
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise self.expected(_join(where, key), f"a number from {minimum:g} to {maximum:g}", value)
         return float(value)
 
     def integer(
@@ -236,14 +248,17 @@ class _Parser:
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise self.expected(f"{w}.user_header", "a header name", header)
         rules = self.get(data, "rules", w, list, [], "an array of tables [[rate_limit.rules]]")
-        names: set[object] = set()
+        names: set[str] = set()
         for i, rule in enumerate(rules):
             if not isinstance(rule, dict):
                 raise self.expected(f"{w}.rules[{i}]", "a table", rule)
-            if rule.get("name") in names:
+            name = rule.get("name", "")
+            if not isinstance(name, str):
+                raise self.expected(f"{w}.rules[{i}].name", "a rule name", name)
+            if name in names:
                 # Limiter state survives a reload by rule name, so names must be unique.
                 raise self.error(f"{w}.rules[{i}].name", f"duplicate rule name {rule['name']!r}")
-            names.add(rule.get("name"))
+            names.add(name)
         settings = RateLimitSettings(
             enabled=self.get(data, "enabled", w, bool, d.enabled, "true or false"),
             user_header=header,
@@ -311,8 +326,9 @@ class _Parser:
                 raise self.expected(where, "a table", env)
             result[name] = self.environment(name, env, rules, server)
             for i, listen in enumerate(result[name].listen):
-                if listen in seen:
-                    raise self.error(f"{where}.listen[{i}]", f"{listen} is already used by {seen[listen]}")
+                clash = next((other for other in seen if listen.overlaps(other)), None)
+                if clash is not None:
+                    raise self.error(f"{where}.listen[{i}]", f"{listen} is already used by {seen[clash]}")
                 seen[listen] = name
         return result
 
@@ -368,10 +384,23 @@ class _Parser:
     def upstream(self, value: str, where: str) -> str:
         if value == "mock":
             return value
-        found = re.fullmatch(r"(https?://[^/\s?#]+)(/v1)?/?", value)
+        field_path = f"{where}.upstream"
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@", value):
+            # Credentials would show in status and logs, so the value is not echoed either.
+            raise self.error(
+                field_path, "a user or password in the URL is not allowed (the key has key = ...)"
+            )
+        found = re.fullmatch(r"(https?)://([^/\s?#]+)(/v1)?/?", value)
         if not found:
-            raise self.expected(f"{where}.upstream", '"mock" or a URL like "https://api.skytells.ai"', value)
-        return found.group(1)
+            raise self.expected(field_path, '"mock" or a URL like "https://api.skytells.ai"', value)
+        scheme, authority = found.group(1), found.group(2)
+        try:
+            port = urlsplit(f"{scheme}://{authority}").port
+        except ValueError:
+            raise self.expected(field_path, "a port from 1 to 65535", value) from None
+        if port == 0:
+            raise self.expected(field_path, "a port from 1 to 65535", value)
+        return f"{scheme}://{authority}"
 
     def key(self, data: Mapping[str, Any], where: str, name: str, is_mock: bool) -> KeySpec:
         raw = self.get(data, "key", f"{where}", str, "", "a key source")
@@ -411,7 +440,7 @@ class _Parser:
     def pricing(self, data: dict[str, Any]) -> Mapping[str, float]:
         prices: dict[str, float] = {}
         for model in data:
-            prices[model] = self.number(data, model, "pricing", 0.0)
+            prices[model] = self.number(data, model, "pricing", 0.0, maximum=MAX_PRICE_USD)
         return MappingProxyType(prices)
 
     def keys(self, data: dict[str, Any]) -> KeysSettings:

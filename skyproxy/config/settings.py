@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 DEFAULT_UPSTREAM = "https://api.skytells.ai"
@@ -34,6 +35,22 @@ class Listen:
     @property
     def is_loopback(self) -> bool:
         return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    def overlaps(self, other: Listen) -> bool:
+        """Whether binding both would fail: one port on one address, or a wildcard covering one."""
+        if self.port == 0 or self.port != other.port:
+            return False
+        return any(_one_socket(mine, theirs) for mine in self._addresses() for theirs in other._addresses())
+
+    def _addresses(self) -> tuple[IPAddress, ...]:
+        if self.host == "localhost":  # bound on both loopbacks, as getaddrinfo lists them
+            return (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+        return (ipaddress.ip_address(self.host),)
+
+
+def _one_socket(a: IPAddress, b: IPAddress) -> bool:
+    # asyncio binds IPv6 listeners with IPV6_V6ONLY, so a wildcard covers its own family only.
+    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
 @dataclass(frozen=True, slots=True)

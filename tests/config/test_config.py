@@ -202,7 +202,7 @@ def test_no_environments_is_an_error(tmp_path: Path) -> None:
         ("max_body_bytes = 0", "server.max_body_bytes", "expected an integer >= 1, got 0"),
         ('upstream_timeout = "30"', "server.upstream_timeout", 'expected a number, got "30"'),
         ("shutdown_timeout = false", "server.shutdown_timeout", "expected a number, got false"),
-        ("shutdown_timeout = -1", "server.shutdown_timeout", "expected a number >= 0, got -1"),
+        ("shutdown_timeout = -1", "server.shutdown_timeout", "expected a number from 0 to 86400, got -1"),
         ('watch_config = "yes"', "server.watch_config", 'expected true or false, got "yes"'),
         ("watch_config = 1", "server.watch_config", "expected true or false, got 1"),
         (
@@ -555,3 +555,103 @@ def test_an_omitted_field_takes_the_dataclass_default(tmp_path: Path) -> None:
     assert settings.mock == config.MockSettings()
     assert settings.audit == config.AuditSettings(path=tmp_path / "audit/audit.jsonl")
     assert settings.environments["dev"].rules[0].max_wait == 0.0
+
+
+# -- numbers, names and addresses that used to slip through ----------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan", "1e300"])
+@pytest.mark.parametrize(
+    ("table", "key", "field"),
+    [
+        ("[server]\n{setting}\n" + DEV, "upstream_timeout", "server.upstream_timeout"),
+        ("[server]\n{setting}\n" + DEV, "connect_timeout", "server.connect_timeout"),
+        ("[server]\n{setting}\n" + DEV, "shutdown_timeout", "server.shutdown_timeout"),
+        (DEV + "[mock]\n{setting}\n", "delay", "mock.delay"),
+        (DEV + '[pricing]\n"truefusion-pro" = 1\n{setting}\n', "lumo", "pricing.lumo"),
+        (
+            DEV + "[[rate_limit.rules]]\nname = 'a'\npaths = ['/v1/x']\n{setting}\n",
+            "max_wait",
+            "rate_limit.rules[0].max_wait",
+        ),
+    ],
+)
+def test_non_finite_and_huge_numbers_are_refused(
+    tmp_path: Path, table: str, key: str, field: str, value: str
+) -> None:
+    setting = f"{key} = {value}"
+    error = assert_error(tmp_path, table.format(setting=setting), field, setting, "expected a number from")
+    assert "Traceback" not in str(error)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_check_and_serve_exit_2_on_a_non_finite_timeout(tmp_path: Path, value: str) -> None:
+    path = write_config(tmp_path, f"[server]\nupstream_timeout = {value}\n" + DEV, name="bad.toml")
+    for command in ("check", "serve"):
+        result = subprocess.run(
+            [*skyproxy_command(), command, "-c", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "bad.toml:2: server.upstream_timeout: expected a number from" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "upstream", ["https://api.example:99999", "http://api.example:0", "http://h:65536/v1"]
+)
+def test_upstream_port_out_of_range(tmp_path: Path, upstream: str) -> None:
+    body = f'[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "{upstream}"\n'
+    assert_error(tmp_path, body, "environments.dev.upstream", "upstream =", "a port from 1 to 65535")
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        "http://user:hunter2secret@api.example",
+        "https://hunter2secret@api.example/v1",
+        "ftp://u:hunter2secret@x",
+    ],
+)
+def test_upstream_userinfo_is_refused_without_echoing_it(tmp_path: Path, upstream: str) -> None:
+    body = f'[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "{upstream}"\nkey = "env:K"\n'
+    error = assert_error(tmp_path, body, "environments.dev.upstream", "upstream =", "user or password")
+    assert "hunter2secret" not in str(error)
+
+
+@pytest.mark.parametrize("name", ['["a"]', "1", "{ x = 1 }", "true"])
+def test_a_rule_name_that_is_not_a_string(tmp_path: Path, name: str) -> None:
+    body = DEV + f"[[rate_limit.rules]]\nname = {name}\npaths = ['/v1/x']\n"
+    assert_error(tmp_path, body, "rate_limit.rules[0].name", f"name = {name}", "expected a rule name")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("127.0.0.1:8787", "localhost:8787"),
+        ("localhost:8787", "[::1]:8787"),
+        ("0.0.0.0:8787", "127.0.0.1:8787"),
+        ("[::]:8787", "[::1]:8787"),
+    ],
+)
+def test_listen_addresses_that_cannot_both_bind(tmp_path: Path, first: str, second: str) -> None:
+    body = (
+        f'[server]\nallowed_networks = ["10.0.0.0/8"]\n'
+        f'[environments.dev]\nlisten = ["{first}"]\nupstream = "mock"\n'
+        f'[environments.prod]\nupstream = "mock"\nlisten = ["{second}"]\n'
+    )
+    assert_error(
+        tmp_path, body, "environments.prod.listen[0]", f'listen = ["{second}"]', "already used by dev"
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("127.0.0.1:0", "localhost:0"), ("0.0.0.0:8787", "[::1]:8787"), ("127.0.0.1:8787", "127.0.0.2:8787")],
+)
+def test_listen_addresses_that_can_both_bind(tmp_path: Path, first: str, second: str) -> None:
+    body = (
+        f'[server]\nallowed_networks = ["10.0.0.0/8"]\n'
+        f'[environments.dev]\nlisten = ["{first}"]\nupstream = "mock"\n'
+        f'[environments.prod]\nupstream = "mock"\nlisten = ["{second}"]\n'
+    )
+    assert set(config.load(write_config(tmp_path, body), {}).environments) == {"dev", "prod"}
