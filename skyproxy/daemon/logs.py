@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, TextIO
 
-__all__ = ["LEVELS", "configure_logging", "is_journal_stream", "syslog_priority"]
+__all__ = ["LEVELS", "configure_logging", "escape_controls", "is_journal_stream", "syslog_priority"]
 
 LOGGER_NAME = "skyproxy"
 
@@ -91,7 +92,28 @@ class _Handler(_StreamHandler):
     """Marks the handler configure_logging owns, so a second call finds it."""
 
 
-class _PlainFormatter(logging.Formatter):
+# Client-controlled values (paths, headers) reach log messages; a newline in one would
+# let a client write a line of its own choosing, forged time and level included.
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+class _SafeFormatter(logging.Formatter):
+    """Escapes control characters in the message; a traceback keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
+class _PlainFormatter(_SafeFormatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -101,7 +123,7 @@ class _PlainFormatter(logging.Formatter):
         return f"{stamp}.{int(record.msecs):03d}Z"
 
 
-class _JournalFormatter(logging.Formatter):
+class _JournalFormatter(_SafeFormatter):
     def __init__(self) -> None:
         super().__init__("%(name)s %(levelname)s %(message)s")
 

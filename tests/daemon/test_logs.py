@@ -255,3 +255,46 @@ def test_subprocess_inheriting_journal_stream() -> None:
     match = PLAIN.fullmatch(err.rstrip("\n"))
     assert match is not None, err
     assert match.group(2, 3, 4) == ("skyproxy.upstream", "ERROR", "upstream down")
+
+
+# -- forged lines ---------------------------------------------------------------------------
+
+FORGED = "/v1/x\n2099-01-01T00:00:00.000Z skyproxy INFO forged line\r\x1b[2K\u2028"
+
+
+def test_control_characters_in_a_message_cannot_start_a_line() -> None:
+    buf = io.StringIO()
+    configure_logging("info", stream=buf, environ={})
+    logging.getLogger("skyproxy").warning("refused GET %s", FORGED)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(r"/v1/x\x0a2099-01-01T00:00:00.000Z skyproxy INFO forged line\x0d\x1b[2K\u2028")
+
+
+def test_control_characters_are_escaped_for_journald_too(journal_file: TextIO) -> None:
+    configure_logging(stream=journal_file, environ=journal_env(journal_file))
+    logging.getLogger("skyproxy").warning("refused GET %s", FORGED)
+    assert lines_of(journal_file) == [
+        r"<4>skyproxy WARNING refused GET /v1/x\x0a2099-01-01T00:00:00.000Z skyproxy INFO forged line"
+        r"\x0d\x1b[2K\u2028"
+    ]
+
+
+def test_a_percent_encoded_newline_in_a_refused_path_writes_one_line(tmp_path: Path, run_daemon) -> None:  # type: ignore[no-untyped-def]
+    import socket as sockets
+
+    from helpers import env_config, free_port, write_config
+
+    port = free_port()
+    daemon = run_daemon(write_config(tmp_path, env_config("mock", listen=f"127.0.0.1:{port}")), port)
+    target = "/v1/x%0a2099-01-01T00:00:00.000Z%20skyproxy%20INFO%20forged%20line"
+    with sockets.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {target} HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode())
+        assert conn.recv(65536).startswith(b"HTTP/1.1 403")
+    deadline = time.monotonic() + 10
+    while "host_not_allowed" not in daemon.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refused = [line for line in daemon.stderr().splitlines() if "host_not_allowed" in line]
+    assert len(refused) == 1, daemon.stderr()
+    assert r"/v1/x\x0a2099-01-01T00:00:00.000Z skyproxy INFO forged line" in refused[0]
+    assert not any(line.startswith("2099-") for line in daemon.stderr().splitlines())
