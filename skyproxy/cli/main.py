@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.server.log_level)
     notifier = Notifier.from_environ()
-    server = Supervisor(settings, notifier, own_gc=True)  # a daemon's own process
+    server = Supervisor(settings, notifier, own_process=True)  # a daemon's own process
     try:
         _run(server.run(), settings.server.event_loop)
     except StartupError as exc:

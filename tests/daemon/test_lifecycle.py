@@ -302,7 +302,7 @@ async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, c
         assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     finally:
         await embedded.stop()
-    daemon = Supervisor(config.load(path), own_gc=True)
+    daemon = Supervisor(config.load(path), own_process=True)
     await daemon.start()
     try:
         # What start() built (the runtime, the servers) is frozen, not walked by every
