@@ -8,7 +8,6 @@ upstream error body that echoes the key has it replaced by the fingerprint.
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
+from skyproxy import codings
 from skyproxy.config import ServerSettings
 from skyproxy.http1.client import Client, ConnectTimeout, Origin, Response, UpstreamError
 from skyproxy.proxy.deadlines import Deadline, Deadlines
@@ -64,7 +64,8 @@ _DROP_RESPONSE = frozenset(
         "x-request-id",
     )
 )
-_SAFE_ENCODINGS = (b"gzip", b"deflate", b"identity")
+# Only codings the relay can undo, so an error body can always be scrubbed of the key.
+_SAFE_ENCODINGS = frozenset(c.encode() for c in codings.DECODABLE) | {b"identity"}
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
@@ -108,7 +109,6 @@ def outbound_head(raw: RawHeaders, key: bytes, request_id: str, user_header: byt
             continue
         out += b"%s: %s\r\n" % (name, value)
     if accept:
-        # Only encodings we can undo, so an error body can always be scrubbed of the key.
         tokens = (t.strip() for v in accept for t in v.split(b","))
         safe = [t for t in tokens if t.split(b";")[0].strip().lower() in _SAFE_ENCODINGS]
         if safe:
@@ -287,7 +287,7 @@ async def _relay_scrubbed(
 ) -> web.StreamResponse:
     headers = response.headers
     headers.popall("Content-Length", None)
-    decoder = _decoder(headers.get("Content-Encoding"))
+    decoder = codings.decoder(headers.get("Content-Encoding"))
     if decoder is not None:
         del headers["Content-Encoding"]
     scrubber = Scrubber(key.encode(), fingerprint.encode())
@@ -305,14 +305,6 @@ async def _relay_scrubbed(
     await response.write(scrubber.finish())
     await response.write_eof()
     return response
-
-
-def _decoder(encoding: str | None) -> zlib._Decompress | None:
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
-    return None
 
 
 class Scrubber:

@@ -639,12 +639,12 @@ def key_echo_app(encode: str, pieces: int = 1) -> web.Application:
         text = f'{{"error": {{"message": "key {key} is not valid for this model; {key}{key}"}}}}'
         data = text.encode()
         headers = {"Content-Type": "application/json", "X-Debug": f"got {key}"}
-        if encode == "gzip":
+        if encode.lower() in ("gzip", "x-gzip"):
             data = gzip.compress(data)
-            headers["Content-Encoding"] = "gzip"
-        elif encode == "deflate":
+            headers["Content-Encoding"] = encode
+        elif encode.lower() == "deflate":
             data = zlib.compress(data)
-            headers["Content-Encoding"] = "deflate"
+            headers["Content-Encoding"] = encode
         response = web.StreamResponse(status=400, headers=headers)
         await response.prepare(request)
         size = -(-len(data) // pieces)
@@ -671,7 +671,17 @@ def decoded(headers: CIMultiDict[str], body: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("encode", "pieces"),
-    [("identity", 1), ("identity", 7), ("identity", 25), ("gzip", 1), ("gzip", 9), ("deflate", 5)],
+    [
+        ("identity", 1),
+        ("identity", 7),
+        ("identity", 25),
+        ("gzip", 1),
+        ("gzip", 9),
+        ("deflate", 5),
+        ("x-gzip", 3),
+        ("GZIP", 3),  # coding names are case-insensitive
+        ("Deflate", 1),
+    ],
 )
 async def test_key_in_an_upstream_error_is_replaced_by_the_fingerprint(
     encode, pieces, raw_upstream, start_proxy, canary_env
