@@ -6,11 +6,12 @@ state is recorded once per prediction, however often a client polls.
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from typing import Any, Literal
 
 import orjson
+
+from skyproxy import codings
 
 Kind = Literal["create", "poll", "cancel"]
 
@@ -47,13 +48,11 @@ def parse_json(body: bytes | bytearray | None, encoding: str | None) -> dict[str
     """A small JSON object body, or None for anything else (streams, lists, truncated)."""
     if not body:
         return None
-    raw = body
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        try:
-            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-            raw = zlib.decompress(raw, wbits)
-        except zlib.error:
-            return None
+    # Decoded, no larger than the most the proxy keeps of a plain body: a coded body is
+    # parsed only where the same body sent plain would have been.
+    raw = codings.decode(body, encoding, 65_536)
+    if raw is None:
+        return None
     if raw.startswith(b"data:"):
         return _first_sse_event(raw)
     try:
