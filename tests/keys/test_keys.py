@@ -18,7 +18,9 @@ from helpers import CANARY, assert_no_canary, skyproxy_command, write_config
 
 from skyproxy.config import KeySpec
 from skyproxy.errors import KeySourceError
-from skyproxy.keys.sources import SERVICE, Secret, fingerprint, resolve
+from skyproxy.keys.secret import Secret, fingerprint
+from skyproxy.keys.sources import resolve
+from skyproxy.keys.store import SERVICE
 
 FINGERPRINT = re.compile(r"[0-9a-f]{8}\.\..{4}")
 
