@@ -12,18 +12,15 @@ from typing import Any, Literal
 import orjson
 
 from skyproxy import codings
+from skyproxy.audit.record import TERMINAL
 
 Kind = Literal["create", "poll", "cancel"]
 
 CREATE_PATHS = frozenset(
     {"/v1/predictions", "/v1/predict", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"}
 )
-TERMINAL = {
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "canceled": "canceled",
-    "cancelled": "canceled",
-}
+# The upstream's spellings of a terminal status, each mapped to the audit's.
+_TERMINAL_SPELLINGS = {status: status for status in TERMINAL} | {"cancelled": "canceled"}
 _TERMINAL_MARKERS = (b"succeeded", b"failed", b"cancel")
 
 
@@ -106,7 +103,7 @@ def status_of(obj: dict[str, Any] | None) -> str | None:
     if obj.get("success") is True and "status" not in obj:
         return "canceled"
     status = obj.get("status")
-    return TERMINAL.get(status) if isinstance(status, str) else None
+    return _TERMINAL_SPELLINGS.get(status) if isinstance(status, str) else None
 
 
 class Tracker:

@@ -13,7 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyproxy.audit import events
-from skyproxy.audit.writer import AuditRecord
+from skyproxy.audit.record import AuditRecord
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
 from skyproxy.proxy.exchange import Outcome

@@ -35,7 +35,7 @@ from helpers.http import (
 from multidict import CIMultiDict
 from yarl import URL
 
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 
 FINGERPRINT = fingerprint(CANARY)
 USER = {"X-User-Id": "alice"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import CANARY
 
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 from skyproxy.proxy.scrub import Scrubber
 
 FINGERPRINT = fingerprint(CANARY)
