@@ -17,9 +17,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     configure_logging(settings.server.log_level)
     notifier = Notifier.from_environ()
-    server = Supervisor(settings, notifier, own_process=True)  # a daemon's own process
+    supervisor = Supervisor(settings, notifier, own_process=True)  # a daemon's own process
     try:
-        _run(server.run(), settings.server.event_loop)
+        _run(supervisor.run(), settings.server.event_loop)
     except StartupError as exc:
         print(f"skyproxy: cannot start:\n{exc}", file=sys.stderr)
         return EXIT_KEY

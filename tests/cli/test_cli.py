@@ -401,3 +401,18 @@ def test_key_commands_offer_no_option_for_the_key(action: str) -> None:
     options = {word.strip(",[]()") for word in result.stdout.split() if word.startswith(("-", "[-", "(-"))}
     allowed = {"-h", "--help", "--stdin", "-c", "--config", "CONFIG", "--timeout", "TIMEOUT"}
     assert options <= allowed, options
+
+
+@pytest.mark.parametrize("action", [["rotate", "dev", "--stdin"], ["rollback", "dev"]])
+def test_rotation_without_a_config_says_it_needs_one(tmp_path: Path, action: list[str]) -> None:
+    if Path("/etc/skyproxy/skyproxy.toml").exists():
+        pytest.skip("this machine has a system-wide config")
+    env = {
+        "HOME": str(tmp_path),
+        "SKYPROXY_CONFIG": "",
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+    }
+    result = run("key", *action, env=env, stdin=CANARY + "\n", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "skyproxy: rotation needs the config (-c FILE) to find the upstream and daemon\n"
+    assert_no_canary(result.stdout, result.stderr)
