@@ -259,6 +259,7 @@ def test_serve_port_taken_exits_non_zero(tmp_path: Path) -> None:
         result = run("serve", "-c", str(path))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "is another skyproxy running?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
