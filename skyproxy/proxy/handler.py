@@ -80,7 +80,10 @@ class ProxyHandler:
         if refused is not None:
             return self._count(refused, path)
         # forward, which relays the answer as it comes
-        outcome = await forward(self._route_for(call), call)
+        route = self._route
+        if route is None or self._routed is not env:
+            route = self._new_route(call)
+        outcome = await forward(route, call)
         failure = outcome.failure
         response = outcome.response if failure is None else _failed(call, failure)
         assert response is not None  # forward() returns an answer or a failure
@@ -126,21 +129,19 @@ class ProxyHandler:
         failure = body.refusal(request, runtime.settings.server.max_body_bytes)
         return None if failure is None else _failed(call, failure)
 
-    def _route_for(self, call: Call) -> Route:
-        """The environment's route under the call's generation, built once per generation."""
-        route = self._route
-        if route is None or self._routed is not call.env:
-            server = call.runtime.settings.server
-            route = self._route = Route(
-                client=self.client,
-                origin=call.env.origin,
-                key=call.env.key,
-                user_header=call.env.user_header_raw,
-                max_body_bytes=server.max_body_bytes,
-                timeout=server.upstream_timeout,
-                deadlines=self.state.deadlines,
-            )
-            self._routed = call.env
+    def _new_route(self, call: Call) -> Route:
+        """The environment's route under the call's generation: built on its first request."""
+        server = call.runtime.settings.server
+        route = self._route = Route(
+            client=self.client,
+            origin=call.env.origin,
+            key=call.env.key,
+            user_header=call.env.user_header_raw,
+            max_body_bytes=server.max_body_bytes,
+            timeout=server.upstream_timeout,
+            deadlines=self.state.deadlines,
+        )
+        self._routed = call.env
         return route
 
     def _refuse(self, refusal: Refusal, request: web.BaseRequest, request_id: str) -> web.StreamResponse:

@@ -382,6 +382,29 @@ async def test_body_too_large_by_content_length(mock_upstream, start_proxy, cana
     assert ok[0] == 200 and json.loads(ok[2])["size"] == 1024
 
 
+async def test_a_reload_routes_the_next_request_by_the_new_generation(
+    raw_upstream, start_proxy, canary_env, monkeypatch
+):
+    # The route upstream (origin, key, body limit, timeout) is built once per generation:
+    # the first request after a reload must see every one of the new values.
+    first, second = Recorder(), Recorder()
+    first_url, second_url = await raw_upstream(first.app()), await raw_upstream(second.app())
+    proxy = await start_proxy(env_config(first_url, server="max_body_bytes = 1024"))
+    answer = await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 2000)
+    assert_error(413, "body_too_large", answer)
+    assert (await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 1000))[0] == 200
+
+    monkeypatch.setenv("SKYPROXY_OTHER_KEY", "sk-other-" + "k" * 24)
+    other = env_config(second_url, key='key = "env:SKYPROXY_OTHER_KEY"', server="max_body_bytes = 4096")
+    proxy.state.runtime.settings.path.write_text(other)
+    assert await proxy.state.reload() is None
+    assert (await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 2000))[0] == 200
+    assert len(first.requests) == 1 and len(second.requests) == 1
+    headers = dict((name.lower(), value) for name, value in second.requests[0][2])
+    assert headers[b"x-api-key"] == b"sk-other-" + b"k" * 24
+    assert second.requests[0][3] == b"x" * 2000
+
+
 async def _expecting(proxy_url: str, extra: list[tuple[str, str]], body: bytes) -> tuple[bytes, RawResponse]:
     """Sends a head with `Expect: 100-continue`, waits for the interim answer, then the body.
 
