@@ -382,6 +382,30 @@ async def test_body_too_large_by_content_length(mock_upstream, start_proxy, cana
     assert ok[0] == 200 and json.loads(ok[2])["size"] == 1024
 
 
+async def test_a_413_closes_the_connection_its_unread_body_is_on(mock_upstream, start_proxy, canary_env):
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url, server="max_body_bytes = 1024"))
+    target = URL(proxy.url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = [("Host", host_of(proxy.url)), ("Content-Length", "5000"), ("Content-Type", "text/plain")]
+        writer.write(http_head("POST", "/v1/echo", head))
+        await writer.drain()
+        answer = await asyncio.wait_for(read_response(reader), 10)
+        assert_error(413, "body_too_large", answer)
+        assert answer.headers["Connection"].lower() == "close"
+        # The body comes late, and holds a request of its own: it must get no answer.
+        smuggled = http_head("GET", "/v1/models", [("Host", host_of(proxy.url))])
+        writer.write(smuggled + b"x" * (5000 - len(smuggled)) + smuggled)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert not state.seen
+
+
 async def test_a_reload_routes_the_next_request_by_the_new_generation(
     raw_upstream, start_proxy, canary_env, monkeypatch
 ):
