@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from skyproxy.config.lines import line_of
+from skyproxy.config.redis_url import is_redis_url, parse_redis_url
 from skyproxy.config.settings import (
     DEFAULT_AUDIT_PATH,
     DEFAULT_RULE,
@@ -22,6 +23,7 @@ from skyproxy.config.settings import (
     PERIODS,
     SEARCH_PATH,
     AuditSettings,
+    ClusterSettings,
     EnvironmentSettings,
     KeySpec,
     KeysSettings,
@@ -110,6 +112,11 @@ class _Parser:
     def expected(self, field_path: str, what: str, got: object) -> ConfigError:
         return self.error(field_path, f"expected {what}, got {_show(got)}")
 
+    def missing(self, table: str, key: str, what: str) -> ConfigError:
+        """A required key that is absent: the line of its table, where it belongs."""
+        line = line_of(self.text, table)
+        return ConfigError(f"missing: {what}", file=self.path, line=line, field=_join(table, key))
+
     # -- typed getters ------------------------------------------------------------------
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
@@ -192,7 +199,7 @@ class _Parser:
     # -- tables -------------------------------------------------------------------------
     def settings(self, data: dict[str, Any]) -> Settings:
         self.check_keys(
-            data, "", {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock"}
+            data, "", {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "cluster"}
         )
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
@@ -207,6 +214,7 @@ class _Parser:
             pricing=self.pricing(self.table(data, "pricing", "")),
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
+            cluster=self.cluster(data),
         )
 
     def server(self, data: dict[str, Any]) -> ServerSettings:
@@ -459,6 +467,71 @@ class _Parser:
     def mock(self, data: dict[str, Any]) -> MockSettings:
         self.check_keys(data, "mock", {"delay"})
         return MockSettings(delay=self.number(data, "delay", "mock", MockSettings().delay))
+
+    def cluster(self, data: dict[str, Any]) -> ClusterSettings | None:
+        if "cluster" not in data:
+            return None
+        w = "cluster"
+        table = self.table(data, "cluster", "")
+        self.check_keys(table, w, {"redis", "on_error", "timeout_ms", "prefix"})
+        if "on_error" not in table:
+            raise self.missing(
+                w,
+                "on_error",
+                'choose "closed" (answer 503 while Redis is unavailable) '
+                'or "open" (serve without the shared limits)',
+            )
+        on_error = self.choice(table, "on_error", w, ("closed", "open"), "closed")
+        prefix = self.get(table, "prefix", w, str, _default(ClusterSettings, "prefix"), "a key prefix")
+        if not re.fullmatch(r"[\x21-\x7e]{1,64}", prefix):
+            raise self.expected(f"{w}.prefix", "1 to 64 printable characters without spaces", prefix)
+        spec, url = self.redis_source(table, w)
+        timeout = _default(ClusterSettings, "timeout_ms")
+        return ClusterSettings(
+            on_error=on_error,
+            redis=spec,
+            redis_url=url,
+            timeout_ms=self.number(table, "timeout_ms", w, timeout, minimum=1, maximum=60_000),
+            prefix=prefix,
+        )
+
+    def redis_source(self, table: dict[str, Any], where: str) -> tuple[KeySpec | None, str]:
+        """A key source for a URL that may hold a password, or a literal URL without one.
+
+        The value is never echoed: it may be a URL with its password in it.
+        """
+        field_path = f"{where}.redis"
+        raw = table.get("redis")
+        if raw is None:
+            raise self.missing(where, "redis", 'a key source such as "env:SKYPROXY_REDIS_URL"')
+        if not isinstance(raw, str):
+            raise self.expected(field_path, "a key source or a redis:// URL", raw)
+        if is_redis_url(raw):
+            try:
+                location = parse_redis_url(raw)
+            except ValueError as exc:
+                raise self.error(field_path, str(exc)) from None
+            if location.has_credentials:
+                raise self.error(
+                    field_path,
+                    "a user or password in the URL is not allowed here; put the URL in a key source "
+                    '("env:VAR", "file:/path", "credential:NAME" or "keyring")',
+                )
+            return None, raw
+        kind, _, arg = raw.partition(":")
+        if kind == "keyring":
+            return KeySpec("keyring", arg), ""
+        if kind == "env" and arg:
+            return KeySpec("env", arg), ""
+        if kind == "credential" and arg:
+            return KeySpec("credential", arg), ""
+        if kind == "file" and arg:
+            return KeySpec("file", str(self.file_path(arg, field_path))), ""
+        raise self.error(
+            field_path,
+            'expected a key source ("env:VAR", "file:/path", "credential:NAME" or "keyring") '
+            "or a redis://, rediss:// or unix:// URL without a password",
+        )
 
 
 def _default(cls: type, name: str) -> Any:
