@@ -34,7 +34,14 @@ UPPER_MODULES = (
     "skyproxy.ops.admin",
 )
 # Leaves: whole packages and single modules the hot path and the CLI build on.
-LEAF_PREFIXES = ("skyproxy.keys", "skyproxy.audit", "skyproxy.http1", "skyproxy.config", "skyproxy.errors")
+LEAF_PREFIXES = (
+    "skyproxy.keys",
+    "skyproxy.audit",
+    "skyproxy.http1",
+    "skyproxy.config",
+    "skyproxy.errors",
+    "skyproxy.cluster",
+)
 LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
@@ -126,6 +133,7 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.proxy.limits",
         "skyproxy.ops.metrics",
         "skyproxy.codings",
+        "skyproxy.cluster.node",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:
