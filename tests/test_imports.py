@@ -42,7 +42,13 @@ LEAF_PREFIXES = (
     "skyproxy.errors",
     "skyproxy.webhooks",
 )
-LEAF_MODULES = ("skyproxy.ops.metrics", "skyproxy.proxy.guard", "skyproxy.proxy.limits")
+LEAF_MODULES = (
+    "skyproxy.ops.metrics",
+    "skyproxy.proxy.guard",
+    "skyproxy.proxy.limits",
+    "skyproxy.proxy.bucket",
+    "skyproxy.codings",
+)
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
 
 _PROBE = """
@@ -126,6 +132,7 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.audit.writer",
         "skyproxy.proxy.limits",
         "skyproxy.ops.metrics",
+        "skyproxy.codings",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

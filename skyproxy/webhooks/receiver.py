@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.webhooks import payload
 from skyproxy.webhooks.signing import SKYTELLS_HEADER, verify_skytells

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from skyproxy.config import KeySpec, Settings, WebhookSettings
 from skyproxy.errors import KeySourceError, KeyStoreError, SkyproxyError
-from skyproxy.keys.sources import Secret, keyring_username, load_stored, resolve, store
+from skyproxy.keys import store as keyring_store
+from skyproxy.keys.secret import Secret
+from skyproxy.keys.sources import resolve
 from skyproxy.webhooks.signing import SigningKeys, SigningSecret, new_secret
 
 log = logging.getLogger("skyproxy")
@@ -47,7 +49,7 @@ def verifiers(settings: Settings, keys: Mapping[str, Secret]) -> dict[str, tuple
             continue
         accepted = [keys[name]]
         if env.key.kind == "keyring":
-            previous = _previous_key(keyring_username(name, env.key))
+            previous = _previous_key(keyring_store.username(name, env.key))
             if previous is not None and previous != keys[name]:
                 accepted.append(previous)
         result[name] = tuple(accepted)
@@ -56,7 +58,7 @@ def verifiers(settings: Settings, keys: Mapping[str, Secret]) -> dict[str, tuple
 
 def _previous_key(username: str) -> Secret | None:
     try:
-        return load_stored(f"{username}@previous")
+        return keyring_store.load(f"{username}@previous")
     except KeyStoreError as exc:
         log.warning(
             "cannot read %s@previous from the keyring (%s): only the current key verifies", username, exc
@@ -93,7 +95,7 @@ def _signing(spec: KeySpec, text: str) -> SigningSecret:
 def _read_previous(spec: KeySpec) -> str | None:
     try:
         if spec.kind == "keyring":
-            found = load_stored(f"{spec.arg}@previous")
+            found = keyring_store.load(f"{spec.arg}@previous")
             return found.reveal() if found else None
         return Path(spec.arg + ".previous").read_text(encoding="utf-8").strip() or None
     except (KeyStoreError, OSError):
@@ -135,7 +137,7 @@ def create(webhooks: WebhookSettings, rotate: bool) -> Created:
 
 def _current_or_none(spec: KeySpec) -> str | None:
     if spec.kind == "keyring":
-        found = load_stored(spec.arg)
+        found = keyring_store.load(spec.arg)
         return found.reveal() if found else None
     try:
         return Path(spec.arg).read_text(encoding="utf-8").strip() or None
@@ -147,7 +149,7 @@ def _current_or_none(spec: KeySpec) -> str | None:
 
 def _write(spec: KeySpec, text: str, *, previous: bool) -> None:
     if spec.kind == "keyring":
-        store(f"{spec.arg}@previous" if previous else spec.arg, text)
+        keyring_store.save(f"{spec.arg}@previous" if previous else spec.arg, Secret(text))
         return
     path = Path(spec.arg + ".previous" if previous else spec.arg)
     try:

@@ -12,7 +12,7 @@ from helpers import CANARY
 from helpers.webhooks import Hooks
 
 from skyproxy.config.settings import DEFAULT_ALLOWED_TARGETS
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 from skyproxy.webhooks.receiver import Arrival, Receiver, ReceiverConfig
 from skyproxy.webhooks.relay import Relay, RelayConfig
 from skyproxy.webhooks.signing import SigningKeys, SigningSecret, new_secret

@@ -10,7 +10,7 @@ import pytest
 from helpers import CANARY, assert_no_canary, write_config
 
 from skyproxy import config
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 from skyproxy.webhooks import secrets
 from skyproxy.webhooks.signing import SigningSecret, new_secret
 
@@ -81,10 +81,10 @@ def test_an_env_secret_is_printed_for_the_user_to_store(
 def test_the_previous_key_in_the_keyring_verifies_during_a_rotation(
     tmp_path: Path, secret_service: dict[str, str]
 ) -> None:
-    from skyproxy.keys.sources import store
+    from skyproxy.keys import store
 
-    store("hooks-env", "sk-current-key")
-    store("hooks-env@previous", "sk-previous-key")
+    store.save("hooks-env", Secret("sk-current-key"))
+    store.save("hooks-env@previous", Secret("sk-previous-key"))
     text = '[environments.k]\nlisten = ["127.0.0.1:1"]\nkey = "keyring:hooks-env"\n[webhooks]\n'
     found = secrets.verifiers(
         settings(tmp_path, text), {"dev": Secret(CANARY), "k": Secret("sk-current-key")}
