@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from skyproxy.mock import webhooks
+
 PRICES = {"truefusion-pro": 0.03, "truefusion": 0.02, "lumo": 1.12}
 _UNAUTHORIZED = {
     "status": False,
@@ -54,10 +56,12 @@ MOCK_STATE = web.AppKey("mock_state", MockState)
 def create_mock_app(accepted_keys: Iterable[str], delay: float = 2.0) -> web.Application:
     app = web.Application(middlewares=[_auth], client_max_size=1024**3)
     app[MOCK_STATE] = MockState(set(accepted_keys), delay)
+    app.cleanup_ctx.append(webhooks.sender)
     app.router.add_post("/v1/predictions", _create)
     app.router.add_post("/v1/predict", _create)
     app.router.add_get("/v1/predictions", _list)
     app.router.add_get("/v1/predictions/{id}", _get)
+    app.router.add_get("/v1/predictions/{id}/stream", _stream)
     app.router.add_post("/v1/predictions/{id}/cancel", _cancel)
     app.router.add_delete("/v1/predictions/{id}", _delete)
     app.router.add_get("/v1/models", _models)
@@ -108,13 +112,28 @@ async def _create(request: web.Request) -> web.Response:
         "output": None,
         "error": None,
         "created_at": _now(),
-        "urls": {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream"},
+        "urls": {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream", "delete": base},
         "metrics": {},
         "metadata": {"billing": {"credits_used": 0}},
         "_created": time.monotonic(),
     }
     state.predictions[pid] = prediction
+    url = webhooks.url_of(body)
+    if url is not None:
+        key = request.headers.get("x-api-key", "")  # Skytells signs with the key that created it
+        webhooks.deliver(
+            request.app, url, key, lambda: _public(prediction), lambda: _finish(state, prediction)
+        )
     return web.json_response(_public(prediction), status=201)
+
+
+async def _finish(state: MockState, prediction: dict[str, Any]) -> None:
+    """Waits until the prediction is done, as a poll would find it."""
+    while True:
+        _advance(state, prediction)
+        if prediction["status"] in ("succeeded", "failed", state.cancel_spelling):
+            return
+        await asyncio.sleep(max(state.delay - (time.monotonic() - prediction["_created"]), 0.01))
 
 
 def _public(prediction: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +164,24 @@ async def _get(request: web.Request) -> web.Response:
         return _error(404, "PREDICTION_NOT_FOUND", "Prediction not found")
     _advance(state, prediction)
     return web.json_response(_public(prediction))
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """The prediction's states as server-sent events, until it is done."""
+    state = request.app[MOCK_STATE]
+    prediction = state.predictions.get(request.match_info["id"])
+    if prediction is None:
+        return _error(404, "PREDICTION_NOT_FOUND", "Prediction not found")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    while True:
+        _advance(state, prediction)
+        await response.write(f"data: {json.dumps(_public(prediction))}\n\n".encode())
+        if prediction["status"] in ("succeeded", "failed", state.cancel_spelling):
+            break
+        await asyncio.sleep(max(state.stream_interval, 0.01))
+    await response.write_eof()
+    return response
 
 
 async def _cancel(request: web.Request) -> web.Response:

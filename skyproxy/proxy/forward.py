@@ -69,19 +69,25 @@ async def forward(
     fingerprint: str,
     exchange: Outcome,
     deadlines: Deadlines,
+    read_body: bytes | None = None,
+    links: tuple[str, str] | None = None,
 ) -> web.StreamResponse | None:
-    """Run the exchange. Returns the response sent, or None with `exchange.failure` set."""
+    """Run the exchange. Returns the response sent, or None with `exchange.failure` set.
+
+    `read_body` is a body the handler already read (and may have rewritten); `links` is
+    (upstream origin, proxy origin) when answer links are to be moved to the proxy.
+    """
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline: Deadline | None = None
     upstream: Response | None = None
     try:
-        body, length = await _body(request, server, exchange)
+        body, length = (read_body, None) if read_body is not None else await _body(request, server, exchange)
         deadline = deadlines.arm(server.upstream_timeout)
         # The target goes on as the client encoded it: no re-quoting of path or query.
         upstream = await client.request(request.method, origin, request.raw_path, head, body, length)
         exchange.status = upstream.status
-        response = await relay(request, upstream, reply_headers, key, fingerprint, exchange)
+        response = await relay(request, upstream, reply_headers, key, fingerprint, exchange, links)
     except asyncio.CancelledError:
         if deadline is None or not deadline.fired:
             raise  # a shutdown's or a client's cancellation, not ours to turn into a 504

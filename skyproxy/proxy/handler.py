@@ -16,6 +16,7 @@ from skyproxy.audit import events
 from skyproxy.audit.record import AuditRecord
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
+from skyproxy.proxy import creates, links
 from skyproxy.proxy.exchange import Outcome
 from skyproxy.proxy.forward import forward
 from skyproxy.proxy.guard import Refusal
@@ -146,10 +147,19 @@ class ProxyHandler:
             )
             too_large.force_close()
             return too_large
+        body: bytes | None = None
+        book = self.state.webhooks
+        if book is not None and kind == "create" and request.path in creates.CREATE_PATHS:
+            limit = server.max_body_bytes
+            prepared = await creates.prepare(request, book, env.name, user, request_id, limit, reply)
+            if isinstance(prepared, web.Response):
+                return prepared
+            body = prepared
         exchange = Outcome(
-            request_prefix=bytearray() if kind == "create" else None,
+            request_prefix=body if body is not None else bytearray() if kind == "create" else None,
             response_prefix=bytearray() if kind is not None else None,
         )
+        rewrite = (env.base_url, "http://" + request.host) if links.is_prediction_path(request.path) else None
         key = env.key.reveal()
         head = outbound_head(request.raw_headers, key.encode(), request_id, env.user_header_raw)
         response: web.StreamResponse | None = await forward(
@@ -163,6 +173,8 @@ class ProxyHandler:
             env.key.fingerprint,
             exchange,
             self.state.deadlines,
+            body,
+            rewrite,
         )
         self._observe(env, exchange)
         if exchange.failure is not None and response is None:

@@ -88,7 +88,12 @@ async def test_create_answers_201_with_a_starting_prediction(path, mock):
     assert body["error"] is None
     assert iso_z(body["created_at"])
     base = f"{mock.base}/v1/predictions/{body['id']}"
-    assert body["urls"] == {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream"}
+    assert body["urls"] == {
+        "get": base,
+        "cancel": f"{base}/cancel",
+        "stream": f"{base}/stream",
+        "delete": base,
+    }
     assert body["metrics"] == {}
     assert body["metadata"]["billing"]["credits_used"] == 0
     assert not any(k.startswith("_") for k in body)
