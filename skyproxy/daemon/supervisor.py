@@ -108,7 +108,7 @@ class Supervisor:
         count = sum(len(env.settings.listen) for env in runtime.environments.values())
         cap = fds.connection_cap(runtime.settings.server.max_connections, count)
         if cap < runtime.settings.server.max_connections:
-            log.warning(
+            log.info(
                 "max_connections lowered from %d to %d per listener to fit the open-file limit (%d)",
                 runtime.settings.server.max_connections,
                 cap,
