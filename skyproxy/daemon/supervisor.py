@@ -123,7 +123,7 @@ class Supervisor:
         count = sum(len(env.settings.listen) for env in runtime.environments.values())
         cap = fds.connection_cap(runtime.settings.server.max_connections, count)
         if cap < runtime.settings.server.max_connections:
-            log.warning(
+            log.info(
                 "max_connections lowered from %d to %d per listener to fit the open-file limit (%d)",
                 runtime.settings.server.max_connections,
                 cap,
@@ -222,6 +222,7 @@ class Supervisor:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
+        log.info("stopped")
 
     def _reopen_audit(self) -> None:
         if self.state is not None:

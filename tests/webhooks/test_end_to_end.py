@@ -258,7 +258,8 @@ async def test_links_work_through_the_proxy(
     status, _, got = await fetch(proxy.session, "GET", urls["get"], headers=user)
     assert status == 200 and json.loads(got)["id"] == json.loads(raw)["id"]
     assert json.loads(got)["urls"] == urls
-    status, _, streamed = await fetch(proxy.session, "GET", urls["stream"], headers=user)
+    sse = {**user, "Accept": "text/event-stream"}
+    status, _, streamed = await fetch(proxy.session, "GET", urls["stream"], headers=sse)
     assert status == 200 and streamed.startswith(b"data: ") and b"succeeded" in streamed
     status, _, listed = await fetch(proxy.session, "GET", f"{proxy.url}/v1/predictions", headers=user)
     assert json.loads(listed)["data"][0]["urls"] == urls
