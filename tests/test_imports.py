@@ -41,6 +41,7 @@ LEAF_PREFIXES = (
     "skyproxy.config",
     "skyproxy.errors",
     "skyproxy.cluster",
+    "skyproxy.webhooks",
 )
 LEAF_MODULES = (
     "skyproxy.ops.metrics",
@@ -83,7 +84,7 @@ def imported() -> dict[str, list[str]]:
 
 
 def test_the_package_is_found() -> None:
-    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock"):
+    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock", "webhooks"):
         assert f"skyproxy.{folder}" in MODULES
     assert len(LEAVES) >= 12
     assert "skyproxy.proxy.handler" in MODULES

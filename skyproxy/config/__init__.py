@@ -22,6 +22,8 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    TargetPattern,
+    WebhookSettings,
 )
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "RateRule",
     "ServerSettings",
     "Settings",
+    "TargetPattern",
+    "WebhookSettings",
     "find_config",
     "load",
     "parse",
