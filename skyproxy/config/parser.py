@@ -14,9 +14,9 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from skyproxy.config import cluster as cluster_table
 from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
-from skyproxy.config.redis_url import is_redis_url, parse_redis_url
 from skyproxy.config.settings import (
     DEFAULT_AUDIT_PATH,
     DEFAULT_RULE,
@@ -495,67 +495,7 @@ class _Parser:
     def cluster(self, data: dict[str, Any]) -> ClusterSettings | None:
         if "cluster" not in data:
             return None
-        w = "cluster"
-        table = self.table(data, "cluster", "")
-        self.check_keys(table, w, {"redis", "on_error", "timeout_ms", "prefix"})
-        if "on_error" not in table:
-            raise self.missing(
-                w,
-                "on_error",
-                'choose "closed" (answer 503 while Redis is unavailable) '
-                'or "open" (serve without the shared limits)',
-            )
-        on_error = self.choice(table, "on_error", w, ("closed", "open"), "closed")
-        prefix = self.get(table, "prefix", w, str, _default(ClusterSettings, "prefix"), "a key prefix")
-        if not re.fullmatch(r"[\x21-\x7e]{1,64}", prefix):
-            raise self.expected(f"{w}.prefix", "1 to 64 printable characters without spaces", prefix)
-        spec, url = self.redis_source(table, w)
-        timeout = _default(ClusterSettings, "timeout_ms")
-        return ClusterSettings(
-            on_error=on_error,
-            redis=spec,
-            redis_url=url,
-            timeout_ms=self.number(table, "timeout_ms", w, timeout, minimum=1, maximum=60_000),
-            prefix=prefix,
-        )
-
-    def redis_source(self, table: dict[str, Any], where: str) -> tuple[KeySpec | None, str]:
-        """A key source for a URL that may hold a password, or a literal URL without one.
-
-        The value is never echoed: it may be a URL with its password in it.
-        """
-        field_path = f"{where}.redis"
-        raw = table.get("redis")
-        if raw is None:
-            raise self.missing(where, "redis", 'a key source such as "env:SKYPROXY_REDIS_URL"')
-        if not isinstance(raw, str):
-            raise self.expected(field_path, "a key source or a redis:// URL", raw)
-        if is_redis_url(raw):
-            try:
-                location = parse_redis_url(raw)
-            except ValueError as exc:
-                raise self.error(field_path, str(exc)) from None
-            if location.has_credentials:
-                raise self.error(
-                    field_path,
-                    "a user or password in the URL is not allowed here; put the URL in a key source "
-                    '("env:VAR", "file:/path", "credential:NAME" or "keyring")',
-                )
-            return None, raw
-        kind, _, arg = raw.partition(":")
-        if kind == "keyring":
-            return KeySpec("keyring", arg), ""
-        if kind == "env" and arg:
-            return KeySpec("env", arg), ""
-        if kind == "credential" and arg:
-            return KeySpec("credential", arg), ""
-        if kind == "file" and arg:
-            return KeySpec("file", str(self.file_path(arg, field_path))), ""
-        raise self.error(
-            field_path,
-            'expected a key source ("env:VAR", "file:/path", "credential:NAME" or "keyring") '
-            "or a redis://, rediss:// or unix:// URL without a password",
-        )
+        return cluster_table.cluster(self, self.table(data, "cluster", ""))
 
 
 def _default(cls: type, name: str) -> Any:

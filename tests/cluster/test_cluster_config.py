@@ -49,7 +49,7 @@ def test_the_issue_example_parses(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "spec", "url"),
     [
-        ("keyring", KeySpec("keyring", ""), ""),
+        ("keyring", KeySpec("keyring", "cluster"), ""),
         ("keyring:redis-prod", KeySpec("keyring", "redis-prod"), ""),
         ("credential:redis", KeySpec("credential", "redis"), ""),
         ("redis://10.0.0.5:6379/2", None, "redis://10.0.0.5:6379/2"),
