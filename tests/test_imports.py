@@ -48,6 +48,7 @@ LEAF_MODULES = (
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
     "skyproxy.proxy.bucket",
+    "skyproxy.proxy.shared_limits",
     "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
