@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Daemon, env_config, free_port, wait_healthy, write_config
 from helpers.redis_server import RedisServer, redis_binary
 
 from skyproxy.cluster.node import ClusterNode
@@ -57,3 +58,41 @@ async def make_node() -> AsyncIterator[Callable[..., object]]:
     yield make
     for node in nodes:
         await node.close()
+
+
+CLUSTER_TABLE = """
+[cluster]
+redis = "env:SKYPROXY_REDIS_URL"
+on_error = "{on_error}"
+timeout_ms = {timeout_ms}
+prefix = "{prefix}"
+"""
+
+
+@pytest.fixture
+def start_replicas(tmp_path: Path, run_daemon: Callable[..., Daemon]) -> Callable[..., list[Daemon]]:
+    """Starts replicas of `skyproxy serve`: one config each, alike but for the port."""
+
+    def start(
+        redis_url: str,
+        *,
+        count: int = 3,
+        on_error: str = "closed",
+        rules: str = "",
+        timeout_ms: int = 200,
+        prefix: str = "replicas:",
+    ) -> list[Daemon]:
+        daemons = []
+        cluster = CLUSTER_TABLE.format(on_error=on_error, timeout_ms=timeout_ms, prefix=prefix)
+        for _ in range(count):
+            folder = tmp_path / f"replica-{len(list(tmp_path.glob('replica-*')))}"
+            folder.mkdir()
+            port = free_port()
+            body = env_config("mock", key="", listen=f"127.0.0.1:{port}", rules=rules, extra=cluster)
+            path = write_config(folder, body)
+            daemons.append(run_daemon(path, port, env={"SKYPROXY_REDIS_URL": redis_url}, wait=False))
+        for daemon in daemons:
+            wait_healthy(daemon)
+        return daemons
+
+    return start
