@@ -28,6 +28,7 @@ __all__ = [
     "InFlightBackend",
     "InFlightDecision",
     "Lease",
+    "Outlook",
     "RateBackend",
     "RateDecision",
     "Reservation",
@@ -195,10 +196,25 @@ class Claim:
     payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    depth: int  # deliveries queued, claimed or not
+    next_due_in: float | None  # seconds until the next one may be claimed (0: now)
+    oldest_age: float | None  # seconds since the oldest was queued
+
+
 class WebhookClaims(Protocol):
+    lease_s: float  # how long a claim lasts unless renewed
+
     async def first_seen(self, key: str, ttl_s: float) -> bool:
         """True for the first replica to see `key` within `ttl_s`; False for a duplicate."""
         ...
+
+    async def accept(self, key: str, ttl_s: float, event_id: str, payload: bytes | None) -> bool:
+        """`first_seen` and `enqueue` as one step; a None payload is only marked seen."""
+        ...
+
+    async def outlook(self) -> Outlook: ...
 
     async def enqueue(self, event_id: str, payload: bytes, delay_s: float = 0.0) -> bool:
         """Queues a delivery; False if that event id is already queued."""

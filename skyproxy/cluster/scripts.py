@@ -255,16 +255,35 @@ return {tonumber(state[1]) or 0, tonumber(state[2]) or 0}
 
 # Webhook deliveries: an outbox every replica works from.
 #   due: zset event id -> when it may next be claimed (ms);  body: hash id -> payload;
-#   owner: hash id -> the replica holding its claim.
+#   owner: hash id -> the replica holding its claim;  queued: zset id -> when it was queued.
 # Claiming moves an event's due time to the end of the claim's lease, so an event whose
 # claimer died becomes due again, and another replica takes it over.
 
-# ARGV[1]: id, ARGV[2]: payload, ARGV[3]: delay (ms). Returns 0 if the id is already queued.
+# Queues an event unless its id is already queued. ARGV[1]: id, ARGV[2]: payload,
+# ARGV[3]: delay (ms). Returns 1, or 0 for an id already queued.
 OUTBOX_ENQUEUE = (
     _NOW_MS
     + """
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+return 1
+"""
+)
+
+# Deduplicates and queues in one step, so a replica that dies between the two cannot
+# leave an event marked seen but never queued. KEYS[5]: the dedupe key.
+# ARGV[1]: id, ARGV[2]: payload ('' only marks it seen), ARGV[3]: dedupe TTL (ms).
+# Returns 1 for the first arrival, 0 for a duplicate.
+OUTBOX_ACCEPT = (
+    _NOW_MS
+    + """
+if not redis.call('SET', KEYS[5], ARGV[1], 'NX', 'PX', ARGV[3]) then return 0 end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+  redis.call('ZADD', KEYS[4], now, ARGV[1])
+end
 return 1
 """
 )
@@ -285,6 +304,7 @@ for _, id in ipairs(due) do
     out[#out + 1] = payload
   else
     redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[4], id)
   end
 end
 return out
@@ -304,6 +324,7 @@ if step == 'finish' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
 elseif step == 'renew' then
   redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[4]), ARGV[1])
 else
@@ -312,5 +333,20 @@ else
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[5]) end
 end
 return 1
+"""
+)
+
+# The outbox at a glance: {queued, ms until the next is due (-1: none), age of the
+# oldest in ms (-1: none)}, measured on Redis' clock.
+OUTBOX_OUTLOOK = (
+    _NOW_MS
+    + """
+local depth = redis.call('ZCARD', KEYS[4])
+local next_due, oldest = -1, -1
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then next_due = math.max(0, tonumber(first[2]) - now) end
+local queued = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if queued[2] then oldest = math.max(0, now - tonumber(queued[2])) end
+return {depth, next_due, oldest}
 """
 )

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 
-from skyproxy.cluster.backend import Claim
+from skyproxy.cluster.backend import Claim, Outlook
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
-from skyproxy.cluster.scripts import OUTBOX_CLAIM, OUTBOX_ENQUEUE, OUTBOX_STEP
+from skyproxy.cluster.scripts import OUTBOX_ACCEPT, OUTBOX_CLAIM, OUTBOX_ENQUEUE, OUTBOX_OUTLOOK, OUTBOX_STEP
 
 __all__ = ["DEFAULT_CLAIM_LEASE_S", "RedisWebhooks"]
 
-DEFAULT_CLAIM_LEASE_S = 60.0
+DEFAULT_CLAIM_LEASE_S = 10.0  # renewed while an attempt runs; a dead replica's claim runs out
 
 
 def _ms(seconds: float) -> int:
@@ -39,10 +39,18 @@ class RedisWebhooks:
     ) -> None:
         self._connection = connection
         self.owner = owner or f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.lease_s = claim_lease_s
         self._lease_ms = max(1, _ms(claim_lease_s))
         key = connection.key
-        self._outbox = [key("webhooks", "due"), key("webhooks", "body"), key("webhooks", "owner")]
+        self._outbox = [
+            key("webhooks", "due"),
+            key("webhooks", "body"),
+            key("webhooks", "owner"),
+            key("webhooks", "queued"),
+        ]
         self._enqueue = connection.script(OUTBOX_ENQUEUE)
+        self._accept = connection.script(OUTBOX_ACCEPT)
+        self._outlook = connection.script(OUTBOX_OUTLOOK)
         self._claim = connection.script(OUTBOX_CLAIM)
         self._step = connection.script(OUTBOX_STEP)
 
@@ -67,6 +75,20 @@ class RedisWebhooks:
         added = await self._connection.run(self._enqueue, self._outbox, args)
         return int(added) == 1
 
+    async def accept(self, key: str, ttl_s: float, event_id: str, payload: bytes | None) -> bool:
+        seen = self._connection.key("webhooks", "seen", key)
+        args: list[ScriptArg] = [event_id, payload or b"", max(1, _ms(ttl_s))]
+        first = await self._connection.run(self._accept, [*self._outbox, seen], args)
+        return int(first) == 1
+
+    async def outlook(self) -> Outlook:
+        depth, next_due, oldest = await self._connection.run(self._outlook, self._outbox, [])
+        return Outlook(
+            int(depth),
+            None if int(next_due) < 0 else int(next_due) / 1000,
+            None if int(oldest) < 0 else int(oldest) / 1000,
+        )
+
     async def claim_due(self, limit: int) -> list[Claim]:
         args: list[ScriptArg] = [self.owner, self._lease_ms, limit]
         raw = await self._connection.run(self._claim, self._outbox, args)
@@ -82,8 +104,7 @@ class RedisWebhooks:
         return await self._next_step(event_id, "finish", 0)
 
     async def depth(self) -> int:
-        due = self._outbox[0]
-        return int(await self._connection.call(lambda redis: redis.zcard(due)))
+        return (await self.outlook()).depth
 
     async def _next_step(self, event_id: str, step: str, ms: int, payload: bytes = b"") -> bool:
         args: list[ScriptArg] = [event_id, self.owner, step, ms, payload]

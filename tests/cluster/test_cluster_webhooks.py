@@ -102,3 +102,23 @@ async def test_renew_keeps_a_claim_and_reschedule_hands_it_back(
 
     await eventually(retried, "the rescheduled delivery due again", deadline_s=5)
     assert claims == [("evt-1", b"attempt 2")]
+
+
+async def test_accept_deduplicates_and_queues_in_one_step(redis_server: RedisServer, make_node: Make) -> None:
+    nodes = [await make_node(redis_server.url) for _ in range(3)]
+    accepted = await asyncio.gather(
+        *(n.webhooks.accept("dev:r1:sha", 60, f"msg_{i}", b"payload") for i, n in enumerate(nodes * 3))
+    )
+    assert sorted(accepted) == [False] * 8 + [True]
+    winner = f"msg_{accepted.index(True)}"
+    outlook = await nodes[0].webhooks.outlook()
+    assert outlook.depth == 1
+    assert outlook.next_due_in == 0
+    assert outlook.oldest_age is not None and outlook.oldest_age < 5
+    assert [c.event_id for c in await nodes[1].webhooks.claim_due(10)] == [winner]
+    # Seen without a payload (a route that is gone): deduplicated, nothing queued.
+    assert await nodes[2].webhooks.accept("dev:r2:sha", 60, "msg_x", None)
+    assert not await nodes[2].webhooks.accept("dev:r2:sha", 60, "msg_y", None)
+    assert (await nodes[2].webhooks.outlook()).depth == 1
+    assert await nodes[1].webhooks.finish(winner)
+    assert await nodes[0].webhooks.outlook() == type(outlook)(0, None, None)
