@@ -104,7 +104,7 @@ class Supervisor:
     async def _start_webhooks(self, settings: Settings, keys: dict[str, Any], state: State) -> list[str]:
         if settings.webhooks is None:
             return []
-        self.webhooks = WebhookService(settings.webhooks, state)
+        self.webhooks = WebhookService(settings.webhooks, state, self.cluster)
         server = settings.server
         state.metrics.watch_webhooks(self.webhooks.stats)
         limits = ConnectionLimits(server.header_timeout, server.keepalive_timeout, server.max_connections)

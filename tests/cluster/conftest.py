@@ -81,14 +81,19 @@ def start_replicas(tmp_path: Path, run_daemon: Callable[..., Daemon]) -> Callabl
         rules: str = "",
         timeout_ms: int = 200,
         prefix: str = "replicas:",
+        upstream: str = "mock",
+        extra: Callable[[Path], str] | None = None,
     ) -> list[Daemon]:
+        """`extra(folder)` adds tables to a replica's config, written in its own folder."""
         daemons = []
         cluster = CLUSTER_TABLE.format(on_error=on_error, timeout_ms=timeout_ms, prefix=prefix)
+        key = "" if upstream == "mock" else 'key = "env:SKYPROXY_TEST_KEY"'
         for _ in range(count):
             folder = tmp_path / f"replica-{len(list(tmp_path.glob('replica-*')))}"
             folder.mkdir()
             port = free_port()
-            body = env_config("mock", key="", listen=f"127.0.0.1:{port}", rules=rules, extra=cluster)
+            tables = cluster + (extra(folder) if extra is not None else "")
+            body = env_config(upstream, key=key, listen=f"127.0.0.1:{port}", rules=rules, extra=tables)
             path = write_config(folder, body)
             daemons.append(run_daemon(path, port, env={"SKYPROXY_REDIS_URL": redis_url}, wait=False))
         for daemon in daemons:
