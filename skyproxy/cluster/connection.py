@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.url import RedisURL
@@ -168,7 +169,8 @@ class RedisConnection:
 
     # -- outages --------------------------------------------------------------------
     def _reason(self, exc: BaseException) -> str:
-        if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not str(exc):
+        # The sockets' timeout and the deadline around the call are the same: either may fire.
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError | RedisTimeout):
             return f"no answer within {self.timeout * 1000:g} ms"
         text = self.url.scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         return text[:_REASON_CHARS]
