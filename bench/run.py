@@ -49,6 +49,7 @@ TARGET_IDLE_RSS_MB = 60.0
 TARGET_STREAMS = 10_000
 TARGET_STREAMS_RSS_MB = 400.0
 TARGET_LIMITER_GROWTH_PCT = 10.0
+TARGET_LIMITER_STALL_P999_MS = 20.0
 TARGET_AUDIT_LINES_PER_S = 50_000.0
 TARGET_AUDIT_STALL_P99_MS = 5.0
 TARGET_COLD_START_MS = 300.0
@@ -1142,6 +1143,16 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         )
     else:
         skip("limiter, second million growth", t_lim, _skip_reason(lim, "no growth figure in run()"))
+    t_stall = f"p99.9 <= {TARGET_LIMITER_STALL_P999_MS:.0f} ms"
+    stall = find_number(lim, "loop_stall_p999_ms")
+    if stall is not None:
+        ok = stall <= TARGET_LIMITER_STALL_P999_MS
+        worst, full = find_number(lim, "loop_stall_max_ms"), find_number(lim, "gc_full_collect_ms_median")
+        note = f"worst {worst:.1f} ms; a full gc.collect() {full:.1f} ms (median)" if worst and full else ""
+        verdict = "PASS" if ok else "FAIL"
+        out.append(Verdict("limiter, 1M users loop stall", verdict, f"{stall:.2f} ms", t_stall, note))
+    else:
+        skip("limiter, 1M users loop stall", t_stall, _skip_reason(lim, "no stall figure in run()"))
 
     au = results.get("audit")
     t_au = f">= {TARGET_AUDIT_LINES_PER_S:,.0f} lines/s, p99 stall <= {TARGET_AUDIT_STALL_P99_MS:.0f} ms"
