@@ -48,7 +48,7 @@ from skyproxy.proxy.leaky import Bucket, UserBuckets
 __all__ = ["DEFAULT_MAX_BUCKETS_PER_RULE", "Limits", "Verdict"]
 
 # Hard cap on the per-user buckets of one (environment, rule). A bucket costs about
-# 0.2 KB with its key, so this bounds one rule at roughly 0.2 GB even under a flood of
+# 130 bytes with its key, so this bounds one rule at roughly 130 MB even under a flood of
 # distinct user ids that idle eviction alone cannot shed (all active within a period).
 DEFAULT_MAX_BUCKETS_PER_RULE = 1_000_000
 
