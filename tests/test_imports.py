@@ -46,7 +46,7 @@ LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
-    "skyproxy.proxy.bucket",
+    "skyproxy.proxy.leaky",
     "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
