@@ -47,7 +47,7 @@ LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
-    "skyproxy.proxy.bucket",
+    "skyproxy.proxy.leaky",
     "skyproxy.proxy.shared_limits",
     "skyproxy.codings",
 )

@@ -14,6 +14,8 @@ from typing import NoReturn
 from skyproxy import __version__
 from skyproxy.cli.audit import cmd_audit_summary
 from skyproxy.cli.common import EXIT_CONFIG, EXIT_KEY
+from skyproxy.cli.init import add_arguments as add_init_arguments
+from skyproxy.cli.init import cmd_init
 from skyproxy.cli.key import (
     cmd_key_delete,
     cmd_key_list,
@@ -74,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help=CONFIG_HELP)
         return p
 
+    init = sub.add_parser(
+        "init",
+        help="set up real keys and write a checked config",
+        description="set up real keys and "
+        "write a checked config: each key is read hidden, verified with one call, and stored",
+    )
+    add_init_arguments(init)
+    init.set_defaults(func=cmd_init)
     command("serve", "run the proxy").set_defaults(func=cmd_serve)
     command("check", "validate the config and resolve every key").set_defaults(func=cmd_check)
 
