@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -105,3 +106,17 @@ def test_mistakes_name_the_field_and_line(tmp_path: Path, body: str, field: str,
     lines = body.splitlines()
     at = [n for n, line in enumerate(lines, start=1) if line.startswith(f"{key} =")]
     assert caught.line == (at[0] if at else 1), str(caught)  # a missing key: its table's line
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "skyproxy.toml.example"
+
+
+def test_the_example_documents_cluster_with_its_defaults(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    block = text.split("\n# [cluster]\n", 1)[1].split("\n\n", 1)[0]
+    assignments = [line[2:] for line in block.splitlines() if re.fullmatch(r"# [a-z_]+ = .+", line)]
+    for name in ("redis", "on_error", "timeout_ms", "prefix"):
+        assert any(a.startswith(f"{name} = ") for a in assignments), f"[cluster] {name} is not in the example"
+    settings = load(tmp_path, "[cluster]\n" + "\n".join(assignments) + "\n")
+    assert settings == ClusterSettings(on_error="closed", redis=KeySpec("env", "SKYPROXY_REDIS_URL"))
+    assert config.load(EXAMPLE, {}).cluster is None  # the quick start serves without it
