@@ -133,6 +133,44 @@ async def test_sigterm_under_load_writes_every_accepted_audit_line(
     assert_no_canary((tmp_path / "audit" / "audit.jsonl").read_text(), daemon.stderr())
 
 
+async def test_a_sigusr1_while_draining_still_only_reopens_the_audit_file(
+    tmp_path: Path, raw_upstream: Callable[[web.Application], object], spawn: Spawn
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"held": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/held", held)
+    upstream = await raw_upstream(app)  # type: ignore[misc]
+    port = free_port()
+    config = write_config(tmp_path, env_config(str(upstream), listen=f"127.0.0.1:{port}"))
+    daemon = await asyncio.to_thread(spawn, config, port)
+    async with aiohttp.ClientSession() as session:
+
+        async def get() -> tuple[int, object]:
+            async with session.get(f"{daemon.url}/v1/held") as r:
+                return r.status, await r.json()
+
+        request = asyncio.create_task(get())
+        await asyncio.wait_for(arrived.wait(), 20)
+        daemon.signal(signal.SIGTERM)
+        await eventually(lambda: "draining" in daemon.stderr(), "the drain has begun")
+        daemon.signal(signal.SIGUSR1)  # logrotate's, during a restart
+        await eventually(
+            lambda: "audit file reopened" in daemon.stderr() or daemon.process.poll() is not None,
+            "the signal handled",
+        )
+        assert daemon.process.poll() is None, f"SIGUSR1 killed a draining daemon: {daemon.process.returncode}"
+        release.set()
+        assert await request == (200, {"held": True})
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+    assert daemon.stderr().rstrip().endswith("skyproxy INFO stopped")
+
+
 # -- SIGHUP and SIGUSR1 ----------------------------------------------------------------------
 
 
