@@ -233,9 +233,17 @@ class Supervisor:
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
         finally:
+            # Released before the drain, a second SIGTERM or SIGINT ends a drain that
+            # hangs. SIGUSR1 (logrotate's) is kept until the end: unhandled, it would
+            # kill the process and lose the audit lines still queued.
             for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+                if sig != signal.SIGUSR1:
+                    loop.remove_signal_handler(sig)
+            try:
+                await self.stop()
+            finally:
+                if signal.SIGUSR1 in installed:
+                    loop.remove_signal_handler(signal.SIGUSR1)
         log.info("stopped")
 
     def _reopen_audit(self) -> None:
