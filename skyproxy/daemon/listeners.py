@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
 from skyproxy.config import Listen
-from skyproxy.http1.client import Client
+from skyproxy.http1 import Client, Timeouts
 from skyproxy.proxy.dispatch import create_server
 from skyproxy.proxy.runtime import Runtime, State
 
@@ -63,7 +63,8 @@ class Listeners:
         failures: list[str] = []
         for name, env_rt in runtime.environments.items():
             env = self._envs.get(name) or await self._create(name, runtime, state)
-            env.client.connect_timeout = runtime.settings.server.connect_timeout  # a reload may change it
+            connect = runtime.settings.server.connect_timeout  # a reload may change it
+            env.client.timeouts = replace(env.client.timeouts, connect=connect)
             wanted = set(env_rt.settings.listen)
             for listen in set(env.sites) - wanted:
                 log.info("environment %s stops listening on %s", name, listen)
@@ -77,7 +78,7 @@ class Listeners:
 
     async def _create(self, name: str, runtime: Runtime, state: State) -> _Environment:
         server = runtime.settings.server
-        client = Client(connect_timeout=server.connect_timeout)
+        client = Client(Timeouts(connect=server.connect_timeout))
         runner = web.ServerRunner(
             create_server(name, state, client), handle_signals=False, shutdown_timeout=server.shutdown_timeout
         )

@@ -18,7 +18,7 @@ from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 from skyproxy.config import ServerSettings
-from skyproxy.http1.client import Client, ConnectTimeout, Origin, Response, UpstreamError
+from skyproxy.http1 import Client, ConnectTimeout, Origin, Response, UpstreamError
 from skyproxy.proxy.deadlines import Deadline, Deadlines
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
@@ -223,9 +223,12 @@ async def _relay(
     fingerprint: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+    reason = upstream.reason.decode("latin-1")
+    response = web.StreamResponse(status=upstream.status, reason=reason or None)
     headers = response.headers
-    for name, value in upstream.headers:
+    for raw_name, raw_value in upstream.headers:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("utf-8", "surrogateescape")
         lower = name.lower()
         # The proxy answers CORS itself, for its own allowed origins; the upstream's
         # (say `Access-Control-Allow-Origin: *`) would contradict or widen that.
@@ -269,9 +272,7 @@ def _small_response(
 ) -> web.StreamResponse:
     headers = streaming.headers
     del headers["Content-Length"]  # web.Response sets it from the body
-    response = web.Response(
-        status=upstream.status, reason=upstream.reason or None, headers=headers, body=body
-    )
+    response = web.Response(status=streaming.status, reason=streaming.reason, headers=headers, body=body)
     if exchange.response_prefix is not None:
         exchange.response_prefix = body
     return response
