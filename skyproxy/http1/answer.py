@@ -36,6 +36,7 @@ class Answer:
         "_head_bytes",
         "_parser",
         "_pending",
+        "_starts_http11",
         "_unparsed",
         "_waiter",
         "bodyless",
@@ -63,13 +64,14 @@ class Answer:
         self._pending = 0  # bytes queued and not yet taken by the reader
         self._unparsed = 0  # bytes fed since the parser last produced something
         self._head_bytes = 0
+        self._starts_http11: bool | None = None  # the first read began "HTTP/1.1 "
         self._waiter: asyncio.Future[None] | None = None
         self.head_only = head_only  # the request was a HEAD: no body, whatever the head says
         self.status = 0  # set once the final head is complete; 1xx heads are skipped
         self.reason = b""
         self.version = ""
         self.headers: Headers = []
-        self.trailers: Headers = []  # fields after a chunked body: never part of the head
+        self.trailers: Headers | None = None  # fields after a chunked body: never in the head
         self.content_length: int | None = None
         self.content_type = ""  # the media type alone, lower case
         self.content_encoding: str | None = None
@@ -88,6 +90,8 @@ class Answer:
         if parser is None:
             return
         self._unparsed += len(data)
+        if self._starts_http11 is None:
+            self._starts_http11 = data.startswith(b"HTTP/1.1 ")
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -122,8 +126,7 @@ class Answer:
         self._wake()
 
     def detach(self) -> None:
-        """The exchange is over: drop the parser, which holds this answer's bound methods,
-        so the answer is freed by reference counting rather than left to the collector."""
+        """The exchange ended before the answer did: the parser goes (see _finish)."""
         self._parser = None
 
     # -- the reader's side ---------------------------------------------------------------
@@ -150,7 +153,8 @@ class Answer:
         if chunks:
             self._chunks = []
             self._pending = 0
-            self._flow.resume_reading()
+            if self._flow.read_paused:
+                self._flow.resume_reading()
         return chunks
 
     def _wake(self) -> None:
@@ -160,6 +164,10 @@ class Answer:
 
     def _finish(self) -> None:
         self.complete = True
+        # The parser holds this answer's bound methods: dropping it once the answer is
+        # whole breaks the cycle, so the answer is freed by reference counting, not left
+        # to the collector. A parser still inside feed_data() keeps itself alive.
+        self._parser = None
         self._wake()
 
     def _short(self) -> str:
@@ -185,6 +193,8 @@ class Answer:
             what = "trailers" if self.status else "answer head"
             raise ProtocolError(f"{what} over {MAX_HEAD_BYTES} bytes")
         if self.status:
+            if self.trailers is None:
+                self.trailers = []
             self.trailers.append((name, value))
             return
         self.headers.append((name, value))
@@ -206,9 +216,12 @@ class Answer:
         status = parser.get_status_code()
         self._unparsed = 0
         if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer follows
+            self._starts_http11 = False  # the final answer's status line comes later
             self._reset_head()
             return
-        version = parser.get_http_version()
+        # get_http_version() formats a string, a cost worth skipping on every answer
+        # whose status line is plainly HTTP/1.1: the first one read, when it is final.
+        version = "1.1" if self._starts_http11 else parser.get_http_version()
         if version not in _VERSIONS:
             raise ProtocolError(f"upstream answered in HTTP/{version}")
         self.version = version

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from skyproxy.http1.connection import Connection, State
+from skyproxy.http1.connection import CLOSED, Connection
 from skyproxy.http1.dns import Resolver
 from skyproxy.http1.errors import ConnectFailed, ConnectTimeout, Disconnected, UpstreamError
 from skyproxy.http1.origin import Origin
@@ -65,7 +65,7 @@ class Client:
             reused = conn is not None
             if conn is None:
                 conn, reused = await self._acquire(pool)
-            if conn.state is State.CLOSED:
+            if conn.state is CLOSED:
                 conn.release()
                 continue  # closed while handed over, before a byte was sent
             answer = conn.begin(method, target, head, body, length)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from skyproxy.http1.connection import Connection, State
+from skyproxy.http1.connection import CLOSED, IDLE, Connection
 from skyproxy.http1.errors import PoolTimeout, UpstreamError
 from skyproxy.http1.origin import Origin
 from skyproxy.http1.settings import Limits
@@ -41,7 +41,7 @@ class Pool:
         stale_before = now - self.limits.keepalive
         while idle:
             conn, _ = idle.popitem()
-            if conn.state is State.IDLE and conn.idle_since > stale_before:
+            if conn.state is IDLE and conn.idle_since > stale_before:
                 self.busy.add(conn)
                 return conn
             conn.close()
@@ -85,9 +85,9 @@ class Pool:
         """A released connection, reusable: to the first in line, else idle."""
         if self.closed:
             conn.close()
-        if conn.state is State.CLOSED:
+        if conn.state is CLOSED:
             return
-        turn = self._next_turn()
+        turn = self._next_turn() if self._waiters else None
         if turn is not None:
             turn.set_result(conn)  # it stays busy, in its new owner's hands
             return

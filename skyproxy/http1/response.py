@@ -43,7 +43,7 @@ class Response:
     @property
     def trailers(self) -> Headers:
         """Fields sent after a chunked body, once the body is read. Never part of `headers`."""
-        return self._answer.trailers
+        return self._answer.trailers or []
 
     async def read(self) -> bytes:
         """The whole body. Raises IncompleteBody if the upstream cut it short."""
