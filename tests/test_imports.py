@@ -35,7 +35,13 @@ UPPER_MODULES = (
 )
 # Leaves: whole packages and single modules the hot path and the CLI build on.
 LEAF_PREFIXES = ("skyproxy.keys", "skyproxy.audit", "skyproxy.http1", "skyproxy.config", "skyproxy.errors")
-LEAF_MODULES = ("skyproxy.ops.metrics", "skyproxy.proxy.guard", "skyproxy.proxy.limits")
+LEAF_MODULES = (
+    "skyproxy.ops.metrics",
+    "skyproxy.proxy.guard",
+    "skyproxy.proxy.limits",
+    "skyproxy.proxy.bucket",
+    "skyproxy.codings",
+)
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
 
 _PROBE = """
@@ -119,6 +125,7 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.audit.writer",
         "skyproxy.proxy.limits",
         "skyproxy.ops.metrics",
+        "skyproxy.codings",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

@@ -35,6 +35,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from skyproxy.audit.record import STATUSES, TERMINAL
+
 __all__ = [
     "GROUPS",
     "Row",
@@ -47,8 +49,6 @@ __all__ = [
 ]
 
 GROUPS = {"user": "userId", "model": "model", "environment": "environment", "status": "status"}
-STATUSES = frozenset({"created", "failed", "rejected", "succeeded", "canceled"})
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 _REQUIRED = (
     "timestamp",
     "environment",

@@ -63,7 +63,9 @@ def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("file not found", file=path) from None
+        raise ConfigError(
+            "file not found; start from the example: cp skyproxy.toml.example skyproxy.toml", file=path
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", file=path) from None
     return parse(text, path, environ)
@@ -228,6 +230,9 @@ class _Parser:
             max_body_bytes=self.integer(data, "max_body_bytes", w, d.max_body_bytes, minimum=1),
             upstream_timeout=self.number(data, "upstream_timeout", w, d.upstream_timeout, minimum=0.001),
             connect_timeout=self.number(data, "connect_timeout", w, d.connect_timeout, minimum=0.001),
+            header_timeout=self.number(data, "header_timeout", w, d.header_timeout, minimum=0.001),
+            keepalive_timeout=self.number(data, "keepalive_timeout", w, d.keepalive_timeout, minimum=0.001),
+            max_connections=self.integer(data, "max_connections", w, d.max_connections, minimum=1),
             watch_config=self.get(data, "watch_config", w, bool, d.watch_config, "true or false"),
             shutdown_timeout=self.number(data, "shutdown_timeout", w, d.shutdown_timeout),
             event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop"), d.event_loop),

@@ -130,6 +130,9 @@ class ServerSettings:
     max_body_bytes: int = 52_428_800
     upstream_timeout: float = 120.0
     connect_timeout: float = 10.0
+    header_timeout: float = 10.0  # a new client connection's first request head must arrive in this
+    keepalive_timeout: float = 30.0  # an idle client connection is closed after this
+    max_connections: int = 10_000  # client connections per listener, lowered to fit the fd limit
     watch_config: bool = True
     shutdown_timeout: float = 30.0
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"

@@ -7,6 +7,7 @@ drain, and an environment that disappears closes its pool once its requests fini
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from aiohttp import web
 
 from skyproxy.config import Listen
+from skyproxy.daemon.connections import ConnectionLimits, GuardedServer
 from skyproxy.http1 import Client, Timeouts
-from skyproxy.proxy.dispatch import create_server
+from skyproxy.proxy.dispatch import create_handler
 from skyproxy.proxy.runtime import Runtime, State
 
 log = logging.getLogger("skyproxy")
@@ -25,6 +27,7 @@ Drain = Callable[[Awaitable[None]], None]
 @dataclass
 class _Environment:
     runner: web.ServerRunner
+    server: GuardedServer
     client: Client  # the upstream pool, for the environment's whole life
     sites: dict[Listen, web.TCPSite] = field(default_factory=dict)
 
@@ -39,10 +42,19 @@ class _Environment:
 class Listeners:
     def __init__(self) -> None:
         self._envs: dict[str, _Environment] = {}
+        self.max_connections = 1  # per listener; set by the supervisor from config and fd limit
 
     @property
     def clients(self) -> dict[str, Client]:
         return {name: env.client for name, env in self._envs.items()}
+
+    def client_connections(self) -> dict[str, int]:
+        """Open client connections per listener address."""
+        counts: dict[str, int] = {}
+        for env in self._envs.values():
+            for (host, port), count in env.server.open_connections().items():
+                counts[f"[{host}]:{port}" if ":" in host else f"{host}:{port}"] = count
+        return counts
 
     def addresses(self, environment: str) -> list[str]:
         """The addresses actually bound for an environment, with real ports for port 0."""
@@ -63,8 +75,10 @@ class Listeners:
         failures: list[str] = []
         for name, env_rt in runtime.environments.items():
             env = self._envs.get(name) or await self._create(name, runtime, state)
-            connect = runtime.settings.server.connect_timeout  # a reload may change it
+            # A reload may change these; keepalive_timeout is fixed for the server's life.
+            connect = runtime.settings.server.connect_timeout
             env.client.timeouts = replace(env.client.timeouts, connect=connect)
+            env.server.limits = self._limits(runtime)
             wanted = set(env_rt.settings.listen)
             for listen in set(env.sites) - wanted:
                 log.info("environment %s stops listening on %s", name, listen)
@@ -79,19 +93,32 @@ class Listeners:
     async def _create(self, name: str, runtime: Runtime, state: State) -> _Environment:
         server = runtime.settings.server
         client = Client(Timeouts(connect=server.connect_timeout))
-        runner = web.ServerRunner(
-            create_server(name, state, client), handle_signals=False, shutdown_timeout=server.shutdown_timeout
+        web_server = GuardedServer(
+            create_handler(name, state, client),
+            self._limits(runtime),
+            on_close=state.metrics.client_closed,
+            access_log=None,
         )
+        runner = web.ServerRunner(web_server, handle_signals=False, shutdown_timeout=server.shutdown_timeout)
         await runner.setup()
-        env = self._envs[name] = _Environment(runner, client)
+        env = self._envs[name] = _Environment(runner, web_server, client)
         return env
+
+    def _limits(self, runtime: Runtime) -> ConnectionLimits:
+        server = runtime.settings.server
+        return ConnectionLimits(server.header_timeout, server.keepalive_timeout, self.max_connections)
 
     async def _bind(self, name: str, env: _Environment, listen: Listen) -> str | None:
         site = web.TCPSite(env.runner, listen.host, listen.port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
-            return f"environment {name}: cannot listen on {listen}: {exc.strerror or exc}"
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = " (is another skyproxy running? stop it, or change this listen address)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = " (no interface on this machine has that address)"
+            return f"environment {name}: cannot listen on {listen}: {exc.strerror or exc}{hint}"
         env.sites[listen] = site
         return None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import Settings
-from skyproxy.daemon import housekeeping
+from skyproxy.daemon import fds, housekeeping
 from skyproxy.daemon.gc import tune_gc
 from skyproxy.daemon.listeners import Listeners
 from skyproxy.daemon.mocks import Mocks
@@ -34,9 +34,11 @@ class StartupError(Exception):
 class Supervisor:
     """Owns every long-lived resource of the daemon and starts and stops them in order."""
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None, *, own_gc: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, notifier: Notifier | None = None, *, own_process: bool = False
+    ) -> None:
         self._initial = settings
-        self._own_gc = own_gc  # the process is ours: tune its garbage collector
+        self._own_process = own_process  # ours alone: tune its GC, raise its fd limit
         self.notifier = notifier
         self.state: State | None = None
         self._audit: AuditWriter | None = None
@@ -51,6 +53,8 @@ class Supervisor:
     # -- start ----------------------------------------------------------------------------
     async def start(self) -> None:
         settings = self._initial
+        if self._own_process:
+            fds.raise_soft_limit()
         self._config_digest = await asyncio.to_thread(digest, settings.path)
         keys, errors = await asyncio.to_thread(resolve_keys, settings)
         if errors:
@@ -66,7 +70,7 @@ class Supervisor:
             state = self.state = State(runtime, audit, metrics)
             state.reload = self.reload
             await housekeeping.record_key_ages(state, runtime)
-            failures = await self._listeners.sync(runtime, state, self._spawn_drain)
+            failures = await self._sync_listeners(runtime, state)
         except BaseException:
             await self._close_everything(timeout=0)
             raise
@@ -75,7 +79,7 @@ class Supervisor:
             raise StartupError("\n".join(failures))
         self._log_started(runtime)
         self._start_chores(state)
-        if self._own_gc:
+        if self._own_process:
             tune_gc()
         if self.notifier:
             self.notifier.ready(f"serving {len(runtime.environments)} environment(s)")
@@ -93,15 +97,32 @@ class Supervisor:
 
     def _start_chores(self, state: State) -> None:
         self._tasks.append(asyncio.create_task(housekeeping.sweep_limits(state)))
+        self._tasks.append(asyncio.create_task(fds.watch()))
         if state.runtime.settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()
         if interval and self.notifier:
             self._tasks.append(asyncio.create_task(housekeeping.keep_watchdog(self.notifier, interval)))
 
+    async def _sync_listeners(self, runtime: Runtime, state: State) -> list[str]:
+        count = sum(len(env.settings.listen) for env in runtime.environments.values())
+        cap = fds.connection_cap(runtime.settings.server.max_connections, count)
+        if cap < runtime.settings.server.max_connections:
+            log.warning(
+                "max_connections lowered from %d to %d per listener to fit the open-file limit (%d)",
+                runtime.settings.server.max_connections,
+                cap,
+                fds.soft_limit(),
+            )
+        self._listeners.max_connections = cap
+        return await self._listeners.sync(runtime, state, self._spawn_drain)
+
     def addresses(self, environment: str) -> list[str]:
         """The addresses actually bound for an environment, with real ports for port 0."""
         return self._listeners.addresses(environment)
+
+    def client_connections(self) -> dict[str, int]:
+        return self._listeners.client_connections()
 
     def _spawn_drain(self, work: Awaitable[Any]) -> None:
         async def run() -> None:
@@ -142,7 +163,7 @@ class Supervisor:
         state.runtime = runtime  # the swap: new requests see the new generation
         state.last_reload_error = None  # in the same step, so status never mixes the two
         await housekeeping.record_key_ages(state, runtime)
-        failures = await self._listeners.sync(runtime, state, self._spawn_drain)
+        failures = await self._sync_listeners(runtime, state)
         if failures:
             state.last_reload_error = "; ".join(failures)
             log.error("reload applied as generation %d, but: %s", runtime.generation, state.last_reload_error)
@@ -182,6 +203,7 @@ class Supervisor:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
+        log.info("stopped")
 
     def _reopen_audit(self) -> None:
         if self.state is not None:

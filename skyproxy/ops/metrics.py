@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -57,10 +57,12 @@ class Metrics:
         self.upstream_429: dict[str, int] = {}
         self.upstream_401: dict[str, int] = {}
         self.latencies: dict[str, _Latency] = {}
+        self.clients_closed: dict[tuple[str, str], int] = {}
         self._audit: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
         self._upstream: Callable[[], Mapping[str, UpstreamPool]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)  # process_open_fds, process_max_fds, memory, CPU
 
     def watch_audit(
         self, depth: Callable[[], float], failures: Callable[[], float], dropped: Callable[[], float]
@@ -95,6 +97,11 @@ class Metrics:
 
     def upstream_unauthorized(self, environment: str) -> None:
         self.upstream_401[environment] = self.upstream_401.get(environment, 0) + 1
+
+    def client_closed(self, listener: tuple[str, int], reason: str) -> None:
+        """A client connection the daemon closed itself: header_timeout, shed or refused."""
+        key = (f"{listener[0]}:{listener[1]}", reason)
+        self.clients_closed[key] = self.clients_closed.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -139,6 +146,12 @@ class Metrics:
             "Upstream 401 answers: the key was rejected",
             ["environment"],
             (((k,), v) for k, v in self.upstream_401.items()),
+        )
+        yield _counter(
+            "skyproxy_client_connections_closed",
+            "Client connections closed by the daemon: slow heads, shed for room, refused when full",
+            ["listener", "reason"],
+            self.clients_closed.items(),
         )
         if self._upstream is not None:
             yield from _upstream_families(self._upstream())

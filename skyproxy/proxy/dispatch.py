@@ -7,6 +7,8 @@ apart two kinds of path, which one dict lookup does here.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from skyproxy.http1.client import Client
@@ -15,7 +17,10 @@ from skyproxy.proxy.handler import ProxyHandler
 from skyproxy.proxy.runtime import State
 
 
-def create_server(environment: str, state: State, client: Client) -> web.Server:
+def create_handler(
+    environment: str, state: State, client: Client
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The request handler of one environment's server: its admin paths, else the proxy."""
     admin_paths = admin.routes(environment, state)
     proxy = ProxyHandler(environment, state, client).handle
 
@@ -25,4 +30,4 @@ def create_server(environment: str, state: State, client: Client) -> web.Server:
             return await admin_handler(request)
         return await proxy(request)
 
-    return web.Server(dispatch, access_log=None)
+    return dispatch

@@ -28,7 +28,7 @@ from helpers import (
 )
 from helpers.daemon import Spawn, audit_lines, create, eventually, generation, status_of
 
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 from skyproxy.mock.app import MockState
 
 SKYPROXY = str(VENV_BIN / "skyproxy")
@@ -76,6 +76,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
     stderr = daemon.stderr()
     assert code == 0, stderr
     assert "draining" in stderr
+    assert stderr.rstrip().endswith("skyproxy INFO stopped"), stderr  # the last word, once all is done
     assert_no_canary(stderr)
     with socket.socket() as s:  # the port is released
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -302,7 +303,7 @@ async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, c
         assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     finally:
         await embedded.stop()
-    daemon = Supervisor(config.load(path), own_gc=True)
+    daemon = Supervisor(config.load(path), own_process=True)
     await daemon.start()
     try:
         # What start() built (the runtime, the servers) is frozen, not walked by every

@@ -257,3 +257,9 @@ def test_exposure_parser_sees_an_unhardened_unit(tmp_path: Path) -> None:
     bare = tmp_path / "bare.service"
     bare.write_text("[Service]\nType=notify\nExecStart=/bin/true\n", encoding="utf-8")
     assert exposure(bare, tmp_path) > 9.0
+
+
+@pytest.mark.parametrize("path", [SYSTEM_UNIT, USER_UNIT])
+def test_units_raise_the_open_file_limit(path: Path) -> None:
+    # 1024, a common default, holds about 480 proxied connections once halved.
+    assert int(Unit.parse(path).value("Service", "LimitNOFILE")) >= 65536
