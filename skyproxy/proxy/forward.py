@@ -16,10 +16,10 @@ from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 from skyproxy.config import ServerSettings
-from skyproxy.http1 import Client, ConnectTimeout, Origin, Response, UpstreamError
+from skyproxy.http1 import Client, ConnectTimeout, Origin, ReadTimeout, Response, UpstreamError, WriteTimeout
 from skyproxy.proxy.deadlines import Deadline, Deadlines
 from skyproxy.proxy.exchange import CAPTURE_LIMIT, SMALL_BODY, Failure, Outcome
-from skyproxy.proxy.relay import relay
+from skyproxy.proxy.relay import cut, relay
 
 
 class BodyTooLarge(Exception):
@@ -93,6 +93,9 @@ async def forward(
     except ConnectTimeout:
         if exchange.failure is None:
             exchange.failure = Failure(502, "upstream_unreachable", "Upstream connect timed out.")
+    except (ReadTimeout, WriteTimeout):
+        if exchange.failure is None:
+            exchange.failure = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
     except (UpstreamError, aiohttp.ClientError, OSError) as exc:
         if exchange.failure is None:
             why = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
@@ -107,9 +110,10 @@ async def forward(
             upstream.release()
     exchange.latency_ms = (loop.time() - started) * 1000.0
     if exchange.sent:
-        # The status line had gone out; nothing to do but cut the client's connection.
+        # The status line had gone out: cut the client's connection, so the answer it
+        # got so far can never pass for a whole one.
         exchange.broken = True
         if request.transport is not None:
-            request.transport.close()
+            cut(request.transport)
         return None
     return None
