@@ -65,9 +65,10 @@ class Client:
             reused = conn is not None
             if conn is None:
                 conn, reused = await self._acquire(pool)
-            if conn.state is CLOSED:
-                conn.release()
-                continue  # closed while handed over, before a byte was sent
+            if conn.state is CLOSED:  # closed by the upstream before a byte was sent
+                if reused:
+                    continue
+                raise Disconnected("upstream closed the connection before answering")
             answer = conn.begin(method, target, head, body, length)
             try:
                 await answer.head()

@@ -15,6 +15,7 @@ from helpers.raw_upstream import TIMEOUT, Peer, RawUpstream, answer, echo, keep_
 from skyproxy.http1 import (
     Client,
     ConnectFailed,
+    Disconnected,
     Limits,
     Origin,
     PoolTimeout,
@@ -364,3 +365,18 @@ async def test_a_closed_client_fails_its_waiters(raw_server):
         await waiting
     with pytest.raises(UpstreamError):
         await first
+
+
+async def test_an_upstream_that_closes_at_once_is_a_disconnect_not_a_loop(raw_server):
+    async def rude(peer: Peer) -> None:
+        return  # accept, then close without reading a byte
+
+    upstream = await raw_server(rude)
+    client = Client()
+    try:
+        for _ in range(3):
+            with pytest.raises(Disconnected):
+                await exchange(client, Origin.parse(upstream.url), "/v1/a")
+        assert upstream.connections == 3  # one fresh connection each, never retried
+    finally:
+        await client.close()
