@@ -10,6 +10,7 @@ from skyproxy.config.settings import (
     DEFAULT_UPSTREAM,
     LOOPBACK_NAMES,
     AuditSettings,
+    Budget,
     EnvironmentSettings,
     IPNetwork,
     KeySpec,
@@ -21,12 +22,14 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    TokensSettings,
 )
 
 __all__ = [
     "DEFAULT_UPSTREAM",
     "LOOPBACK_NAMES",
     "AuditSettings",
+    "Budget",
     "EnvironmentSettings",
     "IPNetwork",
     "KeySpec",
@@ -38,6 +41,7 @@ __all__ = [
     "RateRule",
     "ServerSettings",
     "Settings",
+    "TokensSettings",
     "find_config",
     "load",
     "parse",
