@@ -34,8 +34,21 @@ UPPER_MODULES = (
     "skyproxy.ops.admin",
 )
 # Leaves: whole packages and single modules the hot path and the CLI build on.
-LEAF_PREFIXES = ("skyproxy.keys", "skyproxy.audit", "skyproxy.http1", "skyproxy.config", "skyproxy.errors")
-LEAF_MODULES = ("skyproxy.ops.metrics", "skyproxy.proxy.guard", "skyproxy.proxy.limits")
+LEAF_PREFIXES = (
+    "skyproxy.keys",
+    "skyproxy.audit",
+    "skyproxy.http1",
+    "skyproxy.config",
+    "skyproxy.errors",
+    "skyproxy.tokens",
+    "skyproxy.budgets",
+)
+LEAF_MODULES = (
+    "skyproxy.ops.metrics",
+    "skyproxy.proxy.guard",
+    "skyproxy.proxy.limits",
+    "skyproxy.proxy.inflight",
+)
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
 
 _PROBE = """
@@ -119,6 +132,9 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.audit.writer",
         "skyproxy.proxy.limits",
         "skyproxy.ops.metrics",
+        "skyproxy.tokens.registry",
+        "skyproxy.budgets.enforce",
+        "skyproxy.proxy.inflight",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

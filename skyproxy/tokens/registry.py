@@ -84,6 +84,7 @@ class Tokens:
         self._signature: tuple[int, int, int, int] | None = None
         self._used: dict[bytes, float] = {}  # last use, in memory
         self._stored: dict[bytes, float] = {}  # last use as last written to the file
+        self.checks = 0  # looks at the file, for tests and status
         self.problem: str | None = None  # why the last reload failed, if it did
 
     def __len__(self) -> int:
@@ -120,6 +121,7 @@ class Tokens:
 
     def refresh(self) -> bool:
         """Reloads if the file changed since the last load; True if it did."""
+        self.checks += 1
         if _signature(self.path) == self._signature:
             return False
         self.load()
