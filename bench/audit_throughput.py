@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from skyproxy.audit.writer import AuditRecord, AuditWriter
+from skyproxy.audit.record import AuditRecord
+from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import AuditSettings
 
 TICK = 0.001

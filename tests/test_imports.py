@@ -48,6 +48,8 @@ LEAF_MODULES = (
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
     "skyproxy.proxy.inflight",
+    "skyproxy.proxy.bucket",
+    "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
 
@@ -135,6 +137,7 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.tokens.registry",
         "skyproxy.budgets.enforce",
         "skyproxy.proxy.inflight",
+        "skyproxy.codings",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

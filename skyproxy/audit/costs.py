@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+from skyproxy.audit.record import TERMINAL
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -6,23 +6,21 @@ state is recorded once per prediction, however often a client polls.
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from typing import Any, Literal
 
 import orjson
+
+from skyproxy import codings
+from skyproxy.audit.record import TERMINAL
 
 Kind = Literal["create", "poll", "cancel"]
 
 CREATE_PATHS = frozenset(
     {"/v1/predictions", "/v1/predict", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"}
 )
-TERMINAL = {
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "canceled": "canceled",
-    "cancelled": "canceled",
-}
+# The upstream's spellings of a terminal status, each mapped to the audit's.
+_TERMINAL_SPELLINGS = {status: status for status in TERMINAL} | {"cancelled": "canceled"}
 _TERMINAL_MARKERS = (b"succeeded", b"failed", b"cancel")
 
 
@@ -47,13 +45,11 @@ def parse_json(body: bytes | bytearray | None, encoding: str | None) -> dict[str
     """A small JSON object body, or None for anything else (streams, lists, truncated)."""
     if not body:
         return None
-    raw = body
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        try:
-            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-            raw = zlib.decompress(raw, wbits)
-        except zlib.error:
-            return None
+    # Decoded, no larger than the most the proxy keeps of a plain body: a coded body is
+    # parsed only where the same body sent plain would have been.
+    raw = codings.decode(body, encoding, 65_536)
+    if raw is None:
+        return None
     if raw.startswith(b"data:"):
         return _first_sse_event(raw)
     try:
@@ -107,7 +103,7 @@ def status_of(obj: dict[str, Any] | None) -> str | None:
     if obj.get("success") is True and "status" not in obj:
         return "canceled"
     status = obj.get("status")
-    return TERMINAL.get(status) if isinstance(status, str) else None
+    return _TERMINAL_SPELLINGS.get(status) if isinstance(status, str) else None
 
 
 class Tracker:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from skyproxy.audit.costs import Costs
+from skyproxy.audit.record import STATUSES
 
 __all__ = [
     "GROUPS",
@@ -50,7 +51,6 @@ __all__ = [
 ]
 
 GROUPS = {"user": "userId", "model": "model", "environment": "environment", "status": "status"}
-STATUSES = frozenset({"created", "failed", "rejected", "succeeded", "canceled"})
 _REQUIRED = (
     "timestamp",
     "environment",

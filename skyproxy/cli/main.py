@@ -1,7 +1,7 @@
-"""The command line: the only place that prints and exits.
+"""The parser and the dispatch: a SkyproxyError from any command becomes one line on stderr.
 
-Heavy modules are imported inside the commands that need them, so that `--help` and
-`--version` start fast.
+The command bodies live in serve.py, key.py and audit.py. They import heavy modules
+inside the commands that need them, so that `--help` and `--version` start fast.
 """
 
 from __future__ import annotations
@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from skyproxy import __version__
-
-if TYPE_CHECKING:
-    from skyproxy.config import Settings
-
-EXIT_OK, EXIT_KEY, EXIT_CONFIG = 0, 1, 2
+from skyproxy.cli.audit import cmd_audit_summary
+from skyproxy.cli.common import EXIT_CONFIG, EXIT_KEY
+from skyproxy.cli.key import (
+    cmd_key_delete,
+    cmd_key_list,
+    cmd_key_rollback,
+    cmd_key_rotate,
+    cmd_key_set,
+    cmd_key_show,
+)
+from skyproxy.cli.serve import cmd_check, cmd_serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,169 +111,3 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit_summary)
     return parser
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    from skyproxy import config
-
-    return config.load(config.find_config(args.config))
-
-
-# -- serve ------------------------------------------------------------------------------------
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from skyproxy.daemon.logs import configure_logging
-    from skyproxy.daemon.notify import Notifier
-    from skyproxy.daemon.supervisor import StartupError, Supervisor
-
-    settings = _settings(args)
-    configure_logging(settings.server.log_level)
-    notifier = Notifier.from_environ()
-    server = Supervisor(settings, notifier, own_process=True)  # a daemon's own process
-    try:
-        _run(server.run(), settings.server.event_loop)
-    except StartupError as exc:
-        print(f"skyproxy: cannot start:\n{exc}", file=sys.stderr)
-        return EXIT_KEY
-    finally:
-        if notifier:
-            notifier.close()
-    del asyncio
-    return EXIT_OK
-
-
-def _run(coro: object, event_loop: str) -> None:
-    import asyncio
-
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-
-            uvloop.run(coro)  # type: ignore[arg-type]
-            return
-        except ImportError:
-            if event_loop == "uvloop":
-                raise SystemExit('skyproxy: event_loop = "uvloop" but uvloop is not installed') from None
-    asyncio.run(coro)  # type: ignore[arg-type]
-
-
-# -- check ------------------------------------------------------------------------------------
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from skyproxy.errors import KeySourceError
-    from skyproxy.keys import ages as keystate
-    from skyproxy.keys.sources import resolve
-
-    settings = _settings(args)
-    records = keystate.read(settings.key_state_file)
-    rows = [("ENVIRONMENT", "LISTEN", "UPSTREAM", "KEY SOURCE", "FINGERPRINT", "STATUS")]
-    failed = False
-    notes: list[str] = []
-    for name, env in settings.environments.items():
-        listen = ",".join(str(x) for x in env.listen)
-        try:
-            key = resolve(name, env.key)
-        except KeySourceError as exc:
-            failed = True
-            rows.append((name, listen, env.upstream, str(env.key), "-", "error"))
-            notes.append(f"{name}: {exc.reason}" + (f"; {exc.fix}" if exc.fix else ""))
-            continue
-        status = "ok"
-        known = records.get(name)
-        if known and known.fingerprint == key.fingerprint:
-            age = known.age_days()
-            if age > settings.keys.max_age_days:
-                status = f"ok (key {age} days old: rotate)"
-        rows.append((name, listen, env.upstream, str(env.key), key.fingerprint, status))
-    print(f"config {settings.path}: valid")
-    print(_table(rows))
-    for note in notes:
-        print(f"  {note}")
-    return EXIT_KEY if failed else EXIT_OK
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
-
-
-# -- keys -------------------------------------------------------------------------------------
-
-
-def cmd_key_set(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    fp = keyops.set_key(args.environment, keyops.read_key(args.stdin), args.config)
-    print(f"stored the key for {args.environment} in the keyring: {fp}")
-    return EXIT_OK
-
-
-def cmd_key_show(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
-    rows.extend(keyops.describe(args.config, only=args.environment))
-    print(_table(rows))
-    return EXIT_OK if all(r[-1].startswith("ok") for r in rows[1:]) else EXIT_KEY
-
-
-def cmd_key_list(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
-    rows.extend(keyops.describe(args.config))
-    print(_table(rows))
-    return EXIT_OK if all(r[-1].startswith("ok") for r in rows[1:]) else EXIT_KEY
-
-
-def cmd_key_delete(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    if keyops.delete_key(args.environment, args.config):
-        print(f"deleted the key for {args.environment} from the keyring")
-        return EXIT_OK
-    print(f"skyproxy: no key stored for {args.environment}", file=sys.stderr)
-    return EXIT_KEY
-
-
-def cmd_key_rotate(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    return keyops.rotate(args.environment, keyops.read_key(args.stdin), args.config, args.timeout, print)
-
-
-def cmd_key_rollback(args: argparse.Namespace) -> int:
-    from skyproxy.keys import rotation as keyops
-
-    return keyops.rollback(args.environment, args.config, print)
-
-
-# -- audit ------------------------------------------------------------------------------------
-
-
-def cmd_audit_summary(args: argparse.Namespace) -> int:
-    import json
-    from datetime import datetime, timezone
-
-    from skyproxy.audit import summary
-
-    settings = _settings(args)
-    since = None
-    if args.since:
-        try:
-            since = summary.parse_since(args.since, datetime.now(timezone.utc))
-        except ValueError as exc:
-            print(f"skyproxy: --since: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-    result = summary.summarize(summary.audit_files(settings.audit.path), since, args.by)
-    if args.json:
-        print(json.dumps(summary.to_json(result), indent=2))
-    else:
-        print(summary.format_table(result))
-    return EXIT_OK

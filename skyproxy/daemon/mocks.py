@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from skyproxy.config import Settings
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 from skyproxy.mock.app import MOCK_STATE, create_mock_app
 
 Drain = Callable[[Awaitable[None]], None]

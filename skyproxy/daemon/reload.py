@@ -14,7 +14,7 @@ from pathlib import Path
 
 from skyproxy import config
 from skyproxy.errors import ConfigError
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 from skyproxy.proxy.runtime import Runtime, resolve_keys
 
 log = logging.getLogger("skyproxy")

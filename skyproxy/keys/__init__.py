@@ -1,1 +1,1 @@
-"""Keys: the `Secret` wrapper, key sources, the keyring, key ages and rotation."""
+"""Keys: the `Secret` wrapper, key sources, the keyring store, key ages, status and rotation."""

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from skyproxy.config import Settings
-from skyproxy.keys.sources import Secret
+from skyproxy.keys.secret import Secret
 
 log = logging.getLogger("skyproxy")
 

@@ -1,106 +1,94 @@
-"""Key management commands: set, show, delete, rotate and rollback, in the keyring.
+"""Changing a key in the keyring: set, delete, rotate and roll back, keeping its age.
 
 Rotation follows the Skytells guide's order: new key, verify it, store it (keeping the
 old one as ENV@previous), switch the running daemon, confirm, then revoke the old key.
+`set` and `delete` work without a config: the environment's name is then the keyring
+username, and the key state file is in its default place. Rotation needs the config to
+find the upstream that verifies the new key and the daemon to switch.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from skyproxy import config
-from skyproxy.config import EnvironmentSettings, KeySpec, Settings
-from skyproxy.errors import KeySourceError, KeyStoreError, SkyproxyError
-from skyproxy.keys import ages as keystate
-from skyproxy.keys.sources import Secret, delete_stored, keyring_username, load_stored, resolve, store
+from skyproxy.config import EnvironmentSettings, Settings
+from skyproxy.errors import KeyStoreError, SkyproxyError
+from skyproxy.keys import ages, store
+from skyproxy.keys.secret import Secret
 
 Say = Callable[[str], None]
 
 
-def read_key(from_stdin: bool) -> Secret:
-    """The new key, from a no-echo prompt or standard input; never from argv."""
-    raw = sys.stdin.readline() if from_stdin else getpass.getpass("Skytells API key (input hidden): ")
-    value = raw.strip()
-    if not value or any(c.isspace() or not c.isprintable() for c in value):
-        raise SkyproxyError("the key is empty or contains whitespace")
-    return Secret(value)
+def set_key(settings: Settings | None, environment: str, key: Secret) -> None:
+    store.save(_username(settings, environment), key)
+    ages.record(_state_file(settings), environment, key.fingerprint)
 
 
-def _settings(path: str | None) -> Settings | None:
-    try:
-        return config.load(config.find_config(path))
-    except SkyproxyError:
-        if path:
-            raise
-        return None  # key commands work without a config; they fall back to defaults
+def delete_key(settings: Settings | None, environment: str) -> bool:
+    """Deletes the environment's key; False when none was stored."""
+    deleted = store.delete(_username(settings, environment))
+    if deleted:
+        ages.forget(_state_file(settings), environment)
+    return deleted
 
 
 def _state_file(settings: Settings | None) -> Path:
-    return settings.key_state_file if settings else keystate.default_state_file()
+    return settings.key_state_file if settings else ages.default_state_file()
 
 
 def _username(settings: Settings | None, environment: str) -> str:
     env = settings.environments.get(environment) if settings else None
     if env is not None and env.key.kind == "keyring":
-        return keyring_username(environment, env.key)
+        return store.username(environment, env.key)
     return environment
 
 
-def set_key(environment: str, key: Secret, config_path: str | None) -> str:
-    settings = _settings(config_path)
-    store(_username(settings, environment), key.reveal())
-    keystate.record(_state_file(settings), environment, key.fingerprint)
-    return key.fingerprint
+def rotate(settings: Settings, environment: str, new: Secret, timeout: float, say: Say) -> None:
+    env = _keyring_environment(settings, environment)
+    username = store.username(environment, env.key)
+    verify(env, new)
+    say(f"verified the new key {new.fingerprint} against {env.upstream}")
+    old = store.load(username)
+    if old is not None:
+        store.save(f"{username}@previous", old)
+    store.save(username, new)
+    ages.record(settings.key_state_file, environment, new.fingerprint)
+    say(
+        f"stored {new.fingerprint} as the current key"
+        + (f"; kept {old.fingerprint} as {username}@previous" if old else "")
+    )
+    if switch_daemon(env, new.fingerprint, timeout, say):
+        say(f"the daemon now serves {environment} with {new.fingerprint}")
+    if old is not None:
+        say(
+            f"next: watch the logs for a few minutes, then revoke the old key {old.fingerprint} "
+            "in the Skytells dashboard (undo before that with: skyproxy key rollback "
+            f"{environment})"
+        )
 
 
-def delete_key(environment: str, config_path: str | None) -> bool:
-    settings = _settings(config_path)
-    deleted = delete_stored(_username(settings, environment))
-    if deleted:
-        keystate.forget(_state_file(settings), environment)
-    return deleted
+def rollback(settings: Settings, environment: str, say: Say) -> None:
+    env = _keyring_environment(settings, environment)
+    username = store.username(environment, env.key)
+    previous = store.load(f"{username}@previous")
+    if previous is None:
+        raise KeyStoreError(f"no previous key stored for {environment} ({username}@previous)")
+    current = store.load(username)
+    store.save(username, previous)
+    if current is not None:
+        store.save(f"{username}@previous", current)
+    ages.record(settings.key_state_file, environment, previous.fingerprint)
+    say(f"restored {previous.fingerprint} as the current key for {environment}")
+    if switch_daemon(env, previous.fingerprint, 30.0, say):
+        say(f"the daemon now serves {environment} with {previous.fingerprint}")
 
 
-def describe(config_path: str | None, only: str | None = None) -> list[tuple[str, str, str, str, str]]:
-    settings = _settings(config_path)
-    records = keystate.read(_state_file(settings))
-    envs = dict(settings.environments) if settings is not None else {}
-    if only is not None and only not in envs:
-        envs = {only: EnvironmentSettings(only, (), config.DEFAULT_UPSTREAM, KeySpec("keyring"), ())}
-    elif only is not None:
-        envs = {only: envs[only]}
-    rows = []
-    limit = settings.keys.max_age_days if settings else 90
-    for name, env in envs.items():
-        if env.key.kind == "generated":
-            rows.append((name, str(env.key), "-", "-", "ok (a new key each start)"))
-            continue
-        try:
-            key = resolve(name, env.key)
-        except KeySourceError as exc:
-            fix = f"; {exc.fix}" if exc.fix else ""
-            rows.append((name, str(env.key), "-", "-", f"error: {exc.reason}{fix}"))
-            continue
-        known = records.get(name)
-        age = known.age_days() if known and known.fingerprint == key.fingerprint else None
-        status = "ok" if age is None or age <= limit else f"ok, but older than {limit} days: rotate"
-        rows.append((name, str(env.key), key.fingerprint, "-" if age is None else f"{age}d", status))
-    return rows
-
-
-# -- rotation ---------------------------------------------------------------------------------
-
-
-def _environment(settings: Settings | None, environment: str) -> EnvironmentSettings:
-    if settings is None:
-        raise SkyproxyError("rotation needs the config (-c FILE) to find the upstream and daemon")
+def _keyring_environment(settings: Settings, environment: str) -> EnvironmentSettings:
     env = settings.environments.get(environment)
     if env is None:
         raise SkyproxyError(f"no environment {environment!r} in {settings.path}")
@@ -160,7 +148,10 @@ def _call(url: str, method: str = "GET", timeout: float = 10.0) -> dict[str, obj
 
 
 def switch_daemon(env: EnvironmentSettings, fingerprint: str, timeout: float, say: Say) -> bool:
-    """Asks a running daemon to reload and waits until it serves `fingerprint`."""
+    """Asks a running daemon to reload and waits until it serves `fingerprint`.
+
+    False when no daemon answers: the new key is then used when it starts.
+    """
     base = _daemon_url(env)
     try:
         answer = _call(f"{base}/-/reload", "POST")
@@ -181,49 +172,3 @@ def switch_daemon(env: EnvironmentSettings, fingerprint: str, timeout: float, sa
         f"the daemon at {base} did not switch to {fingerprint} within {timeout:g}s; "
         "check its log (journalctl -u skyproxy)"
     )
-
-
-def rotate(environment: str, new: Secret, config_path: str | None, timeout: float, say: Say) -> int:
-    settings = _settings(config_path)
-    env = _environment(settings, environment)
-    assert settings is not None
-    username = keyring_username(environment, env.key)
-    verify(env, new)
-    say(f"verified the new key {new.fingerprint} against {env.upstream}")
-    old = load_stored(username)
-    if old is not None:
-        store(f"{username}@previous", old.reveal())
-    store(username, new.reveal())
-    keystate.record(settings.key_state_file, environment, new.fingerprint)
-    say(
-        f"stored {new.fingerprint} as the current key"
-        + (f"; kept {old.fingerprint} as {username}@previous" if old else "")
-    )
-    if switch_daemon(env, new.fingerprint, timeout, say):
-        say(f"the daemon now serves {environment} with {new.fingerprint}")
-    if old is not None:
-        say(
-            f"next: watch the logs for a few minutes, then revoke the old key {old.fingerprint} "
-            "in the Skytells dashboard (undo before that with: skyproxy key rollback "
-            f"{environment})"
-        )
-    return 0
-
-
-def rollback(environment: str, config_path: str | None, say: Say) -> int:
-    settings = _settings(config_path)
-    env = _environment(settings, environment)
-    assert settings is not None
-    username = keyring_username(environment, env.key)
-    previous = load_stored(f"{username}@previous")
-    if previous is None:
-        raise KeyStoreError(f"no previous key stored for {environment} ({username}@previous)")
-    current = load_stored(username)
-    store(username, previous.reveal())
-    if current is not None:
-        store(f"{username}@previous", current.reveal())
-    keystate.record(settings.key_state_file, environment, previous.fingerprint)
-    say(f"restored {previous.fingerprint} as the current key for {environment}")
-    if switch_daemon(env, previous.fingerprint, 30.0, say):
-        say(f"the daemon now serves {environment} with {previous.fingerprint}")
-    return 0

@@ -13,11 +13,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyproxy.audit import events
-from skyproxy.audit.writer import AuditRecord
+from skyproxy.audit.record import AuditRecord
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
-from skyproxy.proxy.forward import Exchange, forward, outbound_head
+from skyproxy.proxy.exchange import Outcome
+from skyproxy.proxy.forward import forward
 from skyproxy.proxy.guard import Refusal
+from skyproxy.proxy.headers import outbound_head
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, Runtime, State, cors_headers
 
@@ -144,7 +146,7 @@ class ProxyHandler:
             )
             too_large.force_close()
             return too_large
-        exchange = Exchange(
+        exchange = Outcome(
             request_prefix=bytearray() if kind == "create" else None,
             response_prefix=bytearray() if kind is not None else None,
         )
@@ -176,7 +178,7 @@ class ProxyHandler:
         assert response is not None
         return response
 
-    def _observe(self, env: EnvRuntime, exchange: Exchange) -> None:
+    def _observe(self, env: EnvRuntime, exchange: Outcome) -> None:
         metrics = self.state.metrics
         if exchange.latency_ms is not None and exchange.failure is None:
             metrics.latency(env.name, exchange.latency_ms / 1000.0)
@@ -198,7 +200,7 @@ class ProxyHandler:
         kind: events.Kind,
         user: str | None,
         request_id: str,
-        exchange: Exchange,
+        exchange: Outcome,
     ) -> None:
         status = exchange.status
         body = exchange.response_prefix

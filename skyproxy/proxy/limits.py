@@ -18,12 +18,15 @@ Every bucket is an `aiolimiter.AsyncLimiter`, so the level, the leak and the clo
    environment rejection costs the user nothing: no unit is taken, so none needs a
    refund.
 3. Everything is consumed in one synchronous step: a unit in each per-user bucket and
-   each environment bucket (the same `_level += 1` that `AsyncLimiter.acquire` does,
-   without a coroutine per call). An environment bucket may go above its `max_rate`
-   by the reservations of requests still waiting, at most `max_wait` seconds' worth;
-   each waiting request sleeps until its own unit has drained, so bursts leave at the
-   account's pace, first come first served. A request cancelled while it waits (the
-   client went away) gives all of its units back.
+   each environment bucket (what `AsyncLimiter.acquire` adds, without a coroutine per
+   call). An environment bucket may go above its `max_rate` by the reservations of
+   requests still waiting, at most `max_wait` seconds' worth; each waiting request
+   sleeps until its own unit has drained, so bursts leave at the account's pace, first
+   come first served. A request cancelled while it waits (the client went away) gives
+   all of its units back.
+
+Reading the level, and adding or returning a unit, need aiolimiter's private state;
+bucket.py is the one module that touches it.
 
 Idle buckets are dropped: a bucket idle for a whole period has fully drained, so a
 fresh one is equivalent. Each (environment, rule) keeps its users in an `OrderedDict`
@@ -49,6 +52,14 @@ from dataclasses import dataclass
 from aiolimiter import AsyncLimiter
 
 from skyproxy.config import EnvironmentSettings, Rate, RateRule
+from skyproxy.proxy.bucket import (
+    give_back,
+    last_used,
+    seconds_to_empty,
+    seconds_to_fit,
+    take_unit,
+    units_free,
+)
 
 __all__ = ["DEFAULT_MAX_BUCKETS_PER_RULE", "Limits", "Verdict"]
 
@@ -57,7 +68,7 @@ __all__ = ["DEFAULT_MAX_BUCKETS_PER_RULE", "Limits", "Verdict"]
 # distinct user ids that idle eviction alone cannot shed (all active within a period).
 DEFAULT_MAX_BUCKETS_PER_RULE = 1_000_000
 
-# Float slack so a level of 4.000000000001 units still reads as 4.
+# Float slack so a wait of 2.000000000001 seconds still reads as 2.
 _EPS = 1e-9
 # How many stale buckets one insert may drop from the front of its dict.
 _EVICT_PER_INSERT = 2
@@ -81,30 +92,9 @@ class Verdict:
     headers: Mapping[str, str]  # RateLimit-Limit/Remaining/Reset (+ Retry-After when rejected)
 
 
-def _remaining(bucket: AsyncLimiter) -> int:
-    """Whole units that fit right now (the level must be freshly leaked)."""
-    return max(0, math.floor(bucket.max_rate - bucket._level + _EPS))
-
-
-def _reset(bucket: AsyncLimiter) -> int:
-    """Whole seconds until the bucket is empty (the level must be freshly leaked)."""
-    return max(0, math.ceil(bucket._level / bucket._rate_per_sec - _EPS))
-
-
-def _wait(bucket: AsyncLimiter) -> float:
-    """Seconds until one more unit fits; <= 0 when it fits now (level freshly leaked)."""
-    return float((bucket._level + 1 - bucket.max_rate) / bucket._rate_per_sec)
-
-
 def _seconds(wait: float) -> int:
     """A wait as a Retry-After value: whole seconds, rounded up, at least 1."""
     return max(1, math.ceil(wait - _EPS))
-
-
-def _refund(bucket: AsyncLimiter) -> None:
-    """Give one unit back. Exact for a leaky bucket: leak to now, then take it off."""
-    bucket.has_capacity()
-    bucket._level = max(bucket._level - 1, 0.0)
 
 
 class _UserBuckets:
@@ -140,8 +130,7 @@ class _UserBuckets:
         dropped = 0
         while buckets and dropped != limit:
             user = next(iter(buckets))
-            # aiolimiter stamps _last_check on every leak, i.e. on every use.
-            if now - buckets[user]._last_check < period:
+            if now - last_used(buckets[user]) < period:
                 break
             del buckets[user]
             dropped += 1
@@ -299,7 +288,7 @@ class Limits:
             if rule.users is not None:
                 bucket = rule.users.get(user)
                 if not bucket.has_capacity():
-                    wait = _wait(bucket)
+                    wait = seconds_to_fit(bucket)
                     if blocked is None or wait > blocked_wait:
                         blocked, blocked_wait = rule, wait
         if blocked is not None:
@@ -310,8 +299,7 @@ class Limits:
         for rule in rules:
             env = rule.env
             if env is not None:
-                env.has_capacity()  # leak to now
-                wait = (env._level + 1 - env.max_rate) / env._rate_per_sec  # _wait(env)
+                wait = seconds_to_fit(env)
                 if wait > rule.max_wait:
                     over = wait - rule.max_wait
                     if blocked is None or over > blocked_wait:
@@ -328,18 +316,17 @@ class Limits:
         for rule in rules:
             env = rule.env
             if env is not None:
-                env._level += 1
+                take_unit(env)
             users = rule.users
             if users is not None:
                 bucket = users.buckets[user]  # present: phase 1 just touched it
-                bucket._level += 1
-                left = math.floor(bucket.max_rate - bucket._level + _EPS)  # _remaining()
+                left = take_unit(bucket)
                 if shown is None or left < shown_left:
                     shown, shown_rule, shown_left = bucket, rule, left
         if shown is None:  # no per-user rate here: describe the environment quota
             for rule in rules:
                 if rule.env is not None:
-                    left = _remaining(rule.env)
+                    left = units_free(rule.env)
                     if shown is None or left < shown_left:
                         shown, shown_rule, shown_left = rule.env, rule, left
         assert shown is not None  # every rule has a per-user or environment rate
@@ -347,7 +334,7 @@ class Limits:
         if delay > 0:
             await self._wait_turn(rules, user, delay)
             shown.has_capacity()  # leak over the wait, for fresh headers
-        shown_left = _remaining(shown)
+        shown_left = units_free(shown)
 
         # Positional: a frozen dataclass is built field by field, and keywords cost more.
         return Verdict(
@@ -357,7 +344,7 @@ class Limits:
             None,
             None,
             shown_rule.name,
-            {LIMIT: str(shown.max_rate), REMAINING: str(shown_left), RESET: str(_reset(shown))},
+            {LIMIT: str(shown.max_rate), REMAINING: str(shown_left), RESET: str(seconds_to_empty(shown))},
         )
 
     async def _wait_turn(self, rules: tuple[_Rule, ...], user: str, delay: float) -> None:
@@ -368,7 +355,7 @@ class Limits:
             await asyncio.sleep(delay)
         except asyncio.CancelledError:
             for bucket in held:
-                _refund(bucket)
+                give_back(bucket)
             raise
 
     @staticmethod
@@ -386,7 +373,7 @@ class Limits:
             headers={
                 LIMIT: rule.users.limit,
                 REMAINING: "0",
-                RESET: str(_reset(bucket)),
+                RESET: str(seconds_to_empty(bucket)),
                 RETRY_AFTER: str(seconds),
             },
         )
@@ -405,7 +392,7 @@ class Limits:
             headers={
                 LIMIT: rule.env_limit,
                 REMAINING: "0",
-                RESET: str(_reset(rule.env)),
+                RESET: str(seconds_to_empty(rule.env)),
                 RETRY_AFTER: str(seconds),
             },
         )

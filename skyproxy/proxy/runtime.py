@@ -19,7 +19,8 @@ from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import EnvironmentSettings, Settings
 from skyproxy.errors import KeySourceError
 from skyproxy.http1.client import Origin
-from skyproxy.keys.sources import Secret, resolve
+from skyproxy.keys.secret import Secret
+from skyproxy.keys.sources import resolve
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from skyproxy.audit.record import AuditRecord
 from skyproxy.audit.summary import (
     Row,
     Summary,
@@ -20,7 +21,6 @@ from skyproxy.audit.summary import (
     summarize,
     to_json,
 )
-from skyproxy.audit.writer import AuditRecord
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -192,7 +192,8 @@ def test_a_reload_that_adds_a_budget_counts_spend_already_made() -> None:
 WRITER = """
 import sys, time
 from pathlib import Path
-from skyproxy.audit.writer import AuditRecord, AuditWriter
+from skyproxy.audit.record import AuditRecord
+from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import AuditSettings
 
 writer = AuditWriter(AuditSettings(path=Path(sys.argv[1])))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from skyproxy.audit.costs import Costs
+from skyproxy.audit.record import AuditRecord
 from skyproxy.audit.summary import summarize
-from skyproxy.audit.writer import AuditRecord
 from skyproxy.budgets.periods import iso, window
 
 

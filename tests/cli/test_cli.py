@@ -16,7 +16,8 @@ import pytest
 from helpers import CANARY, VENV_BIN, assert_no_canary, free_port, write_config
 
 from skyproxy import __version__
-from skyproxy.keys.sources import SERVICE, fingerprint
+from skyproxy.keys.secret import fingerprint
+from skyproxy.keys.store import SERVICE
 
 SKYPROXY = str(VENV_BIN / "skyproxy")
 OTHER = "sk-other-" + "0a1b2c3d4e5f60718293"
@@ -167,6 +168,24 @@ def test_check_warns_about_an_old_key(tmp_path: Path) -> None:
     assert result.returncode == 0
     status = rows(result.stdout)["dev"][-1]
     assert "days old" in status and "rotate" in status
+
+
+def test_key_list_reports_an_old_key_as_check_does(tmp_path: Path) -> None:
+    path = write_config(tmp_path, THREE + "[keys]\nmax_age_days = 30\n")
+    (tmp_path / "audit").mkdir()
+    state = {"keys": {"dev": {"fingerprint": fingerprint(CANARY), "set_at": "2020-01-01T00:00:00+00:00"}}}
+    (tmp_path / "audit" / "keys.json").write_text(json.dumps(state))
+    env = {"SKY_DEV": CANARY, "SKY_PROD": OTHER}
+    listed = run("key", "list", "-c", str(path), env=env)
+    checked = run("check", "-c", str(path), env=env)
+    assert listed.returncode == checked.returncode == 0, listed.stderr + checked.stderr
+    dev = rows(listed.stdout)["dev"]
+    assert dev[:3] == ["dev", "env:SKY_DEV", fingerprint(CANARY)]
+    assert dev[3].endswith("d") and int(dev[3][:-1]) > 30
+    assert dev[4] == rows(checked.stdout)["dev"][-1] == f"ok (key {dev[3][:-1]} days old: rotate)"
+    assert rows(listed.stdout)["prod"][3:] == ["-", "ok"]  # never recorded: age unknown
+    assert rows(listed.stdout)["playground"][2:] == ["-", "-", "ok (a new key each start)"]
+    assert_no_canary(listed.stdout, listed.stderr)
 
 
 # -- serve refuses to start half-configured ---------------------------------------------------
@@ -382,3 +401,18 @@ def test_key_commands_offer_no_option_for_the_key(action: str) -> None:
     options = {word.strip(",[]()") for word in result.stdout.split() if word.startswith(("-", "[-", "(-"))}
     allowed = {"-h", "--help", "--stdin", "-c", "--config", "CONFIG", "--timeout", "TIMEOUT"}
     assert options <= allowed, options
+
+
+@pytest.mark.parametrize("action", [["rotate", "dev", "--stdin"], ["rollback", "dev"]])
+def test_rotation_without_a_config_says_it_needs_one(tmp_path: Path, action: list[str]) -> None:
+    if Path("/etc/skyproxy/skyproxy.toml").exists():
+        pytest.skip("this machine has a system-wide config")
+    env = {
+        "HOME": str(tmp_path),
+        "SKYPROXY_CONFIG": "",
+        "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+    }
+    result = run("key", *action, env=env, stdin=CANARY + "\n", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "skyproxy: rotation needs the config (-c FILE) to find the upstream and daemon\n"
+    assert_no_canary(result.stdout, result.stderr)

@@ -28,7 +28,7 @@ from helpers import (
 )
 from helpers.daemon import Spawn, audit_lines, create, eventually, generation, status_of
 
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 from skyproxy.mock.app import MockState
 
 SKYPROXY = str(VENV_BIN / "skyproxy")

@@ -23,7 +23,8 @@ from aiohttp.test_utils import TestServer
 from helpers import CANARY, VENV_BIN, Proxy, assert_no_canary, free_port, write_config
 from helpers.daemon import Spawn, audit_lines, create, eventually, status_of
 
-from skyproxy.keys.sources import SERVICE, fingerprint
+from skyproxy.keys.secret import fingerprint
+from skyproxy.keys.store import SERVICE
 from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
 
 NO_LIMITS = 'rate_limit = { per_user = "1000000/second", per_environment = "1000000/second" }'

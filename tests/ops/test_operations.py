@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import CANARY, assert_no_canary, env_config, free_port, write_config
 
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 
 
 async def test_upstream_401_raises_the_alarm_and_is_counted(

@@ -35,8 +35,7 @@ from helpers.http import (
 from multidict import CIMultiDict
 from yarl import URL
 
-from skyproxy.keys.sources import fingerprint
-from skyproxy.proxy.forward import Scrubber
+from skyproxy.keys.secret import fingerprint
 
 FINGERPRINT = fingerprint(CANARY)
 USER = {"X-User-Id": "alice"}
@@ -639,12 +638,12 @@ def key_echo_app(encode: str, pieces: int = 1) -> web.Application:
         text = f'{{"error": {{"message": "key {key} is not valid for this model; {key}{key}"}}}}'
         data = text.encode()
         headers = {"Content-Type": "application/json", "X-Debug": f"got {key}"}
-        if encode == "gzip":
+        if encode.lower() in ("gzip", "x-gzip"):
             data = gzip.compress(data)
-            headers["Content-Encoding"] = "gzip"
-        elif encode == "deflate":
+            headers["Content-Encoding"] = encode
+        elif encode.lower() == "deflate":
             data = zlib.compress(data)
-            headers["Content-Encoding"] = "deflate"
+            headers["Content-Encoding"] = encode
         response = web.StreamResponse(status=400, headers=headers)
         await response.prepare(request)
         size = -(-len(data) // pieces)
@@ -671,7 +670,17 @@ def decoded(headers: CIMultiDict[str], body: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("encode", "pieces"),
-    [("identity", 1), ("identity", 7), ("identity", 25), ("gzip", 1), ("gzip", 9), ("deflate", 5)],
+    [
+        ("identity", 1),
+        ("identity", 7),
+        ("identity", 25),
+        ("gzip", 1),
+        ("gzip", 9),
+        ("deflate", 5),
+        ("x-gzip", 3),
+        ("GZIP", 3),  # coding names are case-insensitive
+        ("Deflate", 1),
+    ],
 )
 async def test_key_in_an_upstream_error_is_replaced_by_the_fingerprint(
     encode, pieces, raw_upstream, start_proxy, canary_env
@@ -690,20 +699,6 @@ async def test_key_in_an_upstream_error_is_replaced_by_the_fingerprint(
     message = json.loads(plain)["error"]["message"]
     assert message == f"key {FINGERPRINT} is not valid for this model; {FINGERPRINT}{FINGERPRINT}"
     assert headers["X-Debug"] == f"got {FINGERPRINT}"
-
-
-@pytest.mark.parametrize("size", [1, 2, 5, 17])
-def test_scrubber_finds_the_key_split_at_every_point(size):
-    needle, replacement = CANARY.encode(), FINGERPRINT.encode()
-    text = b"<" + needle + b"|" + needle + needle + b">" + needle[:-1] + b"!"
-    scrubber = Scrubber(needle, replacement)
-    out = b"".join(scrubber.feed(text[i : i + size]) for i in range(0, len(text), size))
-    out += scrubber.finish()
-    assert out == text.replace(needle, replacement)
-    for cut in range(1, len(text)):
-        scrubber = Scrubber(needle, replacement)
-        out = scrubber.feed(text[:cut]) + scrubber.feed(text[cut:]) + scrubber.finish()
-        assert out == text.replace(needle, replacement), cut
 
 
 async def test_upstream_429_passes_through_with_retry_after(raw_upstream, start_proxy, canary_env):

@@ -22,7 +22,7 @@ from yarl import URL
 
 from skyproxy import __version__, config
 from skyproxy.errors import ConfigError
-from skyproxy.keys.sources import fingerprint
+from skyproxy.keys.secret import fingerprint
 
 SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 ORIGIN = "http://localhost:3000"

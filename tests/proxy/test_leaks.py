@@ -24,7 +24,8 @@ from skyproxy import config
 from skyproxy.config import KeySpec
 from skyproxy.daemon.supervisor import StartupError, Supervisor
 from skyproxy.errors import ConfigError, KeySourceError
-from skyproxy.keys.sources import Secret, fingerprint, resolve
+from skyproxy.keys.secret import Secret, fingerprint
+from skyproxy.keys.sources import resolve
 from skyproxy.mock.app import create_mock_app
 
 FINGERPRINT = fingerprint(CANARY)

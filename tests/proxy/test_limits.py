@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers.clock import FakeClock, freeze_loop_clock
 
 from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
 from skyproxy.proxy.limits import Limits, Verdict
@@ -17,25 +18,9 @@ PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 MESSAGE_10_MIN = "Your generation limit (10/min) has been reached. Please wait."
 
 
-class FakeClock:
-    """Stands in for `loop.time`: frozen until advanced."""
-
-    def __init__(self) -> None:
-        # A round start keeps sums of .5 steps exact.
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 async def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(asyncio.get_running_loop(), "time", fake)
-    return fake
+    return freeze_loop_clock(monkeypatch)
 
 
 def rate(text: str) -> Rate:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import stat
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,45 @@ async def test_terminal_failed_and_estimate_fallback(raw_upstream, start_proxy, 
     await asyncio.sleep(0.2)
     lines = await audit_lines(proxy.audit_path, 2)
     assert [(x["status"], x["costUsd"]) for x in lines] == [("created", 0.05), ("failed", 0.05)]
+
+
+async def test_coded_answers_are_audited_whatever_the_case_of_the_coding(
+    raw_upstream, start_proxy, canary_env
+):
+    # The audit undoes the same codings as the relay, with names compared case-insensitively.
+    def coded(value: dict[str, Any], coding: str, status: int = 200) -> web.Response:
+        body = json.dumps(value).encode()
+        body = zlib.compress(body) if coding.lower() == "deflate" else gzip.compress(body)
+        headers = {"Content-Encoding": coding, "Content-Type": "application/json"}
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def create(request: web.Request) -> web.Response:
+        return coded({"id": "p-z", "status": "starting", "model": "truefusion-pro"}, "GZIP", 201)
+
+    async def get(request: web.Request) -> web.Response:
+        return coded({"id": "p-z", "status": "succeeded", "model": "truefusion-pro"}, "X-Gzip")
+
+    async def cancel(request: web.Request) -> web.Response:
+        return coded({"id": "p-d", "status": "cancelled"}, "Deflate")
+
+    app = web.Application()
+    app.router.add_post("/v1/predictions", create)
+    app.router.add_get("/v1/predictions/{id}", get)
+    app.router.add_post("/v1/predictions/{id}/cancel", cancel)
+    proxy = await start_proxy(env_config(await raw_upstream(app), extra=PRICING))
+    headers = {"X-User-Id": "alice"}
+    async with proxy.session.post(f"{proxy.url}/v1/predictions", json=CREATE, headers=headers) as r:
+        assert r.status == 201
+    async with proxy.session.get(f"{proxy.url}/v1/predictions/p-z") as r:
+        assert r.status == 200
+    async with proxy.session.post(f"{proxy.url}/v1/predictions/p-d/cancel") as r:
+        assert r.status == 200
+    lines = await audit_lines(proxy.audit_path, 3)
+    assert [(x["predictionId"], x["status"]) for x in lines] == [
+        ("p-z", "created"),
+        ("p-z", "succeeded"),
+        ("p-d", "canceled"),
+    ]
 
 
 async def test_streamed_create_is_audited_at_the_end_of_the_stream(mock_upstream, start_proxy, canary_env):

@@ -1,0 +1,73 @@
+"""`skyproxy serve` and `skyproxy check`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from skyproxy.cli.common import EXIT_KEY, EXIT_OK, load_settings, table
+from skyproxy.cli.key import status_text
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from skyproxy.daemon.logs import configure_logging
+    from skyproxy.daemon.notify import Notifier
+    from skyproxy.daemon.supervisor import StartupError, Supervisor
+
+    settings = load_settings(args.config)
+    configure_logging(settings.server.log_level)
+    notifier = Notifier.from_environ()
+    supervisor = Supervisor(settings, notifier, own_process=True)  # a daemon's own process
+    try:
+        _run(supervisor.run(), settings.server.event_loop)
+    except StartupError as exc:
+        print(f"skyproxy: cannot start:\n{exc}", file=sys.stderr)
+        return EXIT_KEY
+    finally:
+        if notifier:
+            notifier.close()
+    return EXIT_OK
+
+
+def _run(coro: object, event_loop: str) -> None:
+    import asyncio
+
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+
+            uvloop.run(coro)  # type: ignore[arg-type]
+            return
+        except ImportError:
+            if event_loop == "uvloop":
+                raise SystemExit('skyproxy: event_loop = "uvloop" but uvloop is not installed') from None
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validates the config (a ConfigError exits 2 in main) and resolves every key."""
+    from skyproxy.keys import ages
+    from skyproxy.keys.status import key_statuses
+
+    settings = load_settings(args.config)
+    specs = {name: env.key for name, env in settings.environments.items()}
+    statuses = key_statuses(specs, ages.read(settings.key_state_file), settings.keys.max_age_days)
+    rows = [("ENVIRONMENT", "LISTEN", "UPSTREAM", "KEY SOURCE", "FINGERPRINT", "STATUS")]
+    for status in statuses:
+        env = settings.environments[status.environment]
+        rows.append(
+            (
+                env.name,
+                ",".join(str(x) for x in env.listen),
+                env.upstream,
+                str(env.key),
+                status.fingerprint or "-",
+                status_text(status, problem_inline=False),
+            )
+        )
+    print(f"config {settings.path}: valid")
+    print(table(rows))
+    for status in statuses:
+        if status.problem is not None:
+            print(f"  {status.environment}: {status.problem}")
+    return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY

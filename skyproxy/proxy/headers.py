@@ -1,0 +1,82 @@
+"""The header lines that go upstream, and which ones never travel either way.
+
+The outbound head is built from the client's raw header lines, byte for byte, less the
+hop-by-hop ones (RFC 9110 7.6.1), the client's own credentials and the framing, which
+the upstream client writes itself. The environment's key goes on in their place.
+"""
+
+from __future__ import annotations
+
+from skyproxy import codings
+
+_DROP_REQUEST = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"x-api-key",
+        b"authorization",
+        b"cookie",
+        b"accept-encoding",
+        b"x-request-id",
+        b"content-length",
+        b"expect",
+    )
+)
+# Lower case. The upstream's cookies and request id are not the client's business; CORS
+# headers are dropped apart (see the relay), since they are a prefix, not a list.
+DROP_RESPONSE = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "set-cookie",
+        "x-request-id",
+    )
+)
+# Only codings the relay can undo, so an error body can always be scrubbed of the key.
+_ACCEPTABLE = frozenset(c.encode() for c in codings.DECODABLE) | {b"identity"}
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+
+
+def outbound_head(raw: RawHeaders, key: bytes, request_id: str, user_header: bytes) -> bytearray:
+    """The header lines sent upstream, byte for byte as the client sent them, less the
+    dropped ones. `user_header` is lower case."""
+    connection_named = _connection_tokens(raw)
+    out = bytearray()
+    accept: list[bytes] = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _DROP_REQUEST or lower == user_header or lower in connection_named:
+            if lower == b"accept-encoding":
+                accept.append(value)
+            continue
+        out += b"%s: %s\r\n" % (name, value)
+    if accept:
+        tokens = (t.strip() for v in accept for t in v.split(b","))
+        safe = [t for t in tokens if t.split(b";")[0].strip().lower() in _ACCEPTABLE]
+        if safe:
+            out += b"Accept-Encoding: %s\r\n" % b", ".join(safe)
+    out += b"x-api-key: %s\r\nX-Request-Id: %s\r\n" % (key, request_id.encode())
+    return out
+
+
+def _connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
+    """The headers the client's Connection header names: hop-by-hop by declaration."""
+    named = [value for name, value in raw if name.lower() == b"connection"]
+    if not named:
+        return frozenset()
+    return frozenset(t.strip().lower() for value in named for t in value.split(b",") if t.strip())
