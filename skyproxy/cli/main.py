@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from skyproxy import __version__
+from skyproxy.cli import budget, token
 from skyproxy.cli.audit import cmd_audit_summary
 from skyproxy.cli.common import EXIT_CONFIG, EXIT_KEY
 from skyproxy.cli.key import (
@@ -110,4 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("user", "model", "environment", "status"), default="user")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit_summary)
+    token.register(sub)
+    budget.register(sub)
     return parser
