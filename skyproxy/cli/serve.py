@@ -70,4 +70,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     for status in statuses:
         if status.problem is not None:
             print(f"  {status.environment}: {status.problem}")
+    for env in settings.environments.values():
+        for listen in env.listen:
+            taken = _in_use(listen.host, listen.port)
+            if taken:
+                print(f"  {env.name}: {listen} is {taken} (is skyproxy already running? else change listen)")
     return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY
+
+
+def _in_use(host: str, port: int) -> str | None:
+    """Whether binding would fail now; a running skyproxy makes its own addresses busy, so a note."""
+    import errno
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return "already in use" if exc.errno == errno.EADDRINUSE else f"not bindable ({exc.strerror})"
+    return None

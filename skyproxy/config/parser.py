@@ -65,7 +65,9 @@ def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("file not found", file=path) from None
+        raise ConfigError(
+            "file not found; start from the example: cp skyproxy.toml.example skyproxy.toml", file=path
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", file=path) from None
     return parse(text, path, environ)

@@ -7,6 +7,7 @@ drain, and an environment that disappears closes its pool once its requests fini
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -111,7 +112,12 @@ class Listeners:
         try:
             await site.start()
         except OSError as exc:
-            return f"environment {name}: cannot listen on {listen}: {exc.strerror or exc}"
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = " (is another skyproxy running? stop it, or change this listen address)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = " (no interface on this machine has that address)"
+            return f"environment {name}: cannot listen on {listen}: {exc.strerror or exc}{hint}"
         env.sites[listen] = site
         return None
 

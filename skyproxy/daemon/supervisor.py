@@ -203,6 +203,7 @@ class Supervisor:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
+        log.info("stopped")
 
     def _reopen_audit(self) -> None:
         if self.state is not None:

@@ -259,6 +259,7 @@ def test_serve_port_taken_exits_non_zero(tmp_path: Path) -> None:
         result = run("serve", "-c", str(path))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "is another skyproxy running?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -416,3 +417,18 @@ def test_rotation_without_a_config_says_it_needs_one(tmp_path: Path, action: lis
     assert result.returncode == 1
     assert result.stderr == "skyproxy: rotation needs the config (-c FILE) to find the upstream and daemon\n"
     assert_no_canary(result.stdout, result.stderr)
+
+
+def test_check_notes_a_listen_port_already_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(
+            tmp_path, f'[environments.dev]\nlisten = ["127.0.0.1:{port}"]\nupstream = "mock"\n'
+        )
+        busy = run("check", "-c", str(path))
+    free = run("check", "-c", str(path))
+    assert busy.returncode == 0, busy.stderr  # valid; the note is for the operator
+    assert f"dev: 127.0.0.1:{port} is already in use (is skyproxy already running?" in busy.stdout
+    assert free.returncode == 0 and "in use" not in free.stdout

@@ -518,6 +518,7 @@ def test_cli_missing_explicit_file(tmp_path: Path) -> None:
     result = _check(tmp_path, "-c", str(tmp_path / "missing.toml"))
     assert result.returncode == 2
     assert "missing.toml: file not found" in result.stderr
+    assert "cp skyproxy.toml.example skyproxy.toml" in result.stderr
     assert "Traceback" not in result.stderr
 
 

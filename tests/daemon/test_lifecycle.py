@@ -76,6 +76,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
     stderr = daemon.stderr()
     assert code == 0, stderr
     assert "draining" in stderr
+    assert stderr.rstrip().endswith("skyproxy INFO stopped"), stderr  # the last word, once all is done
     assert_no_canary(stderr)
     with socket.socket() as s:  # the port is released
         assert s.connect_ex(("127.0.0.1", port)) != 0
