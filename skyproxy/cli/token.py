@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from skyproxy.config import Settings
     from skyproxy.tokens.store import TokenRecord
 
 from skyproxy.cli.common import EXIT_OK, load_settings, table
@@ -119,3 +120,26 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     record = store.revoke(settings.tokens_file, args.name)  # an unknown name: exit 1, from main
     print(f"revoked token {record.name} ({record.fingerprint}); a running daemon refuses it within 2 seconds")
     return EXIT_OK
+
+
+def print_access_notes(settings: Settings) -> bool:
+    """`check`'s lines about client tokens; False when the tokens file cannot be used."""
+    from skyproxy.tokens import store
+
+    for env in settings.environments.values():
+        exposed = [str(listen) for listen in env.listen if not listen.is_loopback]
+        if exposed and env.client_auth == "off":
+            print(
+                f"  warning: {env.name} listens on {', '.join(exposed)} (not loopback) "
+                'with client_auth = "off": any client in allowed_networks can spend, under any user name; '
+                'set client_auth = "required" and give each app a token (skyproxy token create)'
+            )
+    if all(env.client_auth == "off" for env in settings.environments.values()):
+        return True
+    try:
+        records = store.read(settings.tokens_file)
+    except store.TokenFileError as exc:
+        print(f"  {exc}")
+        return False
+    print(f"  tokens: {len(records)} in {settings.tokens_file}")
+    return True

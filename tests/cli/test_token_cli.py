@@ -139,3 +139,22 @@ def test_budget_show_without_budgets_says_so(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[environments.dev]\nlisten = ["127.0.0.1:0"]\nupstream = "mock"\n')
     shown = run("budget", "show", "-c", str(path))
     assert shown.returncode == 0 and "nothing is ever refused" in shown.stderr
+
+
+def test_check_warns_about_an_exposed_environment_without_client_auth(tmp_path: Path) -> None:
+    body = (
+        '[server]\nallowed_networks = ["10.0.0.0/8"]\n'
+        '[environments.open]\nlisten = ["0.0.0.0:0"]\nupstream = "mock"\n'
+        '[environments.closed]\nlisten = ["0.0.0.0:0"]\nupstream = "mock"\nclient_auth = "required"\n'
+        '[environments.local]\nlisten = ["127.0.0.1:0"]\nupstream = "mock"\n'
+    )
+    path = write_config(tmp_path, body)
+    checked = run("check", "-c", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    warnings = [line for line in checked.stdout.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "open listens on 0.0.0.0:0" in warnings[0]
+    assert 'client_auth = "off"' in warnings[0]
+    assert "tokens: 0 in" in checked.stdout
+    (tmp_path / "tokens.json").write_text("{broken")
+    broken = run("check", "-c", str(path))
+    assert broken.returncode == 1 and "tokens file" in broken.stdout and "not JSON" in broken.stdout
