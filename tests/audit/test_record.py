@@ -32,6 +32,7 @@ FIELDS = [
     "keyFingerprint",
     "method",
     "path",
+    "client",
 ]
 
 # -- the line -------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def test_line_is_compact_json_with_fields_in_order() -> None:
         '"environment":"production","userId":"alice","predictionId":"pred_000000",'
         '"model":"truefusion-pro","status":"created","httpStatus":201,"latencyMs":412.5,'
         '"costUsd":0.03,"ipAddress":"127.0.0.1","requestId":"req-000000",'
-        '"keyFingerprint":"sk-…ab12","method":"POST","path":"/v1/predictions"}\n'
+        '"keyFingerprint":"sk-…ab12","method":"POST","path":"/v1/predictions","client":null}\n'
     )
     assert list(json.loads(line)) == FIELDS
 
@@ -56,6 +57,7 @@ def test_line_is_compact_json_with_fields_in_order() -> None:
         {"userId": "zoë 🦊 日本", "model": "ünïcode"},
         {"userId": None, "predictionId": None, "model": None, "latencyMs": None},
         {"costUsd": None, "ipAddress": None, "requestId": None, "keyFingerprint": None},
+        {"client": "billing-backend", "userId": "end-user-7"},
         {"status": "rejected", "httpStatus": 429, "latencyMs": 3, "costUsd": 1e-07},
     ],
 )
