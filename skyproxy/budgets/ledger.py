@@ -60,6 +60,7 @@ class Ledger:
         self.costs: Costs[Place] = Costs(limit=REMEMBERED_PREDICTIONS)
         now = clock()
         self.windows: dict[Period, Window] = {p: Window(*window(p, now)) for p in PERIODS}
+        self.replayed = False  # whether the audit files were read in
 
     def current(self, period: Period, now: float | None = None) -> Window:
         """The period's window as of `now` (default: the clock); rolls forward, never back."""
@@ -116,6 +117,7 @@ class Ledger:
                 line["costUsd"],
             )
             taken += 1
+        self.replayed = True
         return taken
 
 

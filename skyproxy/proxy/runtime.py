@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
+from skyproxy.budgets.enforce import Budgets
 from skyproxy.config import EnvironmentSettings, Settings
 from skyproxy.errors import KeySourceError
 from skyproxy.http1.client import Origin
@@ -24,7 +25,9 @@ from skyproxy.keys.sources import resolve
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
+from skyproxy.proxy.inflight import InFlight
 from skyproxy.proxy.limits import Limits
+from skyproxy.tokens.registry import Tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Runtime:
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
     limits: Limits
+    inflight: InFlight
 
 
 def resolve_keys(
@@ -93,13 +97,21 @@ def build_runtime(
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
         limits=Limits(settings.environments, previous=previous.limits if previous else None),
+        inflight=InFlight(settings.environments, previous.inflight if previous else None),
     )
 
 
 class State:
     """The process's shared services and the current generation, handed to every handler."""
 
-    def __init__(self, runtime: Runtime, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        audit: AuditWriter,
+        metrics: Metrics,
+        tokens: Tokens | None = None,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.runtime = runtime
         self.audit = audit
         self.metrics = metrics
@@ -110,6 +122,9 @@ class State:
         self.requests: dict[str, int] = {}
         self.key_ages: dict[str, int | None] = {}
         self.reload: Callable[[], Awaitable[str | None]] | None = None
+        # Process-wide, not per generation: a revoke or a dollar spent outlives a reload.
+        self.tokens = tokens if tokens is not None else Tokens(runtime.settings.tokens_file)
+        self.budgets = budgets if budgets is not None else Budgets(runtime.settings.budgets)
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

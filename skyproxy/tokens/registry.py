@@ -82,6 +82,7 @@ class Tokens:
         self.loaded_at: float | None = None
         self._index: MappingProxyType[bytes, Token] = MappingProxyType({})
         self._signature: tuple[int, int, int, int] | None = None
+        self._stale = True  # load at the next refresh, whatever the file's signature
         self._used: dict[bytes, float] = {}  # last use, in memory
         self._stored: dict[bytes, float] = {}  # last use as last written to the file
         self.checks = 0  # looks at the file, for tests and status
@@ -117,15 +118,22 @@ class Tokens:
                 self._stored.setdefault(entry.digest, record.last_used.timestamp())
         self._index = MappingProxyType(index)
         self._signature = signature
+        self._stale = False
         self.loaded_at = self.clock()
 
     def refresh(self) -> bool:
         """Reloads if the file changed since the last load; True if it did."""
         self.checks += 1
-        if _signature(self.path) == self._signature:
+        if not self._stale and _signature(self.path) == self._signature:
             return False
         self.load()
         return True
+
+    def retarget(self, path: Path) -> None:
+        """Follows a config reload that names another tokens file: it is read at the next refresh."""
+        if path != self.path:
+            self.path = path
+            self._stale = True
 
     def flush_last_used(self) -> bool:
         """Stores last-used times that moved since the last write; True if the file changed."""
