@@ -1,10 +1,9 @@
-"""Whole-exchange deadlines: one sweeper task for every exchange in flight.
+"""Whole-exchange deadlines: one heap and one sweeper task for every exchange in flight.
 
-aiohttp's own `ClientTimeout(total=...)` arms a timer and a timer context per request,
-about 25 µs of a request's CPU here. This keeps one heap and one periodic task instead,
-at the cost of a deadline being late by up to `RESOLUTION`. An expired exchange's task
-is cancelled while it is suspended inside the exchange, exactly as aiohttp's timer does
-it, and the exchange turns that cancellation into a 504.
+One periodic task rather than a timer per request keeps the hot path cheap; the price
+is that a deadline may be late by up to `RESOLUTION`. An expired exchange's task is
+cancelled while it is suspended inside the exchange, and the exchange, seeing its
+deadline `fired`, turns that cancellation into a 504.
 """
 
 from __future__ import annotations

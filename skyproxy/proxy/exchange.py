@@ -1,11 +1,22 @@
-"""What one exchange with the upstream produces, and the sizes that bound what it keeps.
+"""What one exchange carries between its steps: the route upstream, the call, the outcome.
 
-`forward()` returns an `Outcome`: the handler answers, counts and audits from it.
+A `Route` is built once per environment and Runtime generation; a `Call` holds one
+request's facts from admission to the audit; `forward()` returns an `Outcome`, from
+which the handler answers, counts and audits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from skyproxy.audit.events import Kind
+from skyproxy.http1.client import Client, Origin
+from skyproxy.keys.sources import Secret
+from skyproxy.proxy.deadlines import Deadlines
+from skyproxy.proxy.runtime import EnvRuntime, Runtime
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
 # Bodies of a known length up to this are read whole and sent in one write: cheaper than
@@ -14,21 +25,49 @@ SMALL_BODY = 65_536
 EVENT_STREAM_CAPTURE = 4_096  # only the first event of a stream is ever parsed
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One environment's way upstream under one Runtime generation."""
+
+    client: Client
+    origin: Origin
+    key: Secret
+    user_header: bytes  # lower case, as raw header names are compared; never sent on
+    max_body_bytes: int
+    timeout: float  # seconds for the whole exchange, upload to the answer's last byte
+    deadlines: Deadlines
+
+
 @dataclass(slots=True)
+class Call:
+    """One request's facts, from admission to the audit record."""
+
+    request: web.BaseRequest
+    runtime: Runtime  # the generation the request runs under, start to finish
+    env: EnvRuntime
+    request_id: str
+    reply: CIMultiDict[str]  # headers every answer to it carries: request id, CORS, rate limits
+    kind: Kind | None  # a prediction event the audit records, or None
+    user: str | None = None  # who is billed, once admitted
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """Why the proxy answers itself instead of relaying the upstream's answer."""
 
     status: int
     code: str
     message: str
+    close: bool = False  # the connection cannot carry another request (an unread body is on it)
 
 
 @dataclass(slots=True)
 class Outcome:
-    """One exchange, for the answer, the audit and the metrics."""
+    """One exchange: the answer relayed or the failure to answer with, and what the audit reads."""
 
     status: int = 0
-    latency_ms: float | None = None
+    latency_ms: float = 0.0
+    response: web.StreamResponse | None = None  # the relayed answer, when the relay finished
     failure: Failure | None = None
     sent: bool = False  # the status line has gone to the client
     broken: bool = False  # the upstream or client went away after the status was sent

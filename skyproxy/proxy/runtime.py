@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
 
-from multidict import CIMultiDict
-
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
 from skyproxy.budgets.enforce import Budgets
@@ -129,13 +127,3 @@ class State:
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1
         self.metrics.request(environment, route, status)
-
-
-def cors_headers(origin: str) -> CIMultiDict[str]:
-    return CIMultiDict(
-        {
-            "Access-Control-Allow-Origin": origin,
-            "Vary": "Origin",
-            "Access-Control-Expose-Headers": "*",
-        }
-    )

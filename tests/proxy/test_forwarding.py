@@ -382,6 +382,53 @@ async def test_body_too_large_by_content_length(mock_upstream, start_proxy, cana
     assert ok[0] == 200 and json.loads(ok[2])["size"] == 1024
 
 
+async def test_a_413_closes_the_connection_its_unread_body_is_on(mock_upstream, start_proxy, canary_env):
+    url, state = mock_upstream
+    proxy = await start_proxy(env_config(url, server="max_body_bytes = 1024"))
+    target = URL(proxy.url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = [("Host", host_of(proxy.url)), ("Content-Length", "5000"), ("Content-Type", "text/plain")]
+        writer.write(http_head("POST", "/v1/echo", head))
+        await writer.drain()
+        answer = await asyncio.wait_for(read_response(reader), 10)
+        assert_error(413, "body_too_large", answer)
+        assert answer.headers["Connection"].lower() == "close"
+        # The body comes late, and holds a request of its own: it must get no answer.
+        smuggled = http_head("GET", "/v1/models", [("Host", host_of(proxy.url))])
+        writer.write(smuggled + b"x" * (5000 - len(smuggled)) + smuggled)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert not state.seen
+
+
+async def test_a_reload_routes_the_next_request_by_the_new_generation(
+    raw_upstream, start_proxy, canary_env, monkeypatch
+):
+    # The route upstream (origin, key, body limit, timeout) is built once per generation:
+    # the first request after a reload must see every one of the new values.
+    first, second = Recorder(), Recorder()
+    first_url, second_url = await raw_upstream(first.app()), await raw_upstream(second.app())
+    proxy = await start_proxy(env_config(first_url, server="max_body_bytes = 1024"))
+    answer = await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 2000)
+    assert_error(413, "body_too_large", answer)
+    assert (await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 1000))[0] == 200
+
+    monkeypatch.setenv("SKYPROXY_OTHER_KEY", "sk-other-" + "k" * 24)
+    other = env_config(second_url, key='key = "env:SKYPROXY_OTHER_KEY"', server="max_body_bytes = 4096")
+    proxy.state.runtime.settings.path.write_text(other)
+    assert await proxy.state.reload() is None
+    assert (await fetch(proxy.session, "POST", f"{proxy.url}/v1/echo", data=b"x" * 2000))[0] == 200
+    assert len(first.requests) == 1 and len(second.requests) == 1
+    headers = dict((name.lower(), value) for name, value in second.requests[0][2])
+    assert headers[b"x-api-key"] == b"sk-other-" + b"k" * 24
+    assert second.requests[0][3] == b"x" * 2000
+
+
 async def _expecting(proxy_url: str, extra: list[tuple[str, str]], body: bytes) -> tuple[bytes, RawResponse]:
     """Sends a head with `Expect: 100-continue`, waits for the interim answer, then the body.
 

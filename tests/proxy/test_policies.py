@@ -240,6 +240,23 @@ async def test_unreachable_create_is_failed(start_proxy, canary_env):
     assert [(x["status"], x["httpStatus"]) for x in lines] == [("failed", 502)]
 
 
+async def test_create_over_the_body_limit_while_streaming_is_failed(mock_upstream, start_proxy, canary_env):
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url, server="max_body_bytes = 70000"))
+
+    async def body():  # type: ignore[no-untyped-def]
+        for _ in range(10):  # chunked, with no length to refuse it by: counted as it streams
+            yield b'{"model": "truefusion-pro", "pad": "' + b"x" * 10_000
+
+    async with proxy.session.post(
+        f"{proxy.url}/v1/predictions", data=body(), headers={"X-User-Id": "alice"}
+    ) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"] == "body_too_large"
+    lines = await audit_lines(proxy.audit_path, 1)
+    assert [(x["status"], x["httpStatus"], x["userId"]) for x in lines] == [("failed", 413, "alice")]
+
+
 async def test_terminal_failed_and_estimate_fallback(raw_upstream, start_proxy, canary_env):
     async def create(request: web.Request) -> web.Response:
         return web.json_response({"id": "p-1", "status": "starting", "model": "truefusion-pro"}, status=201)

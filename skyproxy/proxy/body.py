@@ -1,0 +1,87 @@
+"""The client's request body: the expectation it may send, its size limit, what the audit keeps.
+
+Every 413 and every answer to `Expect` is decided here. A body is refused from its
+declared length before a byte of it is read, or, when its length is not declared, as
+soon as it crosses the limit while it streams on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from skyproxy.proxy.exchange import CAPTURE_LIMIT, SMALL_BODY, Failure, Outcome
+
+Upload = tuple[bytes | AsyncIterator[bytes] | None, int | None]
+
+EXPECTATION_FAILED = Failure(417, "expectation_failed", "Only the expectation 100-continue is understood.")
+
+
+class BodyTooLarge(Exception):
+    """The client's body crossed max_body_bytes while it streamed."""
+
+
+def too_large(limit: int) -> Failure:
+    # The unread rest of the body is still on the connection: it must not be parsed as
+    # the next request.
+    return Failure(413, "body_too_large", f"Request body exceeds {limit} bytes.", close=True)
+
+
+def refusal(request: web.BaseRequest, limit: int) -> Failure | None:
+    """A request answered without reading its body: an expectation other than 100-continue,
+    or a declared length over the limit. None when the body may be read."""
+    expect = request.headers.get("Expect")
+    if expect is not None and expect.lower() != "100-continue":
+        return EXPECTATION_FAILED
+    length = request.content_length
+    if length is not None and length > limit:
+        return too_large(limit)
+    return None
+
+
+async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Upload:
+    """The body to send on, and its length when it streams with a known one.
+
+    Called once the request is admitted. A small body is read whole; a larger one streams,
+    counted against `limit` as it goes (`BodyTooLarge`). The audit's share of it goes to
+    `outcome.request_prefix` when that is being kept."""
+    if not request.body_exists:
+        return None, None
+    if request.version == HttpVersion11 and "Expect" in request.headers:
+        await _continue(request)
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY:
+        body = await request.read()
+        if outcome.request_prefix is not None:
+            outcome.request_prefix = body
+        return body, None
+    return _limited(request.content, limit, outcome.request_prefix), length
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Tells a client waiting with `Expect: 100-continue` (the only one admitted) to send its body.
+
+    Only now, once the request is admitted: a refused client never uploads. Then the
+    writer's output size goes back to 0, exactly as aiohttp's own
+    `_default_expect_handler` does: the interim answer is not the start of the answer
+    proper, and aiohttp will not send an error answer once that has started.
+    """
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
+async def _limited(
+    content: aiohttp.StreamReader, limit: int, prefix: bytes | bytearray | None
+) -> AsyncIterator[bytes]:
+    """The body as it streams, counted; `prefix`, the outcome's bytearray, grows in place."""
+    total = 0
+    async for chunk in content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge
+        if prefix is not None and len(prefix) < CAPTURE_LIMIT:
+            prefix += chunk[: CAPTURE_LIMIT - len(prefix)]
+        yield chunk

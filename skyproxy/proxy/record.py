@@ -1,0 +1,131 @@
+"""What the proxy records of an exchange: metrics for every one, an audit line for events.
+
+A create is recorded once, as created or failed. A poll or a cancel is recorded only the
+first time it shows the prediction's terminal state, however often a client polls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from skyproxy.audit import events
+from skyproxy.audit.record import AuditRecord
+from skyproxy.proxy.exchange import Call, Outcome
+from skyproxy.proxy.runtime import State
+
+log = logging.getLogger("skyproxy")
+
+
+def exchange(state: State, call: Call, outcome: Outcome) -> None:
+    """Metrics for every exchange, and an audit line when it is a prediction event."""
+    metrics = state.metrics
+    env = call.env
+    if outcome.failure is None:
+        metrics.latency(env.name, outcome.latency_ms / 1000.0)
+    if outcome.status == 401:
+        metrics.upstream_unauthorized(env.name)
+        log.error(
+            "environment %s: key rejected by upstream; revoked or rotated? (401, key %s)",
+            env.name,
+            env.key.fingerprint,
+        )
+    elif outcome.status == 429:
+        metrics.upstream_rate_limited(env.name)
+    kind = call.kind
+    if kind == "create":
+        _created(state, call, outcome)
+    elif kind is not None:
+        _terminal(state, call, outcome)
+
+
+def rejected(state: State, call: Call) -> None:
+    """A create the proxy's own rate limit refused."""
+    _audit(state, call, "rejected", http_status=429, user=call.user)
+
+
+def _created(state: State, call: Call, outcome: Outcome) -> None:
+    status = outcome.status
+    model = events.model_of(events.parse_json(outcome.request_prefix, None))
+    ok = 200 <= status < 300 and not outcome.broken
+    answer = events.parse_json(outcome.response_prefix, outcome.content_encoding) if ok else None
+    prediction_id = answer.get("id") if answer else None
+    model = model or events.model_of(answer)
+    if ok and isinstance(prediction_id, str):
+        state.tracker.created(prediction_id, model, call.user)
+    else:
+        prediction_id = None
+    cost = call.runtime.settings.pricing.get(model) if ok and model else None
+    _audit(
+        state,
+        call,
+        "created" if ok else "failed",
+        http_status=status,
+        user=call.user,
+        model=model,
+        prediction_id=prediction_id,
+        latency_ms=outcome.latency_ms,
+        cost=cost,
+    )
+
+
+def _terminal(state: State, call: Call, outcome: Outcome) -> None:
+    status = outcome.status
+    body = outcome.response_prefix
+    if not 200 <= status < 300 or not events.may_be_terminal(body, outcome.content_encoding):
+        return
+    answer = events.parse_json(body, outcome.content_encoding)
+    terminal = events.status_of(answer)
+    prediction_id = events.prediction_id_of(call.request.path)
+    if terminal is None or not state.tracker.first_terminal(prediction_id):
+        return
+    created_model, created_user = state.tracker.origin(prediction_id)
+    model = events.model_of(answer) or created_model
+    cost = events.credits_of(answer)
+    if cost is None and model is not None:
+        cost = call.runtime.settings.pricing.get(model)
+    _audit(
+        state,
+        call,
+        terminal,
+        http_status=status,
+        user=call.user or created_user,
+        model=model,
+        prediction_id=prediction_id,
+        latency_ms=outcome.latency_ms,
+        cost=cost,
+    )
+
+
+def _audit(
+    state: State,
+    call: Call,
+    status: str,
+    *,
+    http_status: int,
+    user: str | None,
+    model: str | None = None,
+    prediction_id: str | None = None,
+    latency_ms: float | None = None,
+    cost: float | None = None,
+) -> None:
+    """One audit line: the event's own fields, and the request's facts from the call."""
+    request = call.request
+    env = call.env
+    record = AuditRecord(
+        environment=env.name,
+        userId=user,
+        predictionId=prediction_id,
+        model=model,
+        status=status,
+        httpStatus=http_status,
+        latencyMs=None if latency_ms is None else round(latency_ms, 1),
+        costUsd=cost,
+        ipAddress=request.remote,
+        requestId=call.request_id,
+        keyFingerprint=env.key.fingerprint,
+        method=request.method,
+        path=request.path,
+    )
+    state.metrics.prediction(env.name, status)
+    if not state.audit.submit(record):
+        log.error("audit queue full: a %s line for %s was dropped", status, call.request_id)
