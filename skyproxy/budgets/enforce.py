@@ -33,6 +33,7 @@ class Exceeded:
     """Why a create is refused: the first budget it would pass."""
 
     budget: str
+    period: str
     limit_usd: float
     spent_usd: float
     reserved_usd: float
@@ -209,6 +210,7 @@ class Budgets:
         end = self.ledger.windows[budget.period].end
         return Exceeded(
             budget=budget.name,
+            period=budget.period,
             limit_usd=budget.usd,
             spent_usd=round(spent / NANOS, 9),
             reserved_usd=round(reserved / NANOS, 9),

@@ -42,12 +42,29 @@ def refusal(request: web.BaseRequest, limit: int) -> Failure | None:
     return None
 
 
-async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Upload:
+async def read_whole(request: web.BaseRequest) -> bytes | None:
+    """A body of known, small length, read now (after a 100-continue); None for any other.
+
+    For admission steps that must see the body before the exchange, such as pricing a create.
+    """
+    length = request.content_length
+    if not request.body_exists or length is None or length > SMALL_BODY:
+        return None
+    if request.version == HttpVersion11 and "Expect" in request.headers:
+        await _continue(request)
+    return await request.read()
+
+
+async def upload(request: web.BaseRequest, limit: int, outcome: Outcome, read: bytes | None = None) -> Upload:
     """The body to send on, and its length when it streams with a known one.
 
     Called once the request is admitted. A small body is read whole; a larger one streams,
     counted against `limit` as it goes (`BodyTooLarge`). The audit's share of it goes to
     `outcome.request_prefix` when that is being kept."""
+    if read is not None:  # read whole during admission: its 100-continue has gone out
+        if outcome.request_prefix is not None:
+            outcome.request_prefix = read
+        return read, None
     if not request.body_exists:
         return None, None
     if request.version == HttpVersion11 and "Expect" in request.headers:

@@ -38,7 +38,7 @@ async def forward(route: Route, call: Call) -> Outcome:
     deadline: Deadline | None = None
     upstream: Response | None = None
     try:
-        body, length = await upload(request, route.max_body_bytes, outcome)
+        body, length = await upload(request, route.max_body_bytes, outcome, call.body)
         deadline = route.deadlines.arm(route.timeout)
         # The target goes on as the client encoded it: no re-quoting of path or query.
         upstream = await route.client.request(

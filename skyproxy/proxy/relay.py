@@ -44,14 +44,18 @@ async def relay(
         small = _small_response(upstream, response, await upstream.read(), outcome)
         # Sent here, not by aiohttp after the handler returns: the client must not wait
         # for the audit and metrics work that follows the exchange.
-        await small.prepare(request)
-        outcome.sent = True
         try:
+            await small.prepare(request)  # raises too when the client left while we waited
+            outcome.sent = True
             await small.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            outcome.broken = True
+            outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
         return small
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True
+        return response
     outcome.sent = True
     prefix = outcome.response_prefix
     limit = CAPTURE_LIMIT
