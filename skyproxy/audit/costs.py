@@ -9,6 +9,7 @@ changes the line makes (an estimate replaced is taken back, the final cost added
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -30,8 +31,9 @@ class Costs(Generic[K]):
     def __init__(self, limit: int | None = None) -> None:
         self._limit = limit
         self._loose: dict[K, float] = {}
-        self._estimates: dict[str, tuple[K, float | None]] = {}
-        self._finals: dict[str, tuple[K, float]] = {}
+        # Ordered, so that forgetting the oldest is O(1) (a plain dict's front fills with holes).
+        self._estimates: OrderedDict[str, tuple[K, float | None]] = OrderedDict()
+        self._finals: OrderedDict[str, tuple[K, float]] = OrderedDict()
 
     def observe(
         self, key: K, status: str, prediction_id: str | None, cost: float | None
@@ -40,17 +42,20 @@ class Costs(Generic[K]):
         if prediction_id is None:
             self._loose[key] = self._loose.get(key, 0.0) + (cost or 0.0)
             return [] if not cost else [(key, cost)]
+        if status == "created":  # the line every create writes: kept short
+            estimates = self._estimates
+            old = estimates.get(prediction_id)
+            estimates[prediction_id] = (key, cost)
+            if self._limit is not None and len(estimates) > self._limit:
+                estimates.popitem(last=False)
+            if prediction_id in self._finals:
+                return []
+            if old is None or old[1] is None:
+                return [] if cost is None else [(key, cost)]
+            return [(old[0], -old[1])] if cost is None else [(old[0], -old[1]), (key, cost)]
         changes: list[tuple[K, float]] = []
         final = self._finals.get(prediction_id)
-        if status == "created":
-            old = self._estimates.get(prediction_id)
-            self._remember(self._estimates, prediction_id, (key, cost))
-            if final is None:
-                if old is not None and old[1] is not None:
-                    changes.append((old[0], -old[1]))
-                if cost is not None:
-                    changes.append((key, cost))
-        elif status in TERMINAL and cost is not None:
+        if status in TERMINAL and cost is not None:
             replaced = final if final is not None else self._estimates.get(prediction_id)
             self._remember(self._finals, prediction_id, (key, cost))
             if replaced is not None and replaced[1] is not None:
@@ -68,7 +73,7 @@ class Costs(Generic[K]):
                 result[key] = result.get(key, 0.0) + estimate
         return result
 
-    def _remember(self, table: dict[str, V], pid: str, value: V) -> None:
+    def _remember(self, table: OrderedDict[str, V], pid: str, value: V) -> None:
         table[pid] = value
         if self._limit is not None and len(table) > self._limit:
-            table.pop(next(iter(table)))
+            table.popitem(last=False)

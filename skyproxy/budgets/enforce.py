@@ -16,10 +16,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
+from skyproxy.budgets.ledger import NANOS, Ledger, nanos
 from skyproxy.budgets.periods import iso
 from skyproxy.config import Budget
 
@@ -53,32 +53,27 @@ class Exceeded:
 class Hold:
     """Reserved nano-dollars against some budgets; `release()` gives them back, once."""
 
-    __slots__ = ("_amounts", "_reserved")
+    __slots__ = ("_amount", "_keys", "_reserved")
 
     def __init__(
-        self, reserved: dict[tuple[str, Subject], int], amounts: list[tuple[str, Subject]], each: int
+        self, reserved: dict[tuple[str, Subject], int], keys: list[tuple[str, Subject]], amount: int
     ):
         self._reserved = reserved
-        self._amounts = [(key, each) for key in amounts] if each else []
+        self._keys = keys if amount else []
+        self._amount = amount
 
     def release(self) -> None:
-        amounts, self._amounts = self._amounts, []
-        for key, amount in amounts:
-            left = self._reserved[key] - amount
+        keys, self._keys = self._keys, []
+        reserved = self._reserved
+        for key in keys:
+            left = reserved[key] - self._amount
             if left:
-                self._reserved[key] = left
+                reserved[key] = left
             else:
-                del self._reserved[key]
+                del reserved[key]
 
 
 NO_HOLD = Hold({}, [], 0)
-
-
-@dataclass(slots=True)
-class _Tally:
-    start: float
-    spent: dict[Subject, int] = field(default_factory=dict)
-    warned: set[Subject] = field(default_factory=set)
 
 
 def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
@@ -89,17 +84,39 @@ def subject_of(budget: Budget, environment: str, user: str | None, client: str |
     return environment
 
 
+class _Rule:
+    """One budget as the hot path reads it, with its spend in the current window."""
+
+    __slots__ = ("budget", "limit", "name", "per", "period", "spent", "start", "warn", "warned")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.name = budget.name
+        self.per = budget.per
+        self.period = budget.period
+        self.limit = nanos(budget.usd)
+        self.warn = None if budget.warn_at is None else nanos(budget.usd * budget.warn_at)
+        self.start = -math.inf  # of the window `spent` counts; rebuilt when the ledger rolls
+        self.spent: dict[Subject, int] = {}
+        self.warned: set[Subject] = set()
+
+    def subject(self, environment: str, user: str | None, client: str | None) -> Subject:
+        per = self.per
+        return user if per == "user" else client if per == "client" else environment
+
+
 class Budgets:
     """Every budget's spend and reservations; one instance for the life of the process."""
 
     def __init__(self, budgets: tuple[Budget, ...], clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.ledger = Ledger(clock)
+        self.ledger = Ledger(clock, {b.period for b in budgets})
         self.warnings: dict[str, int] = {}  # crossings of warn_at, per budget
         self._reserved: dict[tuple[str, Subject], int] = {}
         self._budgets: tuple[Budget, ...] = ()
-        self._by_env: dict[str, tuple[Budget, ...]] = {}
-        self._tallies: dict[str, _Tally] = {}
+        self._rules: tuple[_Rule, ...] = ()
+        self._by_env: dict[str, tuple[_Rule, ...]] = {}
+        self._epoch = -1
         self.reconfigure(budgets)
 
     @property
@@ -111,44 +128,88 @@ class Budgets:
         if budgets == self._budgets:
             return
         self._budgets = budgets
+        for budget in budgets:
+            self.ledger.keep(budget.period)
+        self._rules = tuple(_Rule(b) for b in budgets)
         self._by_env = {}
-        self._tallies = {}
+        self._epoch = -1  # rebuild every rule's spend at the next use
         names = {b.name for b in budgets}
         self._reserved = {k: v for k, v in self._reserved.items() if k[0] in names}
 
     def applies(self, environment: str) -> bool:
         return bool(self._for(environment))
 
-    def _for(self, environment: str) -> tuple[Budget, ...]:
+    def _for(self, environment: str) -> tuple[_Rule, ...]:
         found = self._by_env.get(environment)
         if found is None:
-            found = self._by_env[environment] = tuple(b for b in self._budgets if b.applies_to(environment))
+            found = self._by_env[environment] = tuple(
+                r for r in self._rules if r.budget.applies_to(environment)
+            )
         return found
+
+    def _sync(self, now: float) -> None:
+        """Brings the ledger to `now`; after a roll, each rule recounts its window from the cells."""
+        ledger = self.ledger
+        if now < ledger.next_end and ledger.epoch == self._epoch:
+            return  # the common case, decided in two compares
+        ledger.advance(now)
+        self._epoch = ledger.epoch
+        for rule in self._rules:
+            current = ledger.windows[rule.period]
+            if rule.start == current.start:
+                continue
+            rule.start = current.start
+            rule.spent = {}
+            rule.warned = set()
+            for (environment, user, client), amount in current.spent.items():
+                if rule.budget.applies_to(environment):
+                    subject = rule.subject(environment, user, client)
+                    rule.spent[subject] = rule.spent.get(subject, 0) + amount
 
     # -- the hot path ---------------------------------------------------------------------
     def admit(
         self, environment: str, user: str | None, client: str | None, estimate_usd: float
     ) -> Hold | Exceeded:
         """Reserves the estimate under every budget that applies, or says which one it would pass."""
-        budgets = self._for(environment)
-        if not budgets:
+        rules = self._by_env.get(environment)
+        if rules is None:
+            rules = self._for(environment)
+        if not rules:
             return NO_HOLD
         now = self.clock()
-        estimate = max(nanos(estimate_usd), 0)
+        ledger = self.ledger
+        if now >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(now)
+        estimate = round(estimate_usd * NANOS) if estimate_usd > 0 else 0
+        reserved = self._reserved
+        if len(rules) == 1:  # the usual case, without the list
+            rule = rules[0]
+            per = rule.per
+            subject = user if per == "user" else client if per == "client" else environment
+            key = (rule.name, subject)
+            spent = rule.spent.get(subject, 0)
+            held = reserved.get(key, 0)
+            if spent + held + estimate > rule.limit:
+                return self._exceeded(rule, spent, held, now)
+            if not estimate:
+                return NO_HOLD
+            reserved[key] = held + estimate
+            return Hold(reserved, [key], estimate)
         keys: list[tuple[str, Subject]] = []
-        for budget in budgets:
-            subject = subject_of(budget, environment, user, client)
-            tally = self._tally(budget, now)
-            key = (budget.name, subject)
-            spent = tally.spent.get(subject, 0)
-            reserved = self._reserved.get(key, 0)
-            if spent + reserved + estimate > nanos(budget.usd):
-                return self._exceeded(budget, spent, reserved, now)
+        for rule in rules:
+            per = rule.per
+            subject = user if per == "user" else client if per == "client" else environment
+            key = (rule.name, subject)
+            spent = rule.spent.get(subject, 0)
+            held = reserved.get(key, 0)
+            if spent + held + estimate > rule.limit:
+                return self._exceeded(rule, spent, held, now)
             keys.append(key)
-        if estimate:
-            for key in keys:
-                self._reserved[key] = self._reserved.get(key, 0) + estimate
-        return Hold(self._reserved, keys, estimate)
+        if not estimate:
+            return NO_HOLD
+        for key in keys:
+            reserved[key] = reserved.get(key, 0) + estimate
+        return Hold(reserved, keys, estimate)
 
     def record(
         self,
@@ -160,30 +221,39 @@ class Budgets:
         prediction_id: str | None,
         cost: float | None,
     ) -> None:
-        """Takes in an audit record as it is written: spend moves by the spend rule."""
-        now = max(self.clock(), timestamp)
-        for budget in self._budgets:
-            self._tally(budget, now)  # roll first, so the change below is added once
-        changes = self.ledger.observe(timestamp, environment, user, client, status, prediction_id, cost)
+        """Takes in an audit record as it is written: spend moves by the spend rule.
+
+        With no budget configured nothing is kept: "neither" costs nothing per request."""
+        if not self._rules:
+            return
+        now = self.clock()
+        if timestamp > now:
+            now = timestamp
+        ledger = self.ledger
+        if now >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(now)  # roll first, so that a change is added once
+        changes = ledger.observe(timestamp, environment, user, client, status, prediction_id, cost, now)
+        windows = ledger.windows
         for place, amount in changes:
-            for budget in self._for(place.environment):
-                self._add(budget, place, amount)
+            moment, where, who, client_name = place
+            rules = self._by_env.get(where)
+            for rule in self._for(where) if rules is None else rules:
+                if rule.start <= moment < windows[rule.period].end:
+                    per = rule.per
+                    subject = who if per == "user" else client_name if per == "client" else where
+                    spent = rule.spent[subject] = rule.spent.get(subject, 0) + amount
+                    if (
+                        rule.warn is not None
+                        and amount > 0
+                        and spent >= rule.warn
+                        and subject not in rule.warned
+                    ):
+                        self._warn(rule, subject, spent)
 
-    def _add(self, budget: Budget, place: Place, amount: int) -> None:
-        current = self.ledger.windows[budget.period]
-        if not current.start <= place.timestamp < current.end:
-            return
-        tally = self._tallies[budget.name]
-        subject = subject_of(budget, place.environment, place.user, place.client)
-        spent = tally.spent[subject] = tally.spent.get(subject, 0) + amount
-        if amount > 0 and subject not in tally.warned:
-            self._warn(budget, tally, subject, spent)
-
-    def _warn(self, budget: Budget, tally: _Tally, subject: Subject, spent: int) -> None:
-        if budget.warn_at is None or spent < nanos(budget.usd * budget.warn_at):
-            return
-        tally.warned.add(subject)  # once per subject and period: a new period has a new tally
-        self.warnings[budget.name] = self.warnings.get(budget.name, 0) + 1
+    def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
+        rule.warned.add(subject)  # once per subject and period: a new window starts a new set
+        self.warnings[rule.name] = self.warnings.get(rule.name, 0) + 1
+        budget = rule.budget
         log.warning(
             "budget %s: %s %s has spent $%.4f of $%.2f this %s (warn_at %g)",
             budget.name,
@@ -195,23 +265,12 @@ class Budgets:
             budget.warn_at,
         )
 
-    def _tally(self, budget: Budget, now: float) -> _Tally:
-        current = self.ledger.current(budget.period, now)
-        tally = self._tallies.get(budget.name)
-        if tally is None or tally.start != current.start:
-            tally = self._tallies[budget.name] = _Tally(current.start)
-            for (environment, user, client), amount in current.spent.items():
-                if budget.applies_to(environment):
-                    subject = subject_of(budget, environment, user, client)
-                    tally.spent[subject] = tally.spent.get(subject, 0) + amount
-        return tally
-
-    def _exceeded(self, budget: Budget, spent: int, reserved: int, now: float) -> Exceeded:
-        end = self.ledger.windows[budget.period].end
+    def _exceeded(self, rule: _Rule, spent: int, reserved: int, now: float) -> Exceeded:
+        end = self.ledger.windows[rule.period].end
         return Exceeded(
-            budget=budget.name,
-            period=budget.period,
-            limit_usd=budget.usd,
+            budget=rule.name,
+            period=rule.period,
+            limit_usd=rule.budget.usd,
             spent_usd=round(spent / NANOS, 9),
             reserved_usd=round(reserved / NANOS, 9),
             resets_at=iso(end),
@@ -221,22 +280,21 @@ class Budgets:
     # -- reading ----------------------------------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
         """Per budget and subject: spent, reserved, limit and reset time, for `budget show`."""
-        now = self.clock()
+        self._sync(self.clock())
         rows: list[dict[str, Any]] = []
-        for budget in self._budgets:
-            tally = self._tally(budget, now)
-            subjects = set(tally.spent) | {s for (name, s) in self._reserved if name == budget.name}
-            resets_at = iso(self.ledger.windows[budget.period].end)
+        for rule in self._rules:
+            subjects = set(rule.spent) | {s for (name, s) in self._reserved if name == rule.name}
+            resets_at = iso(self.ledger.windows[rule.period].end)
             for subject in sorted(subjects, key=lambda s: (s is None, s or "")):
                 rows.append(
                     {
-                        "budget": budget.name,
-                        "per": budget.per,
+                        "budget": rule.name,
+                        "per": rule.per,
                         "subject": subject,
-                        "period": budget.period,
-                        "spent_usd": round(tally.spent.get(subject, 0) / NANOS, 9),
-                        "reserved_usd": round(self._reserved.get((budget.name, subject), 0) / NANOS, 9),
-                        "limit_usd": budget.usd,
+                        "period": rule.period,
+                        "spent_usd": round(rule.spent.get(subject, 0) / NANOS, 9),
+                        "reserved_usd": round(self._reserved.get((rule.name, subject), 0) / NANOS, 9),
+                        "limit_usd": rule.budget.usd,
                         "resets_at": resets_at,
                     }
                 )

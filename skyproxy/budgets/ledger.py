@@ -12,12 +12,13 @@ reload that changes the budgets recomputes their totals from memory.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from skyproxy.audit.costs import Costs
 from skyproxy.audit.summary import audit_files, prediction_events
@@ -34,13 +35,9 @@ def nanos(usd: float) -> int:
 Cell = tuple[str, "str | None", "str | None"]  # (environment, userId, client)
 
 
-class Place(NamedTuple):
-    """Where a line's cost counts: when, and for whom."""
-
-    timestamp: float
-    environment: str
-    user: str | None
-    client: str | None
+# Where a line's cost counts: (timestamp, environment, userId, client). A plain tuple:
+# one is made for every audit line, and a NamedTuple costs several times as much to build.
+Place = tuple[float, str, "str | None", "str | None"]
 
 
 @dataclass(slots=True)
@@ -55,20 +52,37 @@ class Window:
 class Ledger:
     """Spend per cell in the current window of each period kind."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, periods: Iterable[Period] = PERIODS) -> None:
         self.clock = clock
         self.costs: Costs[Place] = Costs(limit=REMEMBERED_PREDICTIONS)
-        now = clock()
-        self.windows: dict[Period, Window] = {p: Window(*window(p, now)) for p in PERIODS}
+        self.windows: dict[Period, Window] = {}
+        self.epoch = 0  # counts rolls, so that views built on the windows know to rebuild
+        self.next_end = math.inf  # the end of the first window to roll
         self.replayed = False  # whether the audit files were read in
+        for period in periods:
+            self.keep(period)
+
+    def keep(self, period: Period) -> None:
+        """Counts spend per `period` too (the budgets use it), from now on."""
+        if period not in self.windows:
+            self.windows[period] = Window(*window(period, self.clock()))
+            self.next_end = min(w.end for w in self.windows.values())
+            self.epoch += 1
+
+    def advance(self, now: float) -> None:
+        """Rolls every window that `now` has passed: forward only, never back."""
+        if now < self.next_end:
+            return
+        for period, found in self.windows.items():
+            if now >= found.end:
+                self.windows[period] = Window(*window(period, now))
+        self.next_end = min(w.end for w in self.windows.values())
+        self.epoch += 1
 
     def current(self, period: Period, now: float | None = None) -> Window:
-        """The period's window as of `now` (default: the clock); rolls forward, never back."""
-        found = self.windows[period]
-        moment = self.clock() if now is None else now
-        if moment >= found.end:
-            found = self.windows[period] = Window(*window(period, moment))
-        return found
+        """The period's window as of `now` (default: the clock)."""
+        self.advance(self.clock() if now is None else now)
+        return self.windows[period]
 
     def observe(
         self,
@@ -79,19 +93,30 @@ class Ledger:
         status: str,
         prediction_id: str | None,
         cost: float | None,
+        now: float | None = None,
     ) -> list[tuple[Place, int]]:
-        """Takes one audit record in; returns the (place, nano-dollars) changes it made."""
-        place = Place(timestamp, environment, user, client)
-        changes = [
-            (where, nanos(usd)) for where, usd in self.costs.observe(place, status, prediction_id, cost)
-        ]
-        now = max(self.clock(), timestamp)
-        for period in PERIODS:
-            current = self.current(period, now)
-            for where, amount in changes:
-                if current.start <= where.timestamp < current.end:
-                    cell = (where.environment, where.user, where.client)
+        """Takes one audit record in; returns the (place, nano-dollars) changes it made.
+
+        `now` is the clock's time when the caller has just read it."""
+        found = self.costs.observe((timestamp, environment, user, client), status, prediction_id, cost)
+        if not found:
+            return []
+        if now is None:
+            now = self.clock()
+        if timestamp > now:
+            now = timestamp
+        if now >= self.next_end:
+            self.advance(now)
+        windows = self.windows.values()
+        changes = []
+        for where, usd in found:
+            amount = round(usd * NANOS)
+            moment, environment, user, client = where
+            cell = (environment, user, client)
+            for current in windows:
+                if current.start <= moment < current.end:
                     current.spent[cell] = current.spent.get(cell, 0) + amount
+            changes.append((where, amount))
         return changes
 
     def replay(self, audit_path: Path) -> int:
@@ -101,7 +126,8 @@ class Ledger:
         number of lines taken in.
         """
         now = self.clock()
-        since = min(self.current(p, now).start for p in PERIODS)
+        self.advance(now)
+        since = min((w.start for w in self.windows.values()), default=now)
         taken = 0
         for line in prediction_events(_recent(audit_files(audit_path), since)):
             moment = line["timestamp"].timestamp()

@@ -41,10 +41,12 @@ def prepare(settings: Settings) -> tuple[Tokens, Budgets]:
 def reconfigure(tokens: Tokens, budgets: Budgets, settings: Settings) -> None:
     """A reloaded config: another tokens file is read at the next poll; budgets recount from memory."""
     tokens.retarget(settings.tokens_file)
-    if settings.budgets and not budgets.budgets and not budgets.ledger.replayed:
+    new = sorted({b.period for b in settings.budgets} - set(budgets.ledger.windows))
+    if new:
         log.warning(
-            "budgets added by a reload count spend since the daemon started; "
-            "restart it to count the whole period from the audit files"
+            "budgets per %s, new with this reload, count spend from now on; "
+            "restart the daemon to count the whole period from the audit files",
+            " and ".join(new),
         )
     budgets.reconfigure(settings.budgets)
 

@@ -15,7 +15,7 @@ from multidict import CIMultiDictProxy
 
 from skyproxy.proxy.guard import Refusal
 from skyproxy.tokens.registry import Token, Tokens
-from skyproxy.tokens.token import looks_like_token
+from skyproxy.tokens.token import PREFIX
 
 TOKEN_REQUIRED = Refusal(
     401,
@@ -31,15 +31,17 @@ CHALLENGE: Mapping[str, str] = {"WWW-Authenticate": 'Bearer realm="skyproxy"'}
 def presented(headers: CIMultiDictProxy[str]) -> list[str]:
     """Every distinct token the request carries, in x-api-key or as a Bearer credential."""
     found: list[str] = []
-    for value in headers.getall("x-api-key", ()):
-        value = value.strip()
-        if looks_like_token(value) and value not in found:
-            found.append(value)
-    for value in headers.getall("Authorization", ()):
-        scheme, _, credential = value.strip().partition(" ")
-        credential = credential.strip()
-        if scheme.lower() == "bearer" and looks_like_token(credential) and credential not in found:
-            found.append(credential)
+    if "x-api-key" in headers:
+        for value in headers.getall("x-api-key"):
+            value = value.strip()
+            if value.startswith(PREFIX) and value not in found:
+                found.append(value)
+    if "Authorization" in headers:
+        for value in headers.getall("Authorization"):
+            scheme, _, credential = value.strip().partition(" ")
+            credential = credential.strip()
+            if scheme.lower() == "bearer" and credential.startswith(PREFIX) and credential not in found:
+                found.append(credential)
     return found
 
 

@@ -53,6 +53,7 @@ class Call:
     user: str | None = None  # who is billed, once admitted
     client: str | None = None  # the client token's name, when one was presented
     body: bytes | None = None  # read whole during admission, to price a create
+    model: str | None = None  # the model `body` names, when it was read
     slots: Slots = NO_SLOTS  # in-flight slots held until the exchange ends
     hold: Hold = NO_HOLD  # the budgets' reservation, until the create is recorded
 

@@ -182,11 +182,15 @@ class ProxyHandler:
         content-encoded) cannot be priced yet and is reserved at the dearest price."""
         request = call.request
         env = call.env
-        call.body = await body.read_whole(request)
-        plain = "Content-Encoding" not in request.headers
-        model = events.model_of(events.parse_json(call.body, None)) if call.body is not None else None
-        known = not request.body_exists or (call.body is not None and plain)
-        estimate = access.estimate(call.runtime.settings.pricing, model, known)
+        pricing = call.runtime.settings.pricing
+        estimate = 0.0
+        if pricing:  # without prices every estimate is 0: no need to look at the body
+            call.body = await body.read_whole(request)
+            plain = "Content-Encoding" not in request.headers
+            if call.body is not None:
+                call.model = events.model_of(events.parse_json(call.body, None))
+            known = not request.body_exists or (call.body is not None and plain)
+            estimate = access.estimate(pricing, call.model, known)
         held = self.state.budgets.admit(env.name, call.user, call.client, estimate)
         if not isinstance(held, Exceeded):
             call.hold = held

@@ -45,7 +45,10 @@ def rejected(state: State, call: Call, http_status: int = 429) -> None:
 
 def _created(state: State, call: Call, outcome: Outcome) -> None:
     status = outcome.status
-    model = events.model_of(events.parse_json(outcome.request_prefix, None))
+    if call.body is not None:  # read and parsed already, to price it
+        model = call.model
+    else:
+        model = events.model_of(events.parse_json(outcome.request_prefix, None))
     answered = 200 <= status < 300
     answer = events.parse_json(outcome.response_prefix, outcome.content_encoding) if answered else None
     prediction_id = answer.get("id") if answer else None

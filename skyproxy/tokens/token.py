@@ -27,11 +27,6 @@ def fingerprint_of(digest_hex: str) -> str:
     return digest_hex[:12]
 
 
-def looks_like_token(value: str) -> bool:
-    """Whether a presented credential is meant as a client token (and so must verify)."""
-    return value.startswith(PREFIX)
-
-
 class ClientToken:
     """A freshly made token. Only `reveal()` gives the value; repr and str show the fingerprint."""
 

@@ -177,14 +177,23 @@ def test_warn_at_logs_once_per_subject_and_period(caplog: pytest.LogCaptureFixtu
     assert budgets.warnings == {"daily": 3}
 
 
-def test_a_reload_that_adds_a_budget_counts_spend_already_made() -> None:
-    budgets = Budgets((), Clock("2026-11-26T10:00:00"))
+def test_a_reload_that_changes_budgets_counts_spend_already_made() -> None:
+    budgets = Budgets((Budget("team", "environment", 100.0, "day"),), Clock("2026-11-26T10:00:00"))
     record(budgets, "created", "p1", 0.75)
     hold = budgets.admit("dev", "alice", None, 0.1)
-    budgets.reconfigure((DAILY,))
-    assert spent(budgets, "daily", "alice") == 0.75
+    budgets.reconfigure((DAILY, Budget("weekly", "user", 1.0, "week")))
+    assert spent(budgets, "daily", "alice") == 0.75  # days were counted: recounted per user
+    assert spent(budgets, "weekly", "alice") == 0.0  # weeks were not: counted from the reload on
     assert isinstance(budgets.admit("dev", "alice", None, 0.3), Exceeded)
     hold.release()  # a hold from before the reload releases harmlessly
+    record(budgets, "created", "p2", 0.1)
+    assert spent(budgets, "weekly", "alice") == 0.1
+
+
+def test_with_no_budget_nothing_is_kept() -> None:
+    budgets = Budgets((), Clock("2026-11-26T10:00:00"))
+    record(budgets, "created", "p1", 0.75)
+    assert all(not w.spent for w in budgets.ledger.windows.values())
 
 
 # -- restart: spend is rebuilt from the audit files, exactly as they show it ------------------
