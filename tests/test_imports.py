@@ -42,13 +42,14 @@ LEAF_PREFIXES = (
     "skyproxy.errors",
     "skyproxy.tokens",
     "skyproxy.budgets",
+    "skyproxy.webhooks",
 )
 LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
     "skyproxy.proxy.inflight",
-    "skyproxy.proxy.bucket",
+    "skyproxy.proxy.leaky",
     "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
@@ -85,7 +86,7 @@ def imported() -> dict[str, list[str]]:
 
 
 def test_the_package_is_found() -> None:
-    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock"):
+    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock", "webhooks"):
         assert f"skyproxy.{folder}" in MODULES
     assert len(LEAVES) >= 12
     assert "skyproxy.proxy.handler" in MODULES

@@ -22,7 +22,9 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    TargetPattern,
     TokensSettings,
+    WebhookSettings,
 )
 
 __all__ = [
@@ -41,7 +43,9 @@ __all__ = [
     "RateRule",
     "ServerSettings",
     "Settings",
+    "TargetPattern",
     "TokensSettings",
+    "WebhookSettings",
     "find_config",
     "load",
     "parse",

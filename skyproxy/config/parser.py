@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from skyproxy.config import access
+from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
     DEFAULT_AUDIT_PATH,
@@ -34,6 +35,7 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    WebhookSettings,
 )
 from skyproxy.errors import ConfigError
 
@@ -194,11 +196,8 @@ class _Parser:
 
     # -- tables -------------------------------------------------------------------------
     def settings(self, data: dict[str, Any]) -> Settings:
-        self.check_keys(
-            data,
-            "",
-            {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "tokens", "budgets"},
-        )
+        tables = {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"}
+        self.check_keys(data, "", tables | {"tokens", "budgets"})
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
         environments = self.environments(data, rules, server)
@@ -212,9 +211,18 @@ class _Parser:
             pricing=self.pricing(self.table(data, "pricing", "")),
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
+            webhooks=self.webhooks(data, environments),
             tokens=access.tokens(self, self.table(data, "tokens", "")),
             budgets=self.budgets(data, set(environments), audit),
         )
+
+    def webhooks(
+        self, data: dict[str, Any], environments: Mapping[str, EnvironmentSettings]
+    ) -> WebhookSettings | None:
+        if "webhooks" not in data:
+            return None
+        taken = {listen: name for name, env in environments.items() for listen in env.listen}
+        return webhook_table.webhooks(self, self.table(data, "webhooks", ""), taken)
 
     def budgets(
         self, data: dict[str, Any], environments: set[str], audit: AuditSettings
@@ -373,7 +381,9 @@ class _Parser:
         server: ServerSettings,
     ) -> EnvironmentSettings:
         where = f"environments.{name}"
-        self.check_keys(data, where, {"listen", "upstream", "key", "rate_limit", "client_auth"})
+        self.check_keys(
+            data, where, {"listen", "upstream", "key", "rate_limit", "webhook_secret", "client_auth"}
+        )
         raw_listen = self.strings(data, "listen", where)
         if not raw_listen:
             raise self.error(f"{where}.listen", 'missing: list addresses like "127.0.0.1:8787"')
@@ -406,6 +416,7 @@ class _Parser:
                 ("off", "optional", "required"),
                 _default(EnvironmentSettings, "client_auth"),
             ),
+            webhook_secret=webhook_table.key_source(self, data, "webhook_secret", where, None),
         )
 
     def listen(self, value: str, field_path: str) -> Listen:

@@ -55,16 +55,12 @@ async def read_whole(request: web.BaseRequest) -> bytes | None:
     return await request.read()
 
 
-async def upload(request: web.BaseRequest, limit: int, outcome: Outcome, read: bytes | None = None) -> Upload:
+async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Upload:
     """The body to send on, and its length when it streams with a known one.
 
     Called once the request is admitted. A small body is read whole; a larger one streams,
     counted against `limit` as it goes (`BodyTooLarge`). The audit's share of it goes to
     `outcome.request_prefix` when that is being kept."""
-    if read is not None:  # read whole during admission: its 100-continue has gone out
-        if outcome.request_prefix is not None:
-            outcome.request_prefix = read
-        return read, None
     if not request.body_exists:
         return None, None
     if request.version == HttpVersion11 and "Expect" in request.headers:

@@ -16,7 +16,7 @@ from skyproxy.audit import events
 from skyproxy.budgets.enforce import Exceeded
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
-from skyproxy.proxy import access, body, record
+from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import forward
@@ -86,7 +86,17 @@ class ProxyHandler:
             route = self._route
             if route is None or self._routed is not env:
                 route = self._new_route(call)
-            outcome = await forward(route, call)
+            read = call.body  # read whole in admission to price a create, or None
+            book = self.state.webhooks
+            if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
+                limit = runtime.settings.server.max_body_bytes
+                prepared = await creates.prepare(
+                    request, book, env.name, call.user, request_id, limit, reply, read
+                )
+                if isinstance(prepared, web.Response):
+                    return self._count(prepared, path)
+                read = prepared
+            outcome = await forward(route, call, read)
             failure = outcome.failure
             response = outcome.response if failure is None else _failed(call, failure)
             assert response is not None  # forward() returns an answer or a failure

@@ -26,6 +26,7 @@ from skyproxy.proxy.guard import Guard
 from skyproxy.proxy.inflight import InFlight
 from skyproxy.proxy.limits import Limits
 from skyproxy.tokens.registry import Tokens
+from skyproxy.webhooks.routes import RouteBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class State:
         # Process-wide, not per generation: a revoke or a dollar spent outlives a reload.
         self.tokens = tokens if tokens is not None else Tokens(runtime.settings.tokens_file)
         self.budgets = budgets if budgets is not None else Budgets(runtime.settings.budgets)
+        self.webhooks: RouteBook | None = None  # set while [webhooks] is on
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

@@ -1,4 +1,4 @@
-"""Rate limits against aiolimiter's own clock, the running loop's `time()`.
+"""Rate limits against their clock, the running loop's `time()`.
 
 Most tests freeze that clock (`clock` fixture) and move it by hand, so every number
 is exact; the tests of real waiting use real, short times and assert lower bounds only.
@@ -7,6 +7,7 @@ is exact; the tests of real waiting use real, short times and assert lower bound
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from helpers.clock import FakeClock, freeze_loop_clock
@@ -354,6 +355,28 @@ async def test_evict_idle_drops_drained_buckets_only(clock: FakeClock) -> None:
     assert limits.evict_idle() == 100
     assert limits.bucket_count() == 50
     assert limits.evict_idle() == 0
+
+
+async def test_user_buckets_are_invisible_to_the_garbage_collector(clock: FakeClock) -> None:
+    # A full collection walks every object the collector tracks; per-user state must add
+    # none, or anyone who can vary the user header can make each collection longer.
+    limits = Limits(environments(rule(per_user="10/minute", per_environment="100000/minute")))
+    await post(limits, "first")
+    enabled = gc.isenabled()
+    gc.disable()  # a collection could untrack some objects (tuples) and hide them
+    try:
+        before = len(gc.get_objects())
+        for i in range(5000):
+            assert (await post(limits, f"user-{i}")).allowed
+        clock.advance(1)
+        for i in range(0, 5000, 2):  # used again: their state is replaced
+            assert (await post(limits, f"user-{i}")).allowed
+        tracked = len(gc.get_objects()) - before
+    finally:
+        if enabled:
+            gc.enable()
+    assert limits.bucket_count() == 5002
+    assert tracked < 100, f"{tracked} more objects for the collector to walk"
 
 
 async def test_an_evicted_bucket_behaves_like_the_drained_one(clock: FakeClock) -> None:
