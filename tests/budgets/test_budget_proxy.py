@@ -18,6 +18,8 @@ from helpers.access import Recorder
 from helpers.daemon import CREATE, audit_lines, eventually
 from helpers.http import assert_error, fetch
 
+from skyproxy.webhooks.signing import new_secret
+
 NO_LIMITS = "[rate_limit]\nenabled = false\n"
 PRICED = "[pricing]\ntruefusion-pro = 0.1\n"
 
@@ -167,3 +169,21 @@ def test_spend_survives_restart_and_sigkill(tmp_path: Path, run_daemon: Callable
     assert again.wait() == 0
     third = run_daemon(path, port)
     assert create(third) == 402
+
+
+async def test_a_priced_create_asking_for_a_webhook_is_rewritten_whole(
+    tmp_path: Path, canary_env: str, start_proxy: Callable[..., Any], raw_upstream: Callable[..., Any]
+) -> None:
+    # Budgets read a create's body in admission; the webhook rewrite must get it whole.
+    upstream = Recorder()
+    url = await raw_upstream(upstream.app())
+    (tmp_path / "whsec").write_text(new_secret() + "\n")
+    hooks = '[webhooks]\nlisten = ["127.0.0.1:0"]\nsigning_secret = "file:whsec"\n'
+    proxy = await start_proxy(env_config(url, rules=NO_LIMITS, extra=PRICED + budget(0.15) + hooks))
+    asked = {**CREATE, "webhook": {"url": "http://127.0.0.1:9/hook", "events": ["completed"]}}
+    assert (await post(proxy, body=asked))[0] == 201
+    sent = json.loads(upstream.bodies[0])
+    assert sent["model"] == CREATE["model"] and sent["input"] == CREATE["input"]
+    assert sent["webhook"]["url"] != "http://127.0.0.1:9/hook"  # routed through the receiver
+    assert_error(402, "budget_exceeded", await post(proxy, body=asked))
+    assert upstream.creates == 1

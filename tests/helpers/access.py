@@ -60,6 +60,7 @@ class Recorder:
     """An upstream that keeps every request head it got and answers a create like Skytells."""
 
     heads: list[dict[str, str]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     hold: asyncio.Event | None = None  # when set: creates wait for it before answering
     creates: int = 0
 
@@ -70,7 +71,7 @@ class Recorder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.heads.append(dict(request.headers))
-        await request.read()
+        self.bodies.append(await request.read())
         if request.method == "POST":
             self.creates += 1
             pid = f"pred_{self.creates:04d}"
