@@ -73,7 +73,8 @@ async def test_twenty_parallel_creates_hit_the_limit_exactly(
     url = await raw_upstream(upstream.app())
     proxy = await start_proxy(env_config(url, rules=NO_LIMITS, extra=PRICED + budget(1.0)))
     creates = [asyncio.create_task(post(proxy)) for _ in range(20)]
-    await eventually(lambda: sum(t.done() for t in creates) == 10, "ten refused while ten are in flight")
+    await eventually(lambda: upstream.creates == 10, "ten creates held by the upstream")
+    await eventually(lambda: sum(t.done() for t in creates) == 10, "the other ten refused meanwhile")
     assert upstream.creates == 10
     assert upstream.hold is not None
     upstream.hold.set()
