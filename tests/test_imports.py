@@ -42,6 +42,7 @@ LEAF_PREFIXES = (
     "skyproxy.errors",
     "skyproxy.tokens",
     "skyproxy.budgets",
+    "skyproxy.cluster",
     "skyproxy.webhooks",
 )
 LEAF_MODULES = (
@@ -50,6 +51,7 @@ LEAF_MODULES = (
     "skyproxy.proxy.limits",
     "skyproxy.proxy.inflight",
     "skyproxy.proxy.leaky",
+    "skyproxy.proxy.shared_limits",
     "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
@@ -139,6 +141,7 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.budgets.enforce",
         "skyproxy.proxy.inflight",
         "skyproxy.codings",
+        "skyproxy.cluster.node",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from skyproxy.config import access
+from skyproxy.config import cluster as cluster_table
 from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
@@ -25,6 +26,7 @@ from skyproxy.config.settings import (
     SEARCH_PATH,
     AuditSettings,
     Budget,
+    ClusterSettings,
     EnvironmentSettings,
     KeySpec,
     KeysSettings,
@@ -115,6 +117,11 @@ class _Parser:
     def expected(self, field_path: str, what: str, got: object) -> ConfigError:
         return self.error(field_path, f"expected {what}, got {_show(got)}")
 
+    def missing(self, table: str, key: str, what: str) -> ConfigError:
+        """A required key that is absent: the line of its table, where it belongs."""
+        line = line_of(self.text, table)
+        return ConfigError(f"missing: {what}", file=self.path, line=line, field=_join(table, key))
+
     # -- typed getters ------------------------------------------------------------------
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
@@ -197,7 +204,7 @@ class _Parser:
     # -- tables -------------------------------------------------------------------------
     def settings(self, data: dict[str, Any]) -> Settings:
         tables = {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"}
-        self.check_keys(data, "", tables | {"tokens", "budgets"})
+        self.check_keys(data, "", tables | {"cluster", "tokens", "budgets"})
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
         environments = self.environments(data, rules, server)
@@ -212,6 +219,7 @@ class _Parser:
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
             webhooks=self.webhooks(data, environments),
+            cluster=self.cluster(data),
             tokens=access.tokens(self, self.table(data, "tokens", "")),
             budgets=self.budgets(data, set(environments), audit),
         )
@@ -507,6 +515,11 @@ class _Parser:
     def mock(self, data: dict[str, Any]) -> MockSettings:
         self.check_keys(data, "mock", {"delay"})
         return MockSettings(delay=self.number(data, "delay", "mock", MockSettings().delay))
+
+    def cluster(self, data: dict[str, Any]) -> ClusterSettings | None:
+        if "cluster" not in data:
+            return None
+        return cluster_table.cluster(self, self.table(data, "cluster", ""))
 
 
 def _default(cls: type, name: str) -> Any:

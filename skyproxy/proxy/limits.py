@@ -79,6 +79,18 @@ def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait - _EPS))
 
 
+def _when(reached: str, retry_after: int, limit: str, reset: int) -> str:
+    """A 429's message: the two waits its headers carry, each named, as they differ.
+
+    A leaky bucket frees one unit at a time, so the next request fits long before the
+    whole quota is back (RateLimit-Reset, as the IETF RateLimit draft defines it).
+    """
+    return (
+        f"{reached} The next request fits in {retry_after} s (Retry-After); "
+        f"all {limit} are available again in {reset} s (RateLimit-Reset)."
+    )
+
+
 class _Rule:
     """One effective rule of one environment, with its buckets and prebuilt texts."""
 
@@ -104,16 +116,13 @@ class _Rule:
         self.user_message = ""
         if rule.per_user is not None:
             self.user_limit = str(rule.per_user.count)
-            self.user_message = (
-                f"Your generation limit ({rule.per_user.label}) has been reached. Please wait."
-            )
+            self.user_message = f"Your generation limit ({rule.per_user.label}) has been reached."
         self.env_limit = ""
         self.env_message = ""
         if rule.per_environment is not None:
             self.env_limit = str(rule.per_environment.count)
             self.env_message = (
-                f"The environment's request quota ({rule.per_environment.label}) "
-                "has been reached. Please retry."
+                f"The environment's request quota ({rule.per_environment.label}) has been reached."
             )
 
 
@@ -319,17 +328,18 @@ class Limits:
     def _user_rejection(rule: _Rule, wait: float, level: float) -> Verdict:
         assert rule.users is not None
         seconds = _seconds(wait)
+        reset = rule.users.seconds_to_empty(level)
         return Verdict(
             allowed=False,
             code="rate_limited",
-            message=rule.user_message,
+            message=_when(rule.user_message, seconds, rule.user_limit, reset),
             retry_after=seconds,
             scope="user",
             rule=rule.name,
             headers={
                 LIMIT: rule.user_limit,
                 REMAINING: "0",
-                RESET: str(rule.users.seconds_to_empty(level)),
+                RESET: str(reset),
                 RETRY_AFTER: str(seconds),
             },
         )
@@ -338,17 +348,18 @@ class Limits:
     def _environment_rejection(rule: _Rule, wait: float) -> Verdict:
         assert rule.env is not None
         seconds = _seconds(wait)
+        reset = rule.env.seconds_to_empty(rule.env.level)
         return Verdict(
             allowed=False,
             code="environment_rate_limited",
-            message=rule.env_message,
+            message=_when(rule.env_message, seconds, rule.env_limit, reset),
             retry_after=seconds,
             scope="environment",
             rule=rule.name,
             headers={
                 LIMIT: rule.env_limit,
                 REMAINING: "0",
-                RESET: str(rule.env.seconds_to_empty(rule.env.level)),
+                RESET: str(reset),
                 RETRY_AFTER: str(seconds),
             },
         )

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
@@ -25,8 +26,13 @@ from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
 from skyproxy.proxy.inflight import InFlight
 from skyproxy.proxy.limits import Limits
+from skyproxy.proxy.shared_limits import SharedLimits
 from skyproxy.tokens.registry import Tokens
 from skyproxy.webhooks.routes import RouteBook
+
+if TYPE_CHECKING:  # redis is loaded only when [cluster] is configured
+    from skyproxy.cluster.backend import RateBackend
+    from skyproxy.cluster.node import ClusterNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +53,7 @@ class Runtime:
     settings: Settings
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
-    limits: Limits
+    limits: Limits | SharedLimits
     inflight: InFlight
 
 
@@ -75,7 +81,9 @@ def build_runtime(
     base_urls: Mapping[str, str],
     generation: int,
     previous: Runtime | None = None,
+    shared: RateBackend | None = None,
 ) -> Runtime:
+    """`shared`: the cluster's rate backend, used instead of this process's buckets."""
     user_header = settings.rate_limit.user_header
     environments = {
         name: EnvRuntime(
@@ -95,9 +103,18 @@ def build_runtime(
         settings=settings,
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
-        limits=Limits(settings.environments, previous=previous.limits if previous else None),
+        limits=_limits(settings, previous, shared),
         inflight=InFlight(settings.environments, previous.inflight if previous else None),
     )
+
+
+def _limits(
+    settings: Settings, previous: Runtime | None, shared: RateBackend | None
+) -> Limits | SharedLimits:
+    if shared is not None:
+        return SharedLimits(settings.environments, shared)
+    local = previous.limits if previous is not None and isinstance(previous.limits, Limits) else None
+    return Limits(settings.environments, previous=local)
 
 
 class State:
@@ -125,6 +142,7 @@ class State:
         self.tokens = tokens if tokens is not None else Tokens(runtime.settings.tokens_file)
         self.budgets = budgets if budgets is not None else Budgets(runtime.settings.budgets)
         self.webhooks: RouteBook | None = None  # set while [webhooks] is on
+        self.cluster: ClusterNode | None = None  # set while [cluster] is on
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

@@ -16,7 +16,10 @@ from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
 from skyproxy.proxy.limits import Limits, Verdict
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-MESSAGE_10_MIN = "Your generation limit (10/min) has been reached. Please wait."
+MESSAGE_10_MIN = (
+    "Your generation limit (10/min) has been reached. The next request fits in 6 s (Retry-After); "
+    "all 10 are available again in 60 s (RateLimit-Reset)."
+)
 
 
 @pytest.fixture
@@ -96,7 +99,10 @@ async def test_message_numbers_come_from_the_rule(clock: FakeClock) -> None:
     limits = Limits(environments(rule(per_user="3/hour")))
     await posts(limits, "alice", 3)
     rejected = await post(limits, "alice")
-    assert rejected.message == "Your generation limit (3/hour) has been reached. Please wait."
+    assert rejected.message == (
+        "Your generation limit (3/hour) has been reached. The next request fits in 1200 s "
+        "(Retry-After); all 3 are available again in 3600 s (RateLimit-Reset)."
+    )
     assert rejected.retry_after == 1200
 
 
@@ -178,7 +184,10 @@ async def test_environment_limit_without_wait_rejects_at_once(clock: FakeClock) 
     assert rejected.allowed is False
     assert rejected.code == "environment_rate_limited"
     assert rejected.scope == "environment"
-    assert rejected.message == "The environment's request quota (3/min) has been reached. Please retry."
+    assert rejected.message == (
+        "The environment's request quota (3/min) has been reached. The next request fits in 20 s "
+        "(Retry-After); all 3 are available again in 60 s (RateLimit-Reset)."
+    )
     assert rejected.retry_after == 20
     assert rejected.headers == {
         "RateLimit-Limit": "3",
@@ -317,7 +326,10 @@ async def test_all_matching_rules_apply_and_headers_show_the_tightest(clock: Fak
 
     third = await post(limits, "alice")
     assert (third.allowed, third.rule, third.retry_after) == (False, "burst", 30)
-    assert third.message == "Your generation limit (2/min) has been reached. Please wait."
+    assert third.message == (
+        "Your generation limit (2/min) has been reached. The next request fits in 30 s "
+        "(Retry-After); all 2 are available again in 60 s (RateLimit-Reset)."
+    )
 
     # "all" holds the two allowed requests only: the rejected one took nothing there.
     other = await post(limits, "alice", "/v1/other")
