@@ -65,7 +65,7 @@ listen = ["127.0.0.1:{port}"]
 upstream = "http://127.0.0.1:{upstream_port}"
 key = "env:{key_env}"
 rate_limit = {{ per_user = "100000000/second" }}
-
+{client_auth}
 [rate_limit]
 enabled = {features}
 user_header = "X-User-Id"
@@ -81,7 +81,24 @@ per_environment = "100000000/second"
 enabled = {features}
 path = "{audit_dir}/audit.jsonl"
 max_bytes = 104857600
+{access}"""
+
+# The tokens + budgets target: every request presents a client token, and every create
+# reserves a priced estimate under a budget it never reaches.
+ACCESS_CONFIG = """
+[tokens]
+file = "{tokens_file}"
+
+[pricing]
+truefusion-pro = 0.000001
+
+[[budgets]]
+name = "bench"
+per = "user"
+usd = 1000000000
+period = "month"
 """
+TOKEN_ENV = "SKYPROXY_BENCH_TOKEN"  # the client token the load generators present
 
 
 class BenchError(RuntimeError):
@@ -401,11 +418,18 @@ def write_skyproxy_config(
     upstream_port: int,
     upstream_timeout: float = 120,
     features: bool = True,
+    access: bool = False,
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
     audit_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / "skyproxy.toml"
+    tokens_file = cfg_dir / "tokens.json"
+    if access:
+        from skyproxy.tokens import store
+
+        token = store.create(tokens_file, "bench", ["bench"], trust_user_header=True)
+        env.child_env[TOKEN_ENV] = token.reveal()
     path.write_text(
         SKYPROXY_CONFIG.format(
             port=port,
@@ -414,6 +438,8 @@ def write_skyproxy_config(
             audit_dir=audit_dir,
             upstream_timeout=f"{upstream_timeout:g}",
             features="true" if features else "false",
+            client_auth='client_auth = "required"' if access else "",
+            access=ACCESS_CONFIG.format(tokens_file=tokens_file) if access else "",
         )
     )
     return path
@@ -427,14 +453,16 @@ def start_skyproxy(
     features: bool = True,
     wrap: Sequence[str] = (),
     deadline_s: float = 30.0,
+    access: bool = False,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
-    and audit off, for the same-run cost of those two features. `wrap` prefixes the
-    command (callgrind), which then runs the console script through the interpreter."""
+    and audit off, for the same-run cost of those two features; `access=True` adds
+    client tokens and a budget. `wrap` prefixes the command (callgrind), which then runs
+    the console script through the interpreter."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features)
+    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, access)
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
@@ -453,14 +481,12 @@ def start_nginx_proxy(env: Env, name: str, upstream_port: int) -> tuple[Proc, in
     return proc, port
 
 
-def check_prediction(url: str) -> dict[str, Any]:
+def check_prediction(url: str, token: str | None = None) -> dict[str, Any]:
     """One POST through a target: it must answer 201 with a prediction object."""
-    status, body = http(
-        "POST",
-        url + "/v1/predictions",
-        PREDICTION_BODY,
-        {"Content-Type": "application/json", "X-User-Id": "bench-check"},
-    )
+    headers = {"Content-Type": "application/json", "X-User-Id": "bench-check"}
+    if token:
+        headers["x-api-key"] = token
+    status, body = http("POST", url + "/v1/predictions", PREDICTION_BODY, headers)
     try:
         data = json.loads(body)
     except ValueError:
@@ -473,8 +499,11 @@ def check_prediction(url: str) -> dict[str, Any]:
 # --- wrk -------------------------------------------------------------------------------
 
 
-def run_wrk(env: Env, url: str, connections: int, duration: float) -> dict[str, Any]:
-    """One wrk run with post.lua; returns req/s, latency percentiles (µs) and errors."""
+def run_wrk(
+    env: Env, url: str, connections: int, duration: float, token: str | None = None
+) -> dict[str, Any]:
+    """One wrk run with post.lua; returns req/s, latency percentiles (µs) and errors.
+    With `token`, every request presents it as its client token."""
     threads = 1 if connections < 64 else max(1, min(2, env.args.wrk_threads))
     cmd = [
         *env.cpus.prefix(env.cpus.load),
@@ -491,7 +520,8 @@ def run_wrk(env: Env, url: str, connections: int, duration: float) -> dict[str, 
         str(POST_LUA),
         url + "/",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=env.child_env)
+    child_env = {**env.child_env, "BENCH_TOKEN": token} if token else env.child_env
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=child_env)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}")
@@ -515,11 +545,12 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (2 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (3 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
     targets: dict[str, tuple[Proc, int]] = {}
+    tokens: dict[str, str] = {}  # the client token each target's load presents, if any
     notes: list[str] = []
     bare_proc, bare_port = start_bare(env, "bare", up_port)
     targets["bare"] = (bare_proc, bare_port)
@@ -529,17 +560,24 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         targets["skyproxy"] = (sky_proc, sky_port)
         off_proc, off_port, _ = start_skyproxy(env, "skyproxy-off", up_port, features=False)
         targets["skyproxy-off"] = (off_proc, off_port)
+        access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
+        targets["skyproxy-access"] = (access_proc, access_port)
+        tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
         targets["nginx-proxy"] = start_nginx_proxy(env, "nginx-proxy", up_port)
 
-    checks = {name: check_prediction(f"http://127.0.0.1:{port}") for name, (_, port) in targets.items()}
+    checks = {
+        name: check_prediction(f"http://127.0.0.1:{port}", tokens.get(name))
+        for name, (_, port) in targets.items()
+    }
     rss_before = {name: tree_kb(p.pid) for name, (p, _) in targets.items()}
     warmup_requests: dict[str, int] = {}
     for name, (_, port) in targets.items():
         log(f"warm-up {name} ({args.warmup:g}s)")
-        warmup_requests[name] = run_wrk(env, f"http://127.0.0.1:{port}", 64, args.warmup)["requests"]
+        warmup = run_wrk(env, f"http://127.0.0.1:{port}", 64, args.warmup, tokens.get(name))
+        warmup_requests[name] = warmup["requests"]
 
     names = list(targets)
     rounds: list[dict[str, Any]] = []
@@ -550,9 +588,9 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             url = f"http://127.0.0.1:{targets[name][1]}"
             pid = targets[name][0].pid
             cpu0 = cpu_seconds(pid)
-            high = run_wrk(env, url, 64, args.duration)
+            high = run_wrk(env, url, 64, args.duration, tokens.get(name))
             cpu1 = cpu_seconds(pid)
-            low = run_wrk(env, url, 1, args.duration)
+            low = run_wrk(env, url, 1, args.duration, tokens.get(name))
             # CPU the proxy spent per request at 64 conns: less sensitive to noisy neighbours
             # than req/s (it does not count time the proxy waited for its core).
             high["proxy_cpu_seconds"] = round(cpu1 - cpu0, 3)
@@ -623,6 +661,21 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             "cpu_per_request": ratio(
                 summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
                 summary["skyproxy-off"]["cpu_us_per_request_c64"]["median"],
+            ),
+        }
+
+    if "skyproxy" in targets and "skyproxy-access" in targets:
+        # What client tokens plus a budget cost, against the same proxy with neither, same run.
+        ratios["access-vs-skyproxy"] = {
+            "throughput": ratio(
+                summary["skyproxy-access"]["rps_c64"]["median"], summary["skyproxy"]["rps_c64"]["median"]
+            ),
+            "throughput_per_round": spread(
+                [rd["skyproxy-access"]["c64"]["rps"] / rd["skyproxy"]["c64"]["rps"] for rd in rounds]
+            ),
+            "cpu_per_request": ratio(
+                summary["skyproxy-access"]["cpu_us_per_request_c64"]["median"],
+                summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
             ),
         }
 
@@ -937,7 +990,7 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-fast")
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
     counts: dict[str, float] = {}
-    for name in ("bare", "skyproxy", "skyproxy-off"):
+    for name in ("bare", "skyproxy", "skyproxy-access", "skyproxy-off"):
         if name != "bare" and not env.skyproxy:
             continue
         env.check_time(f"instructions {name}", 120)
@@ -946,9 +999,15 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
         if name == "bare":
             proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
         else:
-            features = name == "skyproxy"
+            features = name != "skyproxy-off"
             proc, port, _ = start_skyproxy(
-                env, name, upstream_port, features=features, wrap=wrap, deadline_s=120.0
+                env,
+                name,
+                upstream_port,
+                features=features,
+                wrap=wrap,
+                deadline_s=120.0,
+                access=name == "skyproxy-access",
             )
         url = f"http://127.0.0.1:{port}/v1/predictions"
         _instruction_load(env, url, max(requests // 5, 100), concurrency)  # warm up, not counted
@@ -961,12 +1020,16 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
             counts[name] = instructions.dumped_total(out_file) / requests
         except RuntimeError as exc:
             raise BenchError(str(exc)) from exc
+        env.child_env.pop(TOKEN_ENV, None)
         log(f"instructions {name}: {counts[name] / 1000:,.0f}k per request")
     out["per_request"] = {name: round(count) for name, count in counts.items()}
     if "bare" in counts:
         out["ratios"] = {
             name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
         }
+    if "skyproxy" in counts and "skyproxy-access" in counts:
+        # Tokens and budgets against neither, in the same run.
+        out["access_cost"] = round(counts["skyproxy-access"] / counts["skyproxy"], 3)
     return out
 
 
@@ -1246,6 +1309,13 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                     f"CPU per request {r['cpu_per_request']:.2f}x"
                 )
                 continue
+            if name == "access-vs-skyproxy":
+                p(
+                    f"tokens+budgets / neither (same run): throughput {r['throughput']:.2f}x "
+                    f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
+                    f"CPU per request {r['cpu_per_request']:.2f}x"
+                )
+                continue
             p(
                 f"{name} / bare (same run): throughput {r['throughput']:.2f}x "
                 f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
@@ -1301,6 +1371,8 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                 for name, count in counts.items()
             )
         )
+        if "access_cost" in ins:
+            p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per request")
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
     p("\ntargets")

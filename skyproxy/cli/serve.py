@@ -7,6 +7,7 @@ import sys
 
 from skyproxy.cli.common import EXIT_KEY, EXIT_OK, load_settings, table
 from skyproxy.cli.key import fingerprint_text, status_text
+from skyproxy.cli.token import print_access_notes
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,7 +76,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             taken = _in_use(listen.host, listen.port)
             if taken:
                 print(f"  {env.name}: {listen} is {taken} (is skyproxy already running? else change listen)")
-    return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY
+    access_ok = print_access_notes(settings)
+    return EXIT_OK if all(status.ok for status in statuses) and access_ok else EXIT_KEY
 
 
 def _in_use(host: str, port: int) -> str | None:

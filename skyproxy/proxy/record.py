@@ -38,17 +38,22 @@ def exchange(state: State, call: Call, outcome: Outcome) -> None:
         _terminal(state, call, outcome)
 
 
-def rejected(state: State, call: Call) -> None:
-    """A create the proxy's own rate limit refused."""
-    _audit(state, call, "rejected", http_status=429, user=call.user)
+def rejected(state: State, call: Call, http_status: int = 429) -> None:
+    """A create the proxy refused itself: a rate limit (429) or a budget (402)."""
+    _audit(state, call, "rejected", http_status=http_status, user=call.user)
 
 
 def _created(state: State, call: Call, outcome: Outcome) -> None:
     status = outcome.status
-    model = events.model_of(events.parse_json(outcome.request_prefix, None))
-    ok = 200 <= status < 300 and not outcome.broken
-    answer = events.parse_json(outcome.response_prefix, outcome.content_encoding) if ok else None
+    if call.body is not None:  # read and parsed already, to price it
+        model = call.model
+    else:
+        model = events.model_of(events.parse_json(outcome.request_prefix, None))
+    answered = 200 <= status < 300
+    answer = events.parse_json(outcome.response_prefix, outcome.content_encoding) if answered else None
     prediction_id = answer.get("id") if answer else None
+    # A client that left once the upstream had answered does not undo the create: it costs the same.
+    ok = answered and (not outcome.broken or isinstance(prediction_id, str))
     model = model or events.model_of(answer)
     if ok and isinstance(prediction_id, str):
         state.tracker.created(prediction_id, model, call.user)
@@ -125,7 +130,11 @@ def _audit(
         keyFingerprint=env.key.fingerprint,
         method=request.method,
         path=request.path,
+        client=call.client,
     )
     state.metrics.prediction(env.name, status)
     if not state.audit.submit(record):
         log.error("audit queue full: a %s line for %s was dropped", status, call.request_id)
+        return
+    # Spend follows the lines the audit holds, and only those.
+    state.budgets.record(record.timestamp, env.name, user, call.client, status, prediction_id, cost)

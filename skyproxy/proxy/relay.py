@@ -61,15 +61,19 @@ async def relay(
             outcome.response_prefix = body
         # Sent here, not by aiohttp after the handler returns: the client must not wait
         # for the audit and metrics work that follows the exchange.
-        await response.prepare(request)
-        outcome.sent = True
         try:
+            await response.prepare(request)  # raises too when the client left while we waited
+            outcome.sent = True
             await response.write_eof(body)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            outcome.broken = True
+            outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
         return response
     response.content_length = length  # a HEAD's too: it says what a GET would get
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True
+        return response
     outcome.sent = True
     prefix = outcome.response_prefix
     limit = CAPTURE_LIMIT
