@@ -97,7 +97,9 @@ class ProxyHandler:
         response = outcome.response if failure is None else _failed(call, failure)
         assert response is not None  # forward() returns an answer or a failure
         # record
-        record.exchange(self.state, call, outcome)
+        claim = record.exchange(self.state, call, outcome)
+        if claim is not None:
+            await claim
         return self._count(response, path)
 
     async def _admit(self, call: Call) -> web.Response | None:
