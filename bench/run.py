@@ -39,7 +39,7 @@ POST_LUA = BENCH_DIR / "post.lua"
 PYTHON = sys.executable
 KEY_ENV = "SKYPROXY_BENCH_KEY"
 BENCH_KEY = "sk-bench-dummy-key-0000000000000000"
-SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions")
+SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions", "redis")
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
 # The targets of the issue; every verdict line prints its threshold.
@@ -419,6 +419,7 @@ def write_skyproxy_config(
     upstream_timeout: float = 120,
     features: bool = True,
     access: bool = False,
+    extra: str = "",
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
@@ -441,6 +442,7 @@ def write_skyproxy_config(
             client_auth='client_auth = "required"' if access else "",
             access=ACCESS_CONFIG.format(tokens_file=tokens_file) if access else "",
         )
+        + extra
     )
     return path
 
@@ -454,15 +456,17 @@ def start_skyproxy(
     wrap: Sequence[str] = (),
     deadline_s: float = 30.0,
     access: bool = False,
+    extra: str = "",
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
     and audit off, for the same-run cost of those two features; `access=True` adds
     client tokens and a budget. `wrap` prefixes the command (callgrind), which then runs
-    the console script through the interpreter."""
+    the console script through the interpreter. `extra` is appended to the config (the
+    redis scenario's `[cluster]`)."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, access)
+    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, access, extra)
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
@@ -1071,6 +1075,12 @@ def time_command(cmd: list[str], runs: int, env: dict[str, str]) -> dict[str, An
     }
 
 
+def _scenario_redis(env: Env) -> dict[str, Any]:
+    from bench.cluster import scenario_redis  # it imports this module's helpers
+
+    return scenario_redis(env)
+
+
 def scenario_coldstart(env: Env) -> dict[str, Any]:
     env.check_time("coldstart", 30)
     runs = env.args.coldstart_runs
@@ -1375,6 +1385,9 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per request")
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
+    from bench import cluster
+
+    cluster.print_report(results)
     p("\ntargets")
     for v in vs:
         line = f"  {v.status:<5} {v.name:<40} {v.value:<34} target {v.target}"
@@ -1535,6 +1548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": scenario_audit,
         "coldstart": scenario_coldstart,
         "instructions": scenario_instructions,
+        "redis": _scenario_redis,
     }
     interrupted = False
     try:
@@ -1565,7 +1579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["interrupted"] = interrupted
     results["seconds"] = round(time.monotonic() - started, 1)
     results["host"]["loadavg_end"] = os.getloadavg()
-    vs = verdicts(results)
+    from bench import cluster
+
+    vs = verdicts(results) + cluster.verdicts(results)
     results["verdicts"] = [vars(v) for v in vs]
     path: Path | None = None
     if not args.no_save:

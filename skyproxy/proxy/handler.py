@@ -102,7 +102,9 @@ class ProxyHandler:
             response = outcome.response if failure is None else _failed(call, failure)
             assert response is not None  # forward() returns an answer or a failure
             # record: a create's line turns its reservation into spend before the release
-            record.exchange(self.state, call, outcome)
+            claim = record.exchange(self.state, call, outcome)
+            if claim is not None:
+                await claim  # under [cluster]: which replica writes the terminal line
             return self._count(response, path)
         finally:
             call.release()  # in-flight slots and budget reservations, however it ended
