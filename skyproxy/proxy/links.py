@@ -25,7 +25,8 @@ def rewrite_location(value: str, upstream: str, proxy: str) -> str:
 
 def rewrite_body(body: bytes, upstream: str, proxy: str) -> bytes:
     """The answer with every upstream `urls.*` value moved to `proxy`; unchanged if none."""
-    if len(body) > MAX_BODY or upstream.encode() not in body:
+    # find(), not `in`: `in` on bytes tries the operand as an int first (a TypeError made and dropped).
+    if len(body) > MAX_BODY or body.find(upstream.encode()) < 0:
         return body
     try:
         document = orjson.loads(body)

@@ -112,11 +112,11 @@ def _response(
             continue
         if rewrite is not None and lower == b"location":
             value = links.rewrite_location(value.decode("latin-1"), *rewrite).encode("latin-1")
-        lines += b"%s: %s\r\n" % (name, value.replace(key, fingerprint) if key in value else value)
+        # replace(), not `key in value` first: `in` on bytes tries the key as an int
+        # before searching, and formats (then drops) a TypeError every time.
+        lines += b"%s: %s\r\n" % (name, value.replace(key, fingerprint))
         count += 1
-    reason = upstream.reason
-    if key in reason:
-        reason = reason.replace(key, fingerprint)
+    reason = upstream.reason.replace(key, fingerprint)
     try:
         return RawHeadResponse(upstream.status, reason, lines, count, at_once=at_once)
     except UnsafeHead as exc:
