@@ -26,6 +26,10 @@ from skyproxy.proxy.runtime import EnvRuntime, State
 log = logging.getLogger("skyproxy")
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+_COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
+# TRACE (and IIS's TRACK) asks the upstream to echo the request, key included; CONNECT
+# asks for a tunnel, which would carry bytes no relay looks at. Neither is ever sent on.
+_NEVER_FORWARDED = frozenset(("TRACE", "TRACK", "CONNECT"))
 
 
 def _forwardable(request: web.BaseRequest) -> bool:
@@ -61,18 +65,22 @@ class ProxyHandler:
         if refusal is not None:
             return self._refuse(refusal, request, request_id)
         path = request.path
+        method = request.method
+        if method not in _COMMON_METHODS and method.upper() in _NEVER_FORWARDED:
+            message = f"{method.upper()} is never forwarded."
+            return self._count(error_response(501, "method_not_supported", message, request_id), path)
         if not _forwardable(request):
             return self._count(
                 error_response(404, "not_found", "Only /v1/ paths are forwarded.", request_id),
                 path,
             )
         origin = env.guard.allowed_origin(request.headers)
-        if request.method == "OPTIONS":
+        if method == "OPTIONS":
             return preflight(request, origin, request_id)
         reply = CIMultiDict({"X-Request-Id": request_id})
         if origin is not None:
             reply.extend(cors_headers(origin))
-        kind = events.kind_of(request.method, path) if runtime.settings.audit.enabled else None
+        kind = events.kind_of(method, path) if runtime.settings.audit.enabled else None
         call = Call(request, runtime, env, request_id, reply, kind)
         # admit: awaited to its end before the exchange starts, so the exchange runs a
         # coroutine frame shallower; every resume of the I/O below walks that chain.
