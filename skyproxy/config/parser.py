@@ -230,6 +230,7 @@ class _Parser:
             max_body_bytes=self.integer(data, "max_body_bytes", w, d.max_body_bytes, minimum=1),
             upstream_timeout=self.number(data, "upstream_timeout", w, d.upstream_timeout, minimum=0.001),
             connect_timeout=self.number(data, "connect_timeout", w, d.connect_timeout, minimum=0.001),
+            idle_timeout=self.number(data, "idle_timeout", w, d.idle_timeout, minimum=0.001),
             header_timeout=self.number(data, "header_timeout", w, d.header_timeout, minimum=0.001),
             keepalive_timeout=self.number(data, "keepalive_timeout", w, d.keepalive_timeout, minimum=0.001),
             max_connections=self.integer(data, "max_connections", w, d.max_connections, minimum=1),

@@ -128,7 +128,8 @@ class ServerSettings:
     allowed_origins: frozenset[str] = frozenset()
     allowed_networks: tuple[IPNetwork, ...] = ()
     max_body_bytes: int = 52_428_800
-    upstream_timeout: float = 120.0
+    upstream_timeout: float = 120.0  # until the upstream's answer head arrives
+    idle_timeout: float = 60.0  # the longest silence inside a body, either way, once it flows
     connect_timeout: float = 10.0
     header_timeout: float = 10.0  # a new client connection's first request head must arrive in this
     keepalive_timeout: float = 30.0  # an idle client connection is closed after this
