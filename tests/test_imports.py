@@ -34,7 +34,14 @@ UPPER_MODULES = (
     "skyproxy.ops.admin",
 )
 # Leaves: whole packages and single modules the hot path and the CLI build on.
-LEAF_PREFIXES = ("skyproxy.keys", "skyproxy.audit", "skyproxy.http1", "skyproxy.config", "skyproxy.errors")
+LEAF_PREFIXES = (
+    "skyproxy.keys",
+    "skyproxy.audit",
+    "skyproxy.http1",
+    "skyproxy.config",
+    "skyproxy.errors",
+    "skyproxy.webhooks",
+)
 LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
@@ -76,7 +83,7 @@ def imported() -> dict[str, list[str]]:
 
 
 def test_the_package_is_found() -> None:
-    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock"):
+    for folder in ("cli", "daemon", "proxy", "http1", "keys", "audit", "ops", "mock", "webhooks"):
         assert f"skyproxy.{folder}" in MODULES
     assert len(LEAVES) >= 12
     assert "skyproxy.proxy.handler" in MODULES

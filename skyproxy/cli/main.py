@@ -23,6 +23,7 @@ from skyproxy.cli.key import (
     cmd_key_show,
 )
 from skyproxy.cli.serve import cmd_check, cmd_serve
+from skyproxy.cli.webhooks import cmd_webhooks_list, cmd_webhooks_replay, cmd_webhooks_secret
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,4 +111,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("user", "model", "environment", "status"), default="user")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit_summary)
+
+    hooks = sub.add_parser("webhooks", help="relayed webhooks and the relay's secret").add_subparsers(
+        metavar="ACTION"
+    )
+    p = hooks.add_parser("list", help="received events and their deliveries, newest first")
+    p.add_argument("-c", "--config")
+    p.add_argument("--status", choices=("pending", "delivered", "dead", "gone"))
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_webhooks_list)
+    p = hooks.add_parser("replay", help="send a delivered or dead event again, with the same webhook-id")
+    p.add_argument("id")
+    p.add_argument("-c", "--config")
+    p.set_defaults(func=cmd_webhooks_replay)
+    p = hooks.add_parser("secret", help="create the relay's whsec_ secret, store it and print it")
+    p.add_argument("--rotate", action="store_true", help="replace it; the old one stays valid for 24 h")
+    p.add_argument("-c", "--config")
+    p.set_defaults(func=cmd_webhooks_secret)
     return parser

@@ -21,6 +21,8 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    TargetPattern,
+    WebhookSettings,
 )
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "RateRule",
     "ServerSettings",
     "Settings",
+    "TargetPattern",
+    "WebhookSettings",
     "find_config",
     "load",
     "parse",

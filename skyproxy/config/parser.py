@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
     DEFAULT_AUDIT_PATH,
@@ -32,6 +33,7 @@ from skyproxy.config.settings import (
     RateRule,
     ServerSettings,
     Settings,
+    WebhookSettings,
 )
 from skyproxy.errors import ConfigError
 
@@ -192,7 +194,9 @@ class _Parser:
     # -- tables -------------------------------------------------------------------------
     def settings(self, data: dict[str, Any]) -> Settings:
         self.check_keys(
-            data, "", {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock"}
+            data,
+            "",
+            {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"},
         )
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
@@ -207,7 +211,16 @@ class _Parser:
             pricing=self.pricing(self.table(data, "pricing", "")),
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
+            webhooks=self.webhooks(data, environments),
         )
+
+    def webhooks(
+        self, data: dict[str, Any], environments: Mapping[str, EnvironmentSettings]
+    ) -> WebhookSettings | None:
+        if "webhooks" not in data:
+            return None
+        taken = {listen: name for name, env in environments.items() for listen in env.listen}
+        return webhook_table.webhooks(self, self.table(data, "webhooks", ""), taken)
 
     def server(self, data: dict[str, Any]) -> ServerSettings:
         w = "server"
@@ -346,7 +359,7 @@ class _Parser:
         server: ServerSettings,
     ) -> EnvironmentSettings:
         where = f"environments.{name}"
-        self.check_keys(data, where, {"listen", "upstream", "key", "rate_limit"})
+        self.check_keys(data, where, {"listen", "upstream", "key", "rate_limit", "webhook_secret"})
         raw_listen = self.strings(data, "listen", where)
         if not raw_listen:
             raise self.error(f"{where}.listen", 'missing: list addresses like "127.0.0.1:8787"')
@@ -370,6 +383,7 @@ class _Parser:
                 self.rule(r, f"rate_limit.rules[{i}]", override, f"{where}.rate_limit")
                 for i, r in enumerate(rules)
             ),
+            webhook_secret=webhook_table.key_source(self, data, "webhook_secret", where, None),
         )
 
     def listen(self, value: str, field_path: str) -> Listen:

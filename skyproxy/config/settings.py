@@ -14,6 +14,7 @@ KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 DEFAULT_UPSTREAM = "https://api.skytells.ai"
 DEFAULT_AUDIT_PATH = "audit/audit.jsonl"  # relative to the config file's folder
+DEFAULT_WEBHOOK_STORE = "state/webhooks.sqlite3"  # relative to the config file's folder
 SEARCH_PATH = (
     Path("skyproxy.toml"),
     Path("~/.config/skyproxy/skyproxy.toml"),
@@ -116,6 +117,7 @@ class EnvironmentSettings:
     upstream: str  # a base URL without /v1, or "mock"
     key: KeySpec
     rules: tuple[RateRule, ...]
+    webhook_secret: KeySpec | None = None  # enterprise mode's secret; None: webhooks are keyed by `key`
 
     @property
     def is_mock(self) -> bool:
@@ -163,6 +165,38 @@ class MockSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetPattern:
+    """An `allowed_targets` entry: a URL prefix whose port may be "*" (any port)."""
+
+    scheme: str
+    host: str  # lower case; an IPv6 address without brackets
+    port: int | None  # None: any port
+    path: str  # a prefix; "" matches every path
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{'*' if self.port is None else self.port}{self.path}"
+
+
+DEFAULT_ALLOWED_TARGETS = (
+    TargetPattern("http", "127.0.0.1", None, ""),
+    TargetPattern("http", "localhost", None, ""),
+    TargetPattern("http", "::1", None, ""),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    store: Path
+    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 8789),)
+    public_url: str | None = None  # None: the first receiver address as bound, for local use
+    signing_secret: KeySpec = KeySpec("keyring", "webhooks")
+    allowed_targets: tuple[TargetPattern, ...] = DEFAULT_ALLOWED_TARGETS
+    retry_schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400)
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     path: Path
     server: ServerSettings
@@ -172,6 +206,7 @@ class Settings:
     pricing: Mapping[str, float]
     keys: KeysSettings
     mock: MockSettings = field(default_factory=MockSettings)
+    webhooks: WebhookSettings | None = None  # None: creates pass through untouched
 
     @property
     def key_state_file(self) -> Path:

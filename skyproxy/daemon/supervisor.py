@@ -1,8 +1,9 @@
 """Lifecycle in one place: start, signals, reload and graceful shutdown.
 
-Order at start: keys resolved, audit writer started, mocks bound, Runtime built, then
-listeners bound and READY=1. Order at stop: stop accepting, drain in-flight requests
-(up to shutdown_timeout), close the upstream pools, drain the audit queue.
+Order at start: keys resolved, audit writer started, mocks bound, Runtime built, the
+webhook receiver and relay started, then listeners bound and READY=1. Order at stop: stop
+accepting, drain in-flight requests (up to shutdown_timeout), close the upstream pools,
+finish the relay's attempts in flight and close its store, drain the audit queue.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import Settings
 from skyproxy.daemon import fds, housekeeping
+from skyproxy.daemon.connections import ConnectionLimits
 from skyproxy.daemon.gc import tune_gc
 from skyproxy.daemon.listeners import Listeners
 from skyproxy.daemon.mocks import Mocks
 from skyproxy.daemon.notify import Notifier, watchdog_interval
 from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
+from skyproxy.daemon.webhooks import WebhookService
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
 
@@ -44,6 +47,7 @@ class Supervisor:
         self._audit: AuditWriter | None = None
         self._listeners = Listeners()
         self._mocks = Mocks()
+        self.webhooks: WebhookService | None = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,7 +74,9 @@ class Supervisor:
             state = self.state = State(runtime, audit, metrics)
             state.reload = self.reload
             await housekeeping.record_key_ages(state, runtime)
-            failures = await self._sync_listeners(runtime, state)
+            # Before the proxy listens: a create's callback may arrive before its answer.
+            failures = await self._start_webhooks(settings, keys, state)
+            failures = failures or await self._sync_listeners(runtime, state)
         except BaseException:
             await self._close_everything(timeout=0)
             raise
@@ -83,6 +89,15 @@ class Supervisor:
             tune_gc()
         if self.notifier:
             self.notifier.ready(f"serving {len(runtime.environments)} environment(s)")
+
+    async def _start_webhooks(self, settings: Settings, keys: dict[str, Any], state: State) -> list[str]:
+        if settings.webhooks is None:
+            return []
+        self.webhooks = WebhookService(settings.webhooks, state)
+        server = settings.server
+        state.metrics.watch_webhooks(self.webhooks.stats)
+        limits = ConnectionLimits(server.header_timeout, server.keepalive_timeout, server.max_connections)
+        return await self.webhooks.start(settings, keys, limits)
 
     def _log_started(self, runtime: Runtime) -> None:
         for env in runtime.environments.values():
@@ -108,7 +123,7 @@ class Supervisor:
         count = sum(len(env.settings.listen) for env in runtime.environments.values())
         cap = fds.connection_cap(runtime.settings.server.max_connections, count)
         if cap < runtime.settings.server.max_connections:
-            log.warning(
+            log.info(
                 "max_connections lowered from %d to %d per listener to fit the open-file limit (%d)",
                 runtime.settings.server.max_connections,
                 cap,
@@ -162,6 +177,10 @@ class Supervisor:
         state.audit.reconfigure(settings.audit)
         state.runtime = runtime  # the swap: new requests see the new generation
         state.last_reload_error = None  # in the same step, so status never mixes the two
+        if self.webhooks is not None:
+            await self.webhooks.reconfigure(settings, keys)
+        if (settings.webhooks is None) != (self.webhooks is None):
+            log.warning("adding or removing [webhooks] takes effect at the next restart")
         await housekeeping.record_key_ages(state, runtime)
         failures = await self._sync_listeners(runtime, state)
         if failures:
@@ -226,9 +245,14 @@ class Supervisor:
         self._tasks.clear()
         # Stop accepting everywhere first, then let in-flight requests finish together.
         await self._listeners.stop_accepting()
+        if self.webhooks is not None:
+            await self.webhooks.stop_accepting()
         await self._listeners.close()
         if self._draining:
             await asyncio.wait(self._draining, timeout=max(timeout, 0.1))
+        if self.webhooks is not None:
+            await self.webhooks.close(timeout)  # the relay's attempts in flight, then the store
+            self.webhooks = None
         await self._mocks.close()
         if self.state is not None:
             await self.state.deadlines.close()

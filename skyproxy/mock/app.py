@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from skyproxy.mock import webhooks
+
 PRICES = {"truefusion-pro": 0.03, "truefusion": 0.02, "lumo": 1.12}
 _UNAUTHORIZED = {
     "status": False,
@@ -52,16 +54,22 @@ MOCK_STATE = web.AppKey("mock_state", MockState)
 
 
 def create_mock_app(accepted_keys: Iterable[str], delay: float = 2.0) -> web.Application:
-    app = web.Application(middlewares=[_auth], client_max_size=1024**3)
+    app = web.Application(middlewares=[_envelope, _auth], client_max_size=1024**3)
     app[MOCK_STATE] = MockState(set(accepted_keys), delay)
+    app.cleanup_ctx.append(webhooks.sender)
     app.router.add_post("/v1/predictions", _create)
     app.router.add_post("/v1/predict", _create)
     app.router.add_get("/v1/predictions", _list)
     app.router.add_get("/v1/predictions/{id}", _get)
     app.router.add_post("/v1/predictions/{id}/cancel", _cancel)
     app.router.add_delete("/v1/predictions/{id}", _delete)
+    app.router.add_delete("/v1/predictions/{id}/delete", _delete)  # the official SDKs' path
+    app.router.add_get("/v1/predictions/{id}/stream", _stream)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/model/{slug}", _model)  # the official SDKs' path
+    app.router.add_get("/v1/models/{slug}", _model)  # the API reference's
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/responses", _responses)
     app.router.add_route("*", "/v1/echo", _echo)
     return app
 
@@ -73,6 +81,19 @@ def _error(status: int, error_id: str, message: str) -> web.Response:
         "error": {"http_status": status, "message": message, "error_id": error_id},
     }
     return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _envelope(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown paths and methods answer in the API's error envelope, never plain text."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPNotFound:
+        return _error(404, "NOT_FOUND", f"No route for {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here; use {allowed}")
+    return response
 
 
 @web.middleware
@@ -108,13 +129,32 @@ async def _create(request: web.Request) -> web.Response:
         "output": None,
         "error": None,
         "created_at": _now(),
-        "urls": {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream"},
+        "urls": {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream", "delete": base},
         "metrics": {},
         "metadata": {"billing": {"credits_used": 0}},
         "_created": time.monotonic(),
     }
     state.predictions[pid] = prediction
+    url = webhooks.url_of(body)
+    if url is not None:
+        key = request.headers.get("x-api-key", "")  # Skytells signs with the key that created it
+        webhooks.deliver(
+            request.app, url, key, lambda: _public(prediction), lambda: _finish(state, prediction)
+        )
+    if body.get("await") is True:
+        # The real API holds the answer until the prediction is done (the SDKs' run()).
+        await asyncio.sleep(state.delay)
+        _advance(state, prediction)
     return web.json_response(_public(prediction), status=201)
+
+
+async def _finish(state: MockState, prediction: dict[str, Any]) -> None:
+    """Waits until the prediction is done, as a poll would find it."""
+    while True:
+        _advance(state, prediction)
+        if prediction["status"] in ("succeeded", "failed", state.cancel_spelling):
+            return
+        await asyncio.sleep(max(state.delay - (time.monotonic() - prediction["_created"]), 0.01))
 
 
 def _public(prediction: dict[str, Any]) -> dict[str, Any]:
@@ -178,17 +218,45 @@ async def _list(request: web.Request) -> web.Response:
     return web.json_response({"data": chunk, "pagination": pagination})
 
 
+def _model_of(slug: str, price: float) -> dict[str, Any]:
+    return {
+        "slug": slug,
+        "name": slug.replace("-", " ").title(),
+        "pricing": {"amount": price, "currency": "USD", "unit": "prediction"},
+        "metadata": {"edge_compatible": False},
+    }
+
+
 async def _models(request: web.Request) -> web.Response:
-    models = [
-        {
-            "slug": slug,
-            "name": slug.replace("-", " ").title(),
-            "pricing": {"amount": price, "currency": "USD", "unit": "prediction"},
-            "metadata": {"edge_compatible": False},
-        }
-        for slug, price in PRICES.items()
-    ]
-    return web.json_response({"data": models})
+    return web.json_response({"data": [_model_of(slug, price) for slug, price in PRICES.items()]})
+
+
+async def _model(request: web.Request) -> web.Response:
+    slug = request.match_info["slug"]
+    if slug not in PRICES:
+        return _error(404, "MODEL_NOT_FOUND", f"Model {slug} not found")
+    return web.json_response(_model_of(slug, PRICES[slug]))
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """The prediction's events over SSE, or the prediction itself to a client asking for JSON."""
+    state = request.app[MOCK_STATE]
+    prediction = state.predictions.get(request.match_info["id"])
+    if prediction is None:
+        return _error(404, "PREDICTION_NOT_FOUND", "Prediction not found")
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        _advance(state, prediction)
+        return web.json_response(_public(prediction))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    while True:
+        _advance(state, prediction)
+        await response.write(f"data: {json.dumps(_public(prediction))}\n\n".encode())
+        if prediction["status"] in ("succeeded", "failed", state.cancel_spelling):
+            break
+        await asyncio.sleep(max(state.stream_interval, min(state.delay / 10, 0.5)))
+    await response.write_eof()
+    return response
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -219,6 +287,25 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _responses(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(422, "VALIDATION_ERROR", "The request body must be JSON")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return _error(422, "VALIDATION_ERROR", "The model field is required")
+    text = {"type": "output_text", "text": "Hello from the skyproxy mock."}
+    return web.json_response(
+        {
+            "id": f"resp_{uuid.uuid4().hex[:12]}",
+            "object": "response",
+            "status": "completed",
+            "model": body["model"],
+            "output": [{"type": "message", "role": "assistant", "content": [text]}],
+        }
+    )
 
 
 async def _echo(request: web.Request) -> web.Response:

@@ -100,7 +100,7 @@ def status_document(state: State) -> dict[str, object]:
             },
             "requests": state.requests.get(name, 0),
         }
-    return {
+    document: dict[str, object] = {
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 3),
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
@@ -117,6 +117,21 @@ def status_document(state: State) -> dict[str, object]:
             "healthy": state.audit.healthy,
         },
     }
+    hooks = state.metrics.webhooks
+    if hooks is not None:
+        age = hooks.oldest_pending_age()
+        document["webhooks"] = {
+            "outbox_depth": hooks.outbox_depth,
+            "oldest_pending_age_s": None if age is None else round(age, 3),
+            "received": hooks.received,
+            "refused_signature": hooks.refused_signature,
+            "duplicates": hooks.duplicates,
+            "delivered": hooks.delivered,
+            "retried": hooks.retried,
+            "dead": hooks.dead,
+            "gone": hooks.gone,
+        }
+    return document
 
 
 def _dumps(value: object) -> str:

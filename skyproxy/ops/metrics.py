@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -23,6 +23,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from skyproxy.webhooks.stats import WebhookStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -60,6 +63,7 @@ class Metrics:
         self.clients_closed: dict[tuple[str, str], int] = {}
         self._audit: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
         self._upstream: Callable[[], Mapping[str, UpstreamPool]] | None = None
+        self.webhooks: WebhookStats | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)  # process_open_fds, process_max_fds, memory, CPU
@@ -72,6 +76,9 @@ class Metrics:
     def watch_upstream(self, pools: Callable[[], Mapping[str, UpstreamPool]]) -> None:
         """`pools()` gives each environment's upstream pool, read at scrape time."""
         self._upstream = pools
+
+    def watch_webhooks(self, stats: WebhookStats) -> None:
+        self.webhooks = stats
 
     def request(self, environment: str, route: str, status: int) -> None:
         key = (environment, route, status)
@@ -155,6 +162,8 @@ class Metrics:
         )
         if self._upstream is not None:
             yield from _upstream_families(self._upstream())
+        if self.webhooks is not None:
+            yield from _webhook_families(self.webhooks)
         if self._audit is not None:
             depth, failures, dropped = self._audit
             yield GaugeMetricFamily(
@@ -184,6 +193,30 @@ def _upstream_families(pools: Mapping[str, UpstreamPool]) -> Iterator[Metric]:
         "Connections opened to the upstream; far fewer than requests when keep-alive works",
         ["environment"],
         (((environment,), pool.opened_total) for environment, pool in pools.items()),
+    )
+
+
+def _webhook_families(stats: WebhookStats) -> Iterator[Metric]:
+    for name, documentation, value in (
+        ("received", "Webhook events verified and stored", stats.received),
+        (
+            "refused_signature",
+            "Webhook requests refused for a missing or wrong signature",
+            stats.refused_signature,
+        ),
+        ("duplicates", "Webhook events received again, not relayed again", stats.duplicates),
+        ("delivered", "Webhook deliveries the app answered 2xx to", stats.delivered),
+        ("retried", "Webhook delivery attempts that failed and were rescheduled", stats.retried),
+        ("dead", "Webhook deliveries given up after the retry schedule", stats.dead),
+        ("gone", "Webhook deliveries dropped because their target answered 410", stats.gone),
+    ):
+        yield CounterMetricFamily(f"skyproxy_webhooks_{name}", documentation, value=value)
+    yield GaugeMetricFamily(
+        "skyproxy_webhooks_outbox_depth", "Webhook deliveries pending in the store", stats.outbox_depth
+    )
+    age = stats.oldest_pending_age()
+    yield GaugeMetricFamily(
+        "skyproxy_webhooks_oldest_pending_seconds", "Age of the oldest pending delivery", age or 0.0
     )
 
 

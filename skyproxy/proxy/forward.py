@@ -12,6 +12,7 @@ import asyncio
 import aiohttp
 
 from skyproxy.http1.client import ConnectTimeout, Response, UpstreamError
+from skyproxy.proxy import links
 from skyproxy.proxy.body import BodyTooLarge, too_large, upload
 from skyproxy.proxy.deadlines import Deadline
 from skyproxy.proxy.exchange import Call, Failure, Outcome, Route
@@ -22,13 +23,17 @@ TIMED_OUT = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
 CONNECT_TIMED_OUT = Failure(502, "upstream_unreachable", "Upstream connect timed out.")
 
 
-async def forward(route: Route, call: Call) -> Outcome:
-    """Run one exchange. The outcome holds the answer relayed, or the failure to answer with."""
+async def forward(route: Route, call: Call, read_body: bytes | None = None) -> Outcome:
+    """Run one exchange. The outcome holds the answer relayed, or the failure to answer with.
+
+    `read_body` is a body the handler already read, and may have rewritten (a create
+    naming a webhook); it goes on as it is.
+    """
     request = call.request
     kind = call.kind
     outcome = Outcome(
         # The audit reads the model from a creating request, and every event's answer.
-        request_prefix=bytearray() if kind == "create" else None,
+        request_prefix=read_body if read_body is not None else bytearray() if kind == "create" else None,
         response_prefix=bytearray() if kind is not None else None,
     )
     key = route.key.reveal()
@@ -38,14 +43,24 @@ async def forward(route: Route, call: Call) -> Outcome:
     deadline: Deadline | None = None
     upstream: Response | None = None
     try:
-        body, length = await upload(request, route.max_body_bytes, outcome)
+        body, length = (
+            (read_body, None)
+            if read_body is not None
+            else await upload(request, route.max_body_bytes, outcome)
+        )
         deadline = route.deadlines.arm(route.timeout)
         # The target goes on as the client encoded it: no re-quoting of path or query.
         upstream = await route.client.request(
             request.method, route.origin, request.raw_path, head, body, length
         )
         outcome.status = upstream.status
-        outcome.response = await relay(request, upstream, call.reply, key, route.key.fingerprint, outcome)
+        # Links in answers on prediction paths come back through the proxy.
+        rewrite = (
+            (call.env.base_url, "http://" + request.host) if links.is_prediction_path(request.path) else None
+        )
+        outcome.response = await relay(
+            request, upstream, call.reply, key, route.key.fingerprint, outcome, rewrite
+        )
     except asyncio.CancelledError:
         if deadline is None or not deadline.fired:
             raise  # a shutdown's or a client's cancellation, not ours to turn into a 504

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from skyproxy.audit import events
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
-from skyproxy.proxy import body, record
+from skyproxy.proxy import body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import forward
@@ -91,7 +91,15 @@ class ProxyHandler:
         route = self._route
         if route is None or self._routed is not env:
             route = self._new_route(call)
-        outcome = await forward(route, call)
+        read: bytes | None = None
+        book = self.state.webhooks
+        if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
+            limit = runtime.settings.server.max_body_bytes
+            prepared = await creates.prepare(request, book, env.name, call.user, request_id, limit, reply)
+            if isinstance(prepared, web.Response):
+                return self._count(prepared, path)
+            read = prepared
+        outcome = await forward(route, call, read)
         failure = outcome.failure
         response = outcome.response if failure is None else _failed(call, failure)
         assert response is not None  # forward() returns an answer or a failure

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 
 from skyproxy import codings
 from skyproxy.http1.client import Response
+from skyproxy.proxy import links
 from skyproxy.proxy.exchange import CAPTURE_LIMIT, EVENT_STREAM_CAPTURE, SMALL_BODY, Outcome
 from skyproxy.proxy.headers import DROP_RESPONSE
 from skyproxy.proxy.scrub import Scrubber
@@ -26,6 +27,7 @@ async def relay(
     key: str,
     fingerprint: str,
     outcome: Outcome,
+    rewrite: tuple[str, str] | None = None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
     headers = response.headers
@@ -36,12 +38,17 @@ async def relay(
         if lower not in DROP_RESPONSE and not lower.startswith("access-control-"):
             headers.add(name, value.replace(key, fingerprint) if key in value else value)
     headers.extend(reply_headers)
+    if rewrite is not None and "Location" in headers:
+        headers["Location"] = links.rewrite_location(headers["Location"], *rewrite)
     outcome.content_encoding = upstream.content_encoding
     if upstream.status >= 400:
         return await _relay_scrubbed(request, upstream, response, key, fingerprint, outcome)
     length = upstream.content_length
     if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-        small = _small_response(upstream, response, await upstream.read(), outcome)
+        body = await upstream.read()
+        if rewrite is not None and upstream.status < 300:
+            body = links.rewrite_body(body, *rewrite)
+        small = _small_response(upstream, response, body, outcome)
         # Sent here, not by aiohttp after the handler returns: the client must not wait
         # for the audit and metrics work that follows the exchange.
         await small.prepare(request)

@@ -23,6 +23,7 @@ from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
 from skyproxy.proxy.limits import Limits
+from skyproxy.webhooks.routes import RouteBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class State:
         self.requests: dict[str, int] = {}
         self.key_ages: dict[str, int | None] = {}
         self.reload: Callable[[], Awaitable[str | None]] | None = None
+        self.webhooks: RouteBook | None = None  # set while [webhooks] is on
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

@@ -88,7 +88,12 @@ async def test_create_answers_201_with_a_starting_prediction(path, mock):
     assert body["error"] is None
     assert iso_z(body["created_at"])
     base = f"{mock.base}/v1/predictions/{body['id']}"
-    assert body["urls"] == {"get": base, "cancel": f"{base}/cancel", "stream": f"{base}/stream"}
+    assert body["urls"] == {
+        "get": base,
+        "cancel": f"{base}/cancel",
+        "stream": f"{base}/stream",
+        "delete": base,
+    }
     assert body["metrics"] == {}
     assert body["metadata"]["billing"]["credits_used"] == 0
     assert not any(k.startswith("_") for k in body)
@@ -281,3 +286,66 @@ async def test_mock_environment_behind_the_proxy(start_proxy, tmp_path):
         assert time.monotonic() < deadline, prediction
         await asyncio.sleep(0.05)
     assert prediction["metadata"]["billing"]["credits_used"] == PRICES["truefusion"]
+
+
+# -- the paths the official SDKs call, and errors always in the envelope ---------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/nope"), ("GET", "/v1/predictions/"), ("POST", "/v1/models"), ("GET", "/v2/x")],
+)
+async def test_unknown_paths_and_methods_answer_in_the_error_envelope(
+    mock: Client, method: str, path: str
+) -> None:
+    status, body = await mock.call(method, path)
+    assert status in (404, 405)
+    assert body["status"] is False and body["error"]["http_status"] == status
+    assert body["error"]["error_id"] in ("NOT_FOUND", "METHOD_NOT_ALLOWED")
+
+
+async def test_await_answers_the_finished_prediction(mock: Client) -> None:
+    started = time.monotonic()
+    status, body = await mock.call(
+        "POST", "/v1/predict", json={"model": "truefusion-pro", "input": {"prompt": "x"}, "await": True}
+    )
+    assert status == 201
+    assert body["status"] == "succeeded" and body["output"]
+    assert body["metadata"]["billing"]["credits_used"] == PRICES["truefusion-pro"]
+    assert time.monotonic() - started >= DELAY
+
+
+async def test_one_model_by_slug_singular_and_plural(mock: Client) -> None:
+    for path in ("/v1/model/lumo", "/v1/models/lumo"):
+        status, body = await mock.call("GET", path)
+        assert status == 200 and body["slug"] == "lumo"
+        assert body["pricing"]["amount"] == PRICES["lumo"]
+    status, body = await mock.call("GET", "/v1/model/nope")
+    assert status == 404 and body["error"]["error_id"] == "MODEL_NOT_FOUND"
+
+
+async def test_the_sdk_delete_path(mock: Client) -> None:
+    created = await mock.create()
+    status, body = await mock.call("DELETE", f"/v1/predictions/{created['id']}/delete")
+    assert status == 200 and body == {"success": True}
+    status, _ = await mock.call("GET", f"/v1/predictions/{created['id']}")
+    assert status == 404
+
+
+async def test_stream_serves_events_until_the_end_or_json_on_request(mock: Client) -> None:
+    created = await mock.create()
+    status, body = await mock.call("GET", f"/v1/predictions/{created['id']}/stream")
+    assert status == 200 and body["id"] == created["id"]
+    async with mock.session.get(
+        f"{mock.base}/v1/predictions/{created['id']}/stream",
+        headers={"x-api-key": KEY, "Accept": "text/event-stream"},
+    ) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        events = [json.loads(line[5:]) for line in (await r.text()).splitlines() if line.startswith("data:")]
+    assert events[-1]["status"] == "succeeded"
+    assert len(events) >= 2
+
+
+async def test_responses_create(mock: Client) -> None:
+    status, body = await mock.call("POST", "/v1/responses", json={"model": "gpt-mock", "input": "hi"})
+    assert status == 200 and body["object"] == "response" and body["status"] == "completed"
