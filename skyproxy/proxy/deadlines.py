@@ -3,11 +3,12 @@
 An exchange's deadline is moved on as it makes progress: to `upstream_timeout` from the
 moment it waits for the answer's head, then to `idle_timeout` from each piece of a body
 that moves. Moving it later is one store (`at`): the sweeper finds the new time when the
-old one comes round and files the deadline again. Moving it earlier files it at once. One periodic task rather than a timer per
-request keeps the hot path cheap; the price is that a deadline may be late by up to
-`RESOLUTION`. An expired exchange's task is cancelled while it is suspended inside the
-exchange, and the exchange, seeing its deadline `fired`, turns that cancellation into
-its own answer, or cuts the client off when the answer had started.
+old one comes round and files the deadline again; moving it earlier files it at once.
+One periodic task rather than a timer per request keeps the hot path cheap; the price
+is that a deadline may be late by up to `RESOLUTION`. An expired exchange's task is
+cancelled while it is suspended inside the exchange, and the exchange, seeing its
+deadline `fired`, turns that cancellation into its own answer, or cuts the client off
+when the answer had started.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ COMPACT_MIN = 4096
 class Phase(Enum):
     """What the exchange waits for, which says whose silence a fired deadline was."""
 
-    UPLOAD = "upload"  # the client's body (read by the proxy, or taken by the upstream)
+    UPLOAD = "upload"  # the client's body, arriving
+    SEND = "send"  # the client's body, taken by the upstream
     HEAD = "head"  # the upstream's answer head
     BODY = "body"  # the answer's body, from the upstream and on to the client
 

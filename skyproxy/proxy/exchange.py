@@ -34,7 +34,8 @@ class Route:
     key: Secret
     user_header: bytes  # lower case, as raw header names are compared; never sent on
     max_body_bytes: int
-    timeout: float  # seconds for the whole exchange, upload to the answer's last byte
+    head_timeout: float  # seconds from the request's end until the answer's head arrives
+    idle_timeout: float  # seconds a body may stay silent, either way, once it flows
     deadlines: Deadlines
 
 

@@ -6,6 +6,7 @@ environment's listener can only ever be sent with that environment's key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -18,7 +19,7 @@ from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
-from skyproxy.proxy.forward import forward
+from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
@@ -95,7 +96,14 @@ class ProxyHandler:
         book = self.state.webhooks
         if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
             limit = runtime.settings.server.max_body_bytes
-            prepared = await creates.prepare(request, book, env.name, call.user, request_id, limit, reply)
+            try:
+                # Read whole before the exchange, so its deadline is not yet there to bound it.
+                prepared = await asyncio.wait_for(
+                    creates.prepare(request, book, env.name, call.user, request_id, limit, reply),
+                    route.idle_timeout,
+                )
+            except asyncio.TimeoutError:
+                prepared = _failed(call, BODY_TIMED_OUT)
             if isinstance(prepared, web.Response):
                 return self._count(prepared, path)
             read = prepared
@@ -154,7 +162,8 @@ class ProxyHandler:
             key=call.env.key,
             user_header=call.env.user_header_raw,
             max_body_bytes=server.max_body_bytes,
-            timeout=server.upstream_timeout,
+            head_timeout=server.upstream_timeout,
+            idle_timeout=server.idle_timeout,
             deadlines=self.state.deadlines,
         )
         self._routed = call.env
