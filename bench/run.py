@@ -52,12 +52,16 @@ TARGET_LIMITER_GROWTH_PCT = 10.0
 TARGET_AUDIT_LINES_PER_S = 50_000.0
 TARGET_AUDIT_STALL_P99_MS = 5.0
 TARGET_COLD_START_MS = 300.0
+# The search for the key in success bodies, against the same proxy without it, same run.
+TARGET_SCAN_THROUGHPUT_RATIO = 0.97
+TARGET_SCAN_INSTRUCTIONS_RATIO = 1.03
 
 SKYPROXY_CONFIG = """\
 [server]
 max_body_bytes = 52428800
 upstream_timeout = {upstream_timeout}
 watch_config = false
+scan_success_bodies = {scan}
 
 [environments.bench]
 listen = ["127.0.0.1:{port}"]
@@ -400,6 +404,7 @@ def write_skyproxy_config(
     upstream_port: int,
     upstream_timeout: float = 120,
     features: bool = True,
+    scan: bool = True,
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
@@ -413,6 +418,7 @@ def write_skyproxy_config(
             audit_dir=audit_dir,
             upstream_timeout=f"{upstream_timeout:g}",
             features="true" if features else "false",
+            scan="true" if scan else "false",
         )
     )
     return path
@@ -426,14 +432,17 @@ def start_skyproxy(
     features: bool = True,
     wrap: Sequence[str] = (),
     deadline_s: float = 30.0,
+    scan: bool = True,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
-    and audit off, for the same-run cost of those two features. `wrap` prefixes the
-    command (callgrind), which then runs the console script through the interpreter."""
+    and audit off, for the same-run cost of those two features; `scan=False` stops the
+    search for the key in success bodies (`scan_success_bodies`, benchmark only), for the
+    cost of that. `wrap` prefixes the command (callgrind), which then runs the console
+    script through the interpreter."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features)
+    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, scan)
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
@@ -514,7 +523,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (2 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (3 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
@@ -528,6 +537,8 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         targets["skyproxy"] = (sky_proc, sky_port)
         off_proc, off_port, _ = start_skyproxy(env, "skyproxy-off", up_port, features=False)
         targets["skyproxy-off"] = (off_proc, off_port)
+        noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
+        targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
@@ -560,7 +571,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             )
             this_round[name] = {"c64": high, "c1": low}
             log(
-                f"round {r + 1}/{args.rounds} {name:<12} {high['rps']:9.0f} req/s @64  "
+                f"round {r + 1}/{args.rounds} {name:<15} {high['rps']:9.0f} req/s @64  "
                 f"p50 {low['latency_us']['p50']:6d} µs  p99 {low['latency_us']['p99']:6d} µs @1"
                 + (
                     f"  errors {high['error_total'] + low['error_total']}"
@@ -610,20 +621,22 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             "p99_c1_per_round": spread(paired_p99),
         }
 
-    if "skyproxy" in targets and "skyproxy-off" in targets:
-        # What limits and audit cost, against the same proxy with them off, same run.
-        ratios["skyproxy-vs-off"] = {
-            "throughput": ratio(
-                summary["skyproxy"]["rps_c64"]["median"], summary["skyproxy-off"]["rps_c64"]["median"]
-            ),
-            "throughput_per_round": spread(
-                [rd["skyproxy"]["c64"]["rps"] / rd["skyproxy-off"]["c64"]["rps"] for rd in rounds]
-            ),
-            "cpu_per_request": ratio(
-                summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
-                summary["skyproxy-off"]["cpu_us_per_request_c64"]["median"],
-            ),
-        }
+    # What limits and audit cost, and what the key search in success bodies costs,
+    # each against the same proxy without it, same run.
+    for other in ("skyproxy-off", "skyproxy-noscan"):
+        if "skyproxy" in targets and other in targets:
+            ratios["skyproxy-vs-" + other.removeprefix("skyproxy-")] = {
+                "throughput": ratio(
+                    summary["skyproxy"]["rps_c64"]["median"], summary[other]["rps_c64"]["median"]
+                ),
+                "throughput_per_round": spread(
+                    [rd["skyproxy"]["c64"]["rps"] / rd[other]["c64"]["rps"] for rd in rounds]
+                ),
+                "cpu_per_request": ratio(
+                    summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
+                    summary[other]["cpu_us_per_request_c64"]["median"],
+                ),
+            }
 
     extra: dict[str, Any] = {}
     if "skyproxy" in targets:
@@ -926,7 +939,7 @@ def scenario_audit(env: Env) -> dict[str, Any]:
 
 
 def scenario_instructions(env: Env) -> dict[str, Any]:
-    """Instructions per request for bare, skyproxy and skyproxy-off, under callgrind."""
+    """Instructions per request for bare, skyproxy, skyproxy-off and skyproxy-noscan, under callgrind."""
     from bench import instructions
 
     why_not = instructions.available()
@@ -936,7 +949,7 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-fast")
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
     counts: dict[str, float] = {}
-    for name in ("bare", "skyproxy", "skyproxy-off"):
+    for name in ("bare", "skyproxy", "skyproxy-off", "skyproxy-noscan"):
         if name != "bare" and not env.skyproxy:
             continue
         env.check_time(f"instructions {name}", 120)
@@ -945,9 +958,10 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
         if name == "bare":
             proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
         else:
-            features = name == "skyproxy"
+            features = name != "skyproxy-off"
+            scan = name != "skyproxy-noscan"
             proc, port, _ = start_skyproxy(
-                env, name, upstream_port, features=features, wrap=wrap, deadline_s=120.0
+                env, name, upstream_port, features=features, wrap=wrap, deadline_s=120.0, scan=scan
             )
         url = f"http://127.0.0.1:{port}/v1/predictions"
         _instruction_load(env, url, max(requests // 5, 100), concurrency)  # warm up, not counted
@@ -966,6 +980,8 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
         out["ratios"] = {
             name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
         }
+    if "skyproxy" in counts and "skyproxy-noscan" in counts:
+        out["scan_ratio"] = round(counts["skyproxy"] / counts["skyproxy-noscan"], 4)
     return out
 
 
@@ -1175,6 +1191,38 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         out.append(Verdict("--version cold start", "PASS" if ok else "FAIL", f"{ms:.0f} ms", t_cs, note))
     else:
         skip("--version cold start", t_cs, _skip_reason(cs, "skyproxy not measured"))
+    out.extend(_scan_verdicts(results))
+    return out
+
+
+def _scan_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """The key search in success bodies against the same proxy without it (scan_success_bodies)."""
+    out: list[Verdict] = []
+    tp = results.get("throughput")
+    t_tp = f">= {TARGET_SCAN_THROUGHPUT_RATIO:.2f}x without"
+    r = tp.get("ratios", {}).get("skyproxy-vs-noscan") if isinstance(tp, dict) else None
+    if r is not None:
+        ok = r["throughput"] >= TARGET_SCAN_THROUGHPUT_RATIO
+        note = (
+            f"per round {r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}; "
+            f"proxy CPU per request {r['cpu_per_request']:.3f}x"
+        )
+        out.append(
+            Verdict("key scan, throughput", "PASS" if ok else "FAIL", f"{r['throughput']:.3f}x", t_tp, note)
+        )
+    else:
+        out.append(Verdict("key scan, throughput", "SKIP", "-", t_tp, _skip_reason(tp, "not measured")))
+    ins = results.get("instructions")
+    t_ins = f"<= {TARGET_SCAN_INSTRUCTIONS_RATIO:.2f}x without"
+    if isinstance(ins, dict) and "scan_ratio" in ins:
+        ok = ins["scan_ratio"] <= TARGET_SCAN_INSTRUCTIONS_RATIO
+        out.append(
+            Verdict(
+                "key scan, instructions", "PASS" if ok else "FAIL", f"{ins['scan_ratio']:.3f}x", t_ins, ""
+            )
+        )
+    else:
+        out.append(Verdict("key scan, instructions", "SKIP", "-", t_ins, _skip_reason(ins, "not measured")))
     return out
 
 
@@ -1212,22 +1260,23 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
     if isinstance(tp, dict) and "summary" in tp:
         p(f"\nupstream: {tp['upstream']} (canned 201 prediction)")
         p(
-            f"{'target':<13}{'req/s @64 conns':>26}{'proxy CPU µs/req @64':>24}"
+            f"{'target':<16}{'req/s @64 conns':>26}{'proxy CPU µs/req @64':>24}"
             f"{'p50 µs @1 conn':>20}{'p99 µs @1 conn':>24}  errors"
         )
         for name in tp["targets"]:
             s = tp["summary"][name]
             p(
-                f"{name:<13}{fmt_spread(s['rps_c64']):>26}{fmt_spread(s['cpu_us_per_request_c64']):>24}"
+                f"{name:<16}{fmt_spread(s['rps_c64']):>26}{fmt_spread(s['cpu_us_per_request_c64']):>24}"
                 f"{fmt_spread(s['p50_us_c1']):>20}{fmt_spread(s['p99_us_c1']):>24}  {s['errors']}"
             )
         p("  (median of rounds, min-max in brackets)")
         for name, r in tp["ratios"].items():
-            if name == "skyproxy-vs-off":
+            if name in ("skyproxy-vs-off", "skyproxy-vs-noscan"):
+                what = "limits+audit" if name == "skyproxy-vs-off" else "key scan of success bodies"
                 p(
-                    f"limits+audit on / off (same run): throughput {r['throughput']:.2f}x "
+                    f"{what} on / off (same run): throughput {r['throughput']:.3f}x "
                     f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
-                    f"CPU per request {r['cpu_per_request']:.2f}x"
+                    f"CPU per request {r['cpu_per_request']:.3f}x"
                 )
                 continue
             p(

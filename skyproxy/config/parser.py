@@ -248,6 +248,9 @@ class _Parser:
             keepalive_timeout=self.number(data, "keepalive_timeout", w, d.keepalive_timeout, minimum=0.001),
             max_connections=self.integer(data, "max_connections", w, d.max_connections, minimum=1),
             watch_config=self.get(data, "watch_config", w, bool, d.watch_config, "true or false"),
+            scan_success_bodies=self.get(
+                data, "scan_success_bodies", w, bool, d.scan_success_bodies, "true or false"
+            ),
             shutdown_timeout=self.number(data, "shutdown_timeout", w, d.shutdown_timeout),
             event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop"), d.event_loop),
             log_level=self.choice(data, "log_level", w, ("debug", "info", "warning", "error"), d.log_level),

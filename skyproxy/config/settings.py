@@ -137,6 +137,7 @@ class ServerSettings:
     keepalive_timeout: float = 30.0  # an idle client connection is closed after this
     max_connections: int = 10_000  # client connections per listener, lowered to fit the fd limit
     watch_config: bool = True
+    scan_success_bodies: bool = True  # benchmark only: false leaves 2xx/3xx bodies unsearched
     shutdown_timeout: float = 30.0
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
