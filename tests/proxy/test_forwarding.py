@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import re
-import threading
 import zlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -32,6 +30,7 @@ from helpers.http import (
     raw_request,
     read_response,
 )
+from helpers.memory import RssSampler, rss_kib
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -794,36 +793,6 @@ async def test_upstream_cors_headers_are_not_relayed(raw_upstream, start_proxy, 
 BIG = 200 * MIB
 BLOCK = os.urandom(256 * 1024)
 RSS_GROWTH_LIMIT_KIB = 60 * 1024
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-class RssSampler(threading.Thread):
-    """Samples a process's resident memory every 10 ms, on a thread the event loop cannot stall."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = rss_kib(pid)
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, rss_kib(self.pid))
-            self._done.wait(0.01)
-
-    def __enter__(self) -> RssSampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self.join()
 
 
 def big_digest() -> str:
