@@ -115,9 +115,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(_plus_zero(text))
     except ValueError:
+        # The caller names the option; this says only what was wrong with the value.
         raise ValueError(
-            f"invalid --since {text!r}: expected a duration such as 30m, 1h, 1d or 2w, "
-            "or an ISO 8601 time such as 2026-11-25T10:00:00Z"
+            f"{text!r} is neither a duration such as 30m, 1h, 1d or 2w, "
+            "nor an ISO 8601 time such as 2026-11-25T10:00:00Z"
         ) from None
     return _utc(moment)
 

@@ -38,9 +38,18 @@ def read_key(from_stdin: bool, prompt: str = "Skytells API key (input hidden): "
 def status_text(status: KeyStatus, *, problem_inline: bool = True) -> str:
     if status.problem is not None:
         return f"error: {status.problem}" if problem_inline else "error"
+    if status.generated:
+        return "ok (a new key each start)"
     if status.too_old:
         return f"ok (key {status.age_days} days old: rotate)"
     return "ok"
+
+
+def fingerprint_text(status: KeyStatus) -> str:
+    """The fingerprint to show; none for a mock's key, which this process did not make."""
+    if status.generated or status.fingerprint is None:
+        return "-"
+    return status.fingerprint
 
 
 def cmd_key_set(args: argparse.Namespace) -> int:
@@ -150,12 +159,9 @@ def _print_statuses(config_path: str | None, only: str | None) -> int:
     statuses = key_statuses(specs, ages.read(state_file), max_age)
     rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
     for status in statuses:
-        if status.generated:
-            rows.append((status.environment, str(status.source), "-", "-", "ok (a new key each start)"))
-            continue
         age = "-" if status.age_days is None else f"{status.age_days}d"
         rows.append(
-            (status.environment, str(status.source), status.fingerprint or "-", age, status_text(status))
+            (status.environment, str(status.source), fingerprint_text(status), age, status_text(status))
         )
     print(table(rows))
     return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from skyproxy.cli.common import EXIT_KEY, EXIT_OK, load_settings, table
-from skyproxy.cli.key import status_text
+from skyproxy.cli.key import fingerprint_text, status_text
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 ",".join(str(x) for x in env.listen),
                 env.upstream,
                 str(env.key),
-                status.fingerprint or "-",
+                fingerprint_text(status),
                 status_text(status, problem_inline=False),
             )
         )

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from skyproxy.config import cluster as cluster_table
 from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
@@ -23,6 +24,7 @@ from skyproxy.config.settings import (
     PERIODS,
     SEARCH_PATH,
     AuditSettings,
+    ClusterSettings,
     EnvironmentSettings,
     KeySpec,
     KeysSettings,
@@ -112,6 +114,11 @@ class _Parser:
     def expected(self, field_path: str, what: str, got: object) -> ConfigError:
         return self.error(field_path, f"expected {what}, got {_show(got)}")
 
+    def missing(self, table: str, key: str, what: str) -> ConfigError:
+        """A required key that is absent: the line of its table, where it belongs."""
+        line = line_of(self.text, table)
+        return ConfigError(f"missing: {what}", file=self.path, line=line, field=_join(table, key))
+
     # -- typed getters ------------------------------------------------------------------
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
@@ -196,7 +203,17 @@ class _Parser:
         self.check_keys(
             data,
             "",
-            {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"},
+            {
+                "server",
+                "environments",
+                "rate_limit",
+                "audit",
+                "pricing",
+                "keys",
+                "mock",
+                "webhooks",
+                "cluster",
+            },
         )
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
@@ -212,6 +229,7 @@ class _Parser:
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
             webhooks=self.webhooks(data, environments),
+            cluster=self.cluster(data),
         )
 
     def webhooks(
@@ -477,6 +495,11 @@ class _Parser:
     def mock(self, data: dict[str, Any]) -> MockSettings:
         self.check_keys(data, "mock", {"delay"})
         return MockSettings(delay=self.number(data, "delay", "mock", MockSettings().delay))
+
+    def cluster(self, data: dict[str, Any]) -> ClusterSettings | None:
+        if "cluster" not in data:
+            return None
+        return cluster_table.cluster(self, self.table(data, "cluster", ""))
 
 
 def _default(cls: type, name: str) -> Any:

@@ -166,6 +166,17 @@ class MockSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """[cluster]: limits, budgets and webhook claims shared by replicas through one Redis."""
+
+    on_error: Literal["closed", "open"]  # required: refuse (503) or serve when Redis fails
+    redis: KeySpec | None = None  # where the URL comes from when it may hold a password
+    redis_url: str = ""  # a literal URL, which never holds a password
+    timeout_ms: float = 50.0  # the longest a request waits on Redis
+    prefix: str = "skyproxy:"  # key namespace, so deployments can share one Redis
+
+
+@dataclass(frozen=True, slots=True)
 class TargetPattern:
     """An `allowed_targets` entry: a URL prefix whose port may be "*" (any port)."""
 
@@ -207,6 +218,7 @@ class Settings:
     pricing: Mapping[str, float]
     keys: KeysSettings
     mock: MockSettings = field(default_factory=MockSettings)
+    cluster: ClusterSettings | None = None
     webhooks: WebhookSettings | None = None  # None: creates pass through untouched
 
     @property

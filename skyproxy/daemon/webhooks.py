@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -24,18 +25,28 @@ from skyproxy.webhooks import secrets
 from skyproxy.webhooks.receiver import Arrival, Receiver, ReceiverConfig
 from skyproxy.webhooks.relay import Relay, RelayConfig
 from skyproxy.webhooks.routes import RouteBook
+from skyproxy.webhooks.shared import SharedWebhooks
 from skyproxy.webhooks.signing import SigningKeys
 from skyproxy.webhooks.stats import WebhookStats
 from skyproxy.webhooks.store import Store, StoreThread
+
+if TYPE_CHECKING:
+    from skyproxy.cluster.node import ClusterNode
 
 log = logging.getLogger("skyproxy")
 
 
 class WebhookService:
-    def __init__(self, settings: WebhookSettings, state: State) -> None:
+    def __init__(self, settings: WebhookSettings, state: State, cluster: ClusterNode | None = None) -> None:
         self.settings = settings
         self.state = state
         self.stats = WebhookStats()
+        # With [cluster]: routes, receipts and deliveries shared by every replica.
+        self._shared = (
+            SharedWebhooks(cluster.webhooks, self.stats, fails_open=cluster.connection.fails_open)
+            if cluster is not None
+            else None
+        )
         self._db: StoreThread | None = None
         self._receiver: Receiver | None = None
         self._relay: Relay | None = None
@@ -50,7 +61,7 @@ class WebhookService:
         db = self._db = await StoreThread.open(hooks.store)
         verifiers, signing = await self._secrets(settings, keys)
         receiver = self._receiver = Receiver(
-            db, ReceiverConfig(verifiers, hooks.max_body_bytes), self.stats, self._stored
+            db, ReceiverConfig(verifiers, hooks.max_body_bytes), self.stats, self._stored, self._shared
         )
         server = GuardedServer(
             receiver.handle, limits, on_close=self.state.metrics.client_closed, access_log=None
@@ -69,10 +80,15 @@ class WebhookService:
         if failures:
             return failures
         relay = self._relay = Relay(
-            db, RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing), self.stats
+            db,
+            RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing),
+            self.stats,
+            queue=self._shared,
         )
         await relay.start()
-        self.state.webhooks = RouteBook(db, self.public_url(), hooks.allowed_targets)
+        if self._shared is not None:
+            self._shared.start()
+        self.state.webhooks = RouteBook(db, self.public_url(), hooks.allowed_targets, self._shared)
         log.info(
             "webhooks: receiving on %s as %s; store %s",
             ", ".join(self.addresses()),
@@ -103,7 +119,7 @@ class WebhookService:
         verifiers, signing = await self._secrets(settings, keys)
         self._receiver.config = ReceiverConfig(verifiers, hooks.max_body_bytes)
         self._relay.config = RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing)
-        self.state.webhooks = RouteBook(self._db, self.public_url(hooks), hooks.allowed_targets)
+        self.state.webhooks = RouteBook(self._db, self.public_url(hooks), hooks.allowed_targets, self._shared)
 
     def addresses(self) -> list[str]:
         if self._runner is None:
@@ -136,6 +152,8 @@ class WebhookService:
             await self._runner.cleanup()
         if self._relay is not None:
             await self._relay.stop(timeout)
+        if self._shared is not None:
+            await self._shared.stop()  # after the relay: its attempts in flight keep their claims
         if self._db is not None:
             await self._db.close()
         self._db = None

@@ -42,6 +42,11 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         return wrapper
 
     async def health(request: web.BaseRequest) -> web.Response:
+        cluster = state.cluster
+        if cluster is not None and cluster.degraded:
+            # Under on_error = "closed" limited requests are refused: take this replica out.
+            body = {"status": "degraded", "cluster": "unavailable"}
+            return web.json_response(body, status=503 if cluster.refuses else 200)
         return web.json_response({"status": "ok"})
 
     async def status(request: web.BaseRequest) -> web.Response:
@@ -117,6 +122,8 @@ def status_document(state: State) -> dict[str, object]:
             "healthy": state.audit.healthy,
         },
     }
+    if state.cluster is not None:
+        document["cluster"] = state.cluster.status()
     hooks = state.metrics.webhooks
     if hooks is not None:
         age = hooks.oldest_pending_age()

@@ -64,6 +64,7 @@ class Metrics:
         self._audit: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
         self._upstream: Callable[[], Mapping[str, UpstreamPool]] | None = None
         self.webhooks: WebhookStats | None = None
+        self._cluster: tuple[Callable[[], float], Callable[[], bool]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)  # process_open_fds, process_max_fds, memory, CPU
@@ -79,6 +80,10 @@ class Metrics:
 
     def watch_webhooks(self, stats: WebhookStats) -> None:
         self.webhooks = stats
+
+    def watch_cluster(self, errors: Callable[[], float], degraded: Callable[[], bool]) -> None:
+        """The shared Redis: calls that failed, and whether it is unavailable now."""
+        self._cluster = (errors, degraded)
 
     def request(self, environment: str, route: str, status: int) -> None:
         key = (environment, route, status)
@@ -164,6 +169,16 @@ class Metrics:
             yield from _upstream_families(self._upstream())
         if self.webhooks is not None:
             yield from _webhook_families(self.webhooks)
+        if self._cluster is not None:
+            errors, degraded = self._cluster
+            yield CounterMetricFamily(
+                "skyproxy_cluster_errors",
+                "Calls to the shared Redis that failed or timed out",
+                value=errors(),
+            )
+            yield GaugeMetricFamily(
+                "skyproxy_cluster_degraded", "1 while the shared Redis is unavailable", float(degraded())
+            )
         if self._audit is not None:
             depth, failures, dropped = self._audit
             yield GaugeMetricFamily(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.proxy.responses import error_response
 from skyproxy.webhooks.routes import RouteBook, TargetNotAllowed
 
@@ -47,3 +48,9 @@ async def prepare(
     except TargetNotAllowed:
         message = "The webhook URL is not in [webhooks] allowed_targets."
         return error_response(400, "webhook_target_not_allowed", message, request_id, headers=reply)
+    except (
+        ClusterUnavailable
+    ):  # the route could not be shared, so another replica could not take its callback
+        message = "Webhooks cannot be routed right now. Please retry."
+        headers = {**(reply or {}), "Retry-After": "1"}
+        return error_response(503, "webhooks_unavailable", message, request_id, headers=headers)

@@ -14,6 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyproxy.audit import events
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import body, creates, record
@@ -132,7 +133,12 @@ class ProxyHandler:
                     message = f"The {rate_limit.user_header} header is required."
                     return error_response(400, "missing_user", message, call.request_id, headers=call.reply)
                 user = call.user = "anonymous"
-            verdict = await runtime.limits.check(env.name, method, path, user)
+            try:
+                verdict = await runtime.limits.check(env.name, method, path, user)
+            except ClusterUnavailable:  # [cluster] on_error = "closed", and Redis is not answering
+                call.reply["Retry-After"] = "1"
+                message = "The shared rate limits cannot be checked right now. Please retry."
+                return error_response(503, "limits_unavailable", message, call.request_id, headers=call.reply)
             if verdict is not None:
                 call.reply.extend(verdict.headers)
                 if not verdict.allowed:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
@@ -23,7 +24,12 @@ from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
 from skyproxy.proxy.limits import Limits
+from skyproxy.proxy.shared_limits import SharedLimits
 from skyproxy.webhooks.routes import RouteBook
+
+if TYPE_CHECKING:  # redis is loaded only when [cluster] is configured
+    from skyproxy.cluster.backend import RateBackend
+    from skyproxy.cluster.node import ClusterNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +50,7 @@ class Runtime:
     settings: Settings
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
-    limits: Limits
+    limits: Limits | SharedLimits
 
 
 def resolve_keys(
@@ -71,7 +77,9 @@ def build_runtime(
     base_urls: Mapping[str, str],
     generation: int,
     previous: Runtime | None = None,
+    shared: RateBackend | None = None,
 ) -> Runtime:
+    """`shared`: the cluster's rate backend, used instead of this process's buckets."""
     user_header = settings.rate_limit.user_header
     environments = {
         name: EnvRuntime(
@@ -91,8 +99,17 @@ def build_runtime(
         settings=settings,
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
-        limits=Limits(settings.environments, previous=previous.limits if previous else None),
+        limits=_limits(settings, previous, shared),
     )
+
+
+def _limits(
+    settings: Settings, previous: Runtime | None, shared: RateBackend | None
+) -> Limits | SharedLimits:
+    if shared is not None:
+        return SharedLimits(settings.environments, shared)
+    local = previous.limits if previous is not None and isinstance(previous.limits, Limits) else None
+    return Limits(settings.environments, previous=local)
 
 
 class State:
@@ -110,6 +127,7 @@ class State:
         self.key_ages: dict[str, int | None] = {}
         self.reload: Callable[[], Awaitable[str | None]] | None = None
         self.webhooks: RouteBook | None = None  # set while [webhooks] is on
+        self.cluster: ClusterNode | None = None  # set while [cluster] is on
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

@@ -133,7 +133,8 @@ def test_check_valid_config(tmp_path: Path) -> None:
         "mock",
         "generated (mock)",
     ]
-    assert table["playground"][-1] == "ok"
+    # A mock's key is made afresh by each process: a fingerprint here would not be the daemon's.
+    assert table["playground"][-2:] == ["-", "ok (a new key each start)"]
     assert set(table) == {"ENVIRONMENT", "dev", "playground", "prod"}
     assert_no_canary(result.stdout, result.stderr)
     assert OTHER not in result.stdout + result.stderr
@@ -477,3 +478,13 @@ def test_key_list_without_any_config_says_so(tmp_path: Path) -> None:
 def test_every_config_option_has_help(group: list[str]) -> None:
     result = run(*group, "-h")
     assert "config file (default: $SKYPROXY_CONFIG" in " ".join(result.stdout.split())
+
+
+def test_audit_summary_names_a_bad_since_once(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[environments.dev]\nlisten = ["127.0.0.1:0"]\nupstream = "mock"\n')
+    result = run("audit", "summary", "-c", str(path), "--since", "yesterday")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "skyproxy: --since: 'yesterday' is neither a duration such as 30m, 1h, 1d or 2w, "
+        "nor an ISO 8601 time such as 2026-11-25T10:00:00Z"
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ from skyproxy.config import KeySpec, Listen, TargetPattern
 from skyproxy.errors import ConfigError
 
 DEV = '[environments.dev]\nlisten = ["127.0.0.1:8787"]\nupstream = "mock"\n'
+EXAMPLE = Path(__file__).resolve().parents[2] / "skyproxy.toml.example"
+# A commented-out table or setting line of the example; prose comments never match.
+_COMMENTED = re.compile(r"# (\[[\w.]+\]|[a-z_]+ = .*)")
 
 
 def load(tmp_path: Path, body: str) -> config.Settings:
@@ -37,6 +42,34 @@ def test_without_the_table_nothing_changes(tmp_path: Path) -> None:
     settings = load(tmp_path, "")
     assert settings.webhooks is None
     assert settings.environments["dev"].webhook_secret is None
+
+
+def _uncommented(text: str, table: str) -> str:
+    """The example's commented-out `table`, from its header to the next blank line, as TOML."""
+    block = text.split(f"\n# [{table}]\n", 1)[1].split("\n\n", 1)[0]
+    lines = [f"[{table}]"] + [m.group(1) for m in map(_COMMENTED.fullmatch, block.splitlines()) if m]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_example_documents_webhooks_with_their_defaults(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    hooks_toml = _uncommented(text, "webhooks")
+    for f in fields(config.WebhookSettings):
+        assert f"\n{f.name} = " in hooks_toml, f"[webhooks] {f.name} is not in the example"
+    production = _uncommented(text, "environments.production")
+    assert "\nwebhook_secret = " in production
+    settings = config.load(write_config(tmp_path, DEV + production + hooks_toml), {})
+    hooks = settings.webhooks
+    assert hooks is not None
+    # Every value the example shows is the default, except the public address it illustrates.
+    defaults = config.load(write_config(tmp_path, DEV + "[webhooks]\n"), {}).webhooks
+    assert defaults is not None
+    assert hooks == replace(defaults, public_url="https://hooks.example.com")
+    assert settings.environments["production"].webhook_secret == KeySpec("env", "SKYTELLS_WEBHOOK_SECRET")
+    # The quick start serves without them.
+    example = config.load(EXAMPLE, {})
+    assert example.webhooks is None
+    assert example.environments["dev"].webhook_secret is None
 
 
 def test_the_defaults(tmp_path: Path) -> None:

@@ -41,6 +41,27 @@ def create_body(url: str, form: str = "object") -> dict[str, object]:
     return {"model": "truefusion-pro", "input": {"prompt": "a lighthouse"}, "webhook": webhook}
 
 
+async def audit_settled(proxy: Proxy) -> None:
+    """Returns once every audit line of the requests answered so far is on disk.
+
+    A create's line is queued when its answer goes out, after the lines of every answer
+    before it, and the writer keeps the queue's order: once a later create's line is on
+    disk, an earlier (duplicate) terminal line would be there too.
+    """
+    _, _, raw = await fetch(
+        proxy.session,
+        "POST",
+        f"{proxy.url}/v1/predictions",
+        json={"model": "truefusion-pro", "input": {"prompt": "a marker"}},
+        headers={"X-User-Id": "marker"},
+    )
+    marker = json.loads(raw)["id"]
+    await eventually(
+        lambda: any(line["predictionId"] == marker for line in audit_lines(proxy.audit_path)),
+        "the marker line",
+    )
+
+
 def store_listing(path: Path) -> list:  # type: ignore[type-arg]
     store = Store(path)
     try:
@@ -87,7 +108,7 @@ async def test_the_mock_flow_end_to_end(
     await eventually(
         lambda: any(line.get("status") == "succeeded" for line in audit_lines(proxy.audit_path)), "audit"
     )
-    await asyncio.sleep(0.3)  # the poll's own audit work is done by now
+    await audit_settled(proxy)  # the poll's own audit work is done by now
     terminal = [
         line
         for line in audit_lines(proxy.audit_path)
@@ -142,7 +163,7 @@ async def test_poll_first_then_webhook_writes_the_terminal_line_once(
 
     await eventually(polled_terminal, "the poll saw it done")
     await eventually(lambda: len(target.hits) == 2, "the webhook came too")
-    await asyncio.sleep(0.3)  # the receiver's audit work for the second event is done by now
+    await audit_settled(proxy)  # the receiver's audit work for the second event is done by now
     terminal = [
         line
         for line in audit_lines(proxy.audit_path)
@@ -272,12 +293,15 @@ async def test_pending_deliveries_survive_sigkill_and_resume(
     tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn, servers: list[TestServer]
 ) -> None:
     upstream, _ = mock_upstream
-    answer = {"status": 503}
-    target = await start_target(servers, Target(answer=lambda n: web.Response(status=answer["status"])))
+    answering = asyncio.Event()
+
+    async def stall_until_answering(n: int) -> web.Response:
+        await answering.wait()  # the first daemon is killed with both attempts in flight
+        return web.Response()
+
+    target = await start_target(servers, Target(answer=stall_until_answering))
     port, hook_port = free_port(), free_port()
-    table, secret = hooks_table(
-        tmp_path, f"127.0.0.1:{hook_port}", "[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]"
-    )
+    table, secret = hooks_table(tmp_path, f"127.0.0.1:{hook_port}")
     config_path = write_config(tmp_path, env_config(upstream, listen=f"127.0.0.1:{port}", extra=table))
     daemon = await asyncio.to_thread(spawn, config_path, port)
     async with aiohttp.ClientSession() as session:
@@ -297,7 +321,7 @@ async def test_pending_deliveries_survive_sigkill_and_resume(
     store_path = tmp_path / "state/webhooks.sqlite3"
     pending = {x.id for x in store_listing(store_path) if x.status == "pending"}
     assert len(pending) == 2
-    answer["status"] = 200
+    answering.set()
     await asyncio.to_thread(spawn, config_path, port)
     await eventually(
         lambda: {x.id for x in store_listing(store_path) if x.status == "delivered"} == pending, "resumed"

@@ -88,7 +88,8 @@ async def test_a_target_failing_twice_then_succeeding(hooks: Hooks, servers: lis
     assert set(target.ids()) == {event_id}  # the same webhook-id on every attempt
     for hit in target.hits:
         Webhook(hooks.secret).verify(hit.body, dict(hit.headers))
-    assert hooks.stats.retried == 2 and hooks.stats.delivered == 1
+    # The counters move once the store's commit is back on the loop: after a reader sees it.
+    await eventually(lambda: (hooks.stats.retried, hooks.stats.delivered) == (2, 1), "counted")
 
 
 async def test_dead_after_the_schedule(hooks: Hooks, servers: list[TestServer]) -> None:
@@ -100,12 +101,12 @@ async def test_dead_after_the_schedule(hooks: Hooks, servers: list[TestServer]) 
     await eventually(lambda: statuses(hooks.store_path)[event_id][0] == "dead", "dead")
     assert statuses(hooks.store_path)[event_id] == ("dead", 4, "HTTP 502")  # 1 + 3 retries
     assert len(target.hits) == 4
-    assert hooks.stats.dead == 1
+    await eventually(lambda: hooks.stats.dead == 1, "counted")
 
 
 async def test_retry_after_is_honoured(hooks: Hooks, servers: list[TestServer]) -> None:
     hooks.relay.config = RelayConfig(
-        DEFAULT_ALLOWED_TARGETS, (30.0,), SigningKeys(SigningSecret(hooks.secret))
+        DEFAULT_ALLOWED_TARGETS, (600.0,), SigningKeys(SigningSecret(hooks.secret))
     )
     target = await start_target(servers)
     target.answer = lambda n: (
@@ -113,9 +114,43 @@ async def test_retry_after_is_honoured(hooks: Hooks, servers: list[TestServer]) 
     )
     route = add_route(hooks.store_path, target.url)
     assert await post(hooks, route) == 200
-    await eventually(lambda: len(target.hits) == 2, "the retry", deadline_s=20)
-    gap = target.hits[1].at - target.hits[0].at
-    assert 0.9 <= gap < 15  # after Retry-After's second, long before the 30 s slot
+    # Within the deadline: long before the 600 s slot the schedule alone would wait.
+    await eventually(lambda: len(target.hits) == 2, "the retry", deadline_s=60)
+    assert target.hits[1].at - target.hits[0].at >= 0.9  # not before Retry-After's second
+
+
+async def test_an_attempt_without_an_answer_times_out_and_is_retried(
+    tmp_path: Path, servers: list[TestServer]
+) -> None:
+    release = asyncio.Event()
+
+    async def stall(n: int) -> web.Response:
+        if n == 1:
+            await release.wait()  # never answers the first attempt
+        return web.Response()
+
+    target = await start_target(servers, Target(answer=stall))
+    path = tmp_path / "w.sqlite3"
+    store = Store(path)
+    event_id = store.receive(
+        "dev", add_route(path, target.url), b"a", "text/plain", None, None, time.time()
+    ).event_id
+    store.close()
+    db = await StoreThread.open(path)
+    keys = SigningKeys(SigningSecret(new_secret()))
+    stats = WebhookStats()
+    relay = Relay(
+        db, RelayConfig(DEFAULT_ALLOWED_TARGETS, (0.1,), keys), stats, poll_interval=0.1, timeout=0.5
+    )
+    await relay.start()
+    try:
+        await eventually(lambda: statuses(path)[event_id][:2] == ("delivered", 2), "delivered on the retry")
+    finally:
+        release.set()
+        await relay.stop(timeout=1.0)
+        await db.close()
+    assert [h.headers["webhook-id"] for h in target.hits] == [event_id, event_id]
+    assert stats.retried == 1
 
 
 async def test_410_marks_the_route_gone(hooks: Hooks, servers: list[TestServer]) -> None:
@@ -125,10 +160,15 @@ async def test_410_marks_the_route_gone(hooks: Hooks, servers: list[TestServer])
     assert await post(hooks, route) == 200
     await eventually(lambda: next(iter(statuses(hooks.store_path).values()))[0] == "gone", "gone")
     assert await post(hooks, route, BODY + b"\n") == 200  # still accepted from Skytells...
-    await eventually(lambda: len(statuses(hooks.store_path)) == 2, "stored")
-    await asyncio.sleep(0.6)  # several relay polls: the time a wrong send would need
+    # A later event to another app: once it is delivered, the relay has read the outbox
+    # after the gone route's event was stored, and would have sent that one too.
+    other = await start_target(servers)
+    assert await post(hooks, add_route(hooks.store_path, other.url)) == 200
+    await eventually(
+        lambda: sorted(s for s, _, _ in statuses(hooks.store_path).values()) == ["delivered", "gone", "gone"],
+        "the later event delivered",
+    )
     assert len(target.hits) == 1  # ...but never sent again
-    assert {s for s, _, _ in statuses(hooks.store_path).values()} == {"gone"}
 
 
 async def test_a_slow_target_never_holds_up_another(hooks: Hooks, servers: list[TestServer]) -> None:
@@ -183,8 +223,15 @@ async def test_pending_deliveries_resume_after_a_restart(tmp_path: Path, servers
     for answer in (503, 200):
         target.answer = lambda n, answer=answer: web.Response(status=answer)  # type: ignore[misc]
         db = await StoreThread.open(path)
+        # The first run's retries are an hour away, so all five stay pending however slow
+        # the machine; the second run's clock is two hours on, so they are all due.
+        later = 0.0 if answer == 503 else 7200.0
         relay = Relay(
-            db, RelayConfig(DEFAULT_ALLOWED_TARGETS, (0.1,) * 5, secret), WebhookStats(), poll_interval=0.1
+            db,
+            RelayConfig(DEFAULT_ALLOWED_TARGETS, (3600.0,), secret),
+            WebhookStats(),
+            poll_interval=0.1,
+            clock=lambda later=later: time.time() + later,  # type: ignore[misc]
         )
         await relay.start()
         want = "delivered" if answer == 200 else "pending"
@@ -201,9 +248,10 @@ async def test_stop_waits_for_attempts_in_flight_then_leaves_the_rest_pending(
     tmp_path: Path, servers: list[TestServer]
 ) -> None:
     release = asyncio.Event()
+    answer_quick = asyncio.Event()
 
     async def quick(n: int) -> web.Response:
-        await asyncio.sleep(0.3)  # finishes within the shutdown timeout
+        await answer_quick.wait()  # answers once the stop has begun
         return web.Response()
 
     async def stall(n: int) -> web.Response:
@@ -228,8 +276,11 @@ async def test_stop_waits_for_attempts_in_flight_then_leaves_the_rest_pending(
     await relay.start()
     await eventually(lambda: first.hits and second.hits, "both attempts in flight")
     started = time.monotonic()
-    await relay.stop(timeout=1.0)
-    assert time.monotonic() - started < 5
+    stopping = asyncio.create_task(relay.stop(timeout=3.0))
+    await asyncio.sleep(0)  # the stop task runs first: it stops taking work, then waits
+    answer_quick.set()
+    await stopping
+    assert time.monotonic() - started < 30  # the stalled attempt was cut off, not waited for
     await db.close()
     release.set()
     found = statuses(path)
