@@ -179,29 +179,3 @@ def decode(data: bytes | bytearray, coding: str | None, limit: int) -> bytes | b
     except Undecodable:
         return None
     return bytes(plain)
-
-
-# -- until the relay moves to Decoding ------------------------------------------------------
-
-
-class Decoder(Protocol):
-    """An incremental decoder, as zlib's decompress objects are."""
-
-    @property
-    def eof(self) -> bool: ...
-
-    def decompress(self, data: bytes | bytearray, max_length: int = 0, /) -> bytes: ...
-
-    def flush(self, length: int = ..., /) -> bytes: ...
-
-
-def decoder(coding: str | None) -> Decoder | None:
-    """A fresh zlib decoder for a Content-Encoding value, or None when it is not gzip or deflate."""
-    if coding is None:
-        return None
-    name = coding.strip().lower()
-    if name in _GZIP:
-        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    if name == _DEFLATE:
-        return zlib.decompressobj()
-    return None

@@ -32,6 +32,8 @@ class Route:
     client: Client
     origin: Origin
     key: Secret
+    mask: bytes  # what stands in for the key wherever the upstream echoes it (scrub.py)
+    scan_success: bool  # search 2xx/3xx bodies for the key too; false only to benchmark that
     user_header: bytes  # lower case, as raw header names are compared; never sent on
     max_body_bytes: int
     head_timeout: float  # seconds from the request's end until the answer's head arrives

@@ -2,9 +2,12 @@
 
 Both ways stream, under one deadline that moves with the exchange (deadlines.py): the
 client's body may pause for up to `idle_timeout` at a time, the answer's head then has
-`upstream_timeout` to arrive. Every way it can fail ends here as a `Failure` on the
-returned `Outcome`: a connect failure is a 502, an upload that stalls a 408, an answer
-that does not come a 504, a body over the limit a 413.
+`upstream_timeout` to arrive, and the answer's body may again pause for up to
+`idle_timeout` at a time, however long it runs. Every way it can fail ends here as a
+`Failure` on the returned `Outcome`: a connect failure is a 502, an upload that stalls a
+408, an answer that does not come a 504, a body over the limit a 413, an answer the
+relay cannot inspect a 502. Once the status line is out, a failure cuts the client's
+connection instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from skyproxy.http1 import ConnectTimeout, ReadTimeout, Response, UpstreamError,
 from skyproxy.proxy import links
 from skyproxy.proxy.body import Body, BodyTooLarge, too_large, upload
 from skyproxy.proxy.deadlines import Phase
+from skyproxy.proxy.decoded import Unrelayable
 from skyproxy.proxy.exchange import Call, Failure, Outcome, Route
 from skyproxy.proxy.headers import outbound_head
 from skyproxy.proxy.relay import cut, relay
@@ -46,8 +50,8 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
         request_prefix=read_body if read_body is not None else bytearray() if kind == "create" else None,
         response_prefix=bytearray() if kind is not None else None,
     )
-    key = route.key.reveal()
-    head = outbound_head(request.raw_headers, key.encode(), call.request_id, route.user_header)
+    secret = route.key.reveal().encode()
+    head = outbound_head(request.raw_headers, secret, call.request_id, route.user_header)
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = route.deadlines.arm(route.idle_timeout, Phase.UPLOAD)
@@ -65,18 +69,19 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
             request.method, route.origin, request.raw_path, head, body, length
         )
         outcome.status = upstream.status
+        deadline.enter(Phase.BODY, route.idle_timeout)
         # Links in answers on prediction paths come back through the proxy.
         rewrite = (
             (call.env.base_url, "http://" + request.host) if links.is_prediction_path(request.path) else None
         )
-        outcome.response = await relay(
-            request, upstream, call.reply, key, route.key.fingerprint, outcome, rewrite
-        )
+        outcome.response = await relay(call, upstream, route, secret, outcome, deadline, rewrite)
     except asyncio.CancelledError:
         if not deadline.fired:
             raise  # a shutdown's or a client's cancellation, not ours to turn into a 504
         deadline.absorb()
         outcome.failure = _FIRED[deadline.phase]
+    except Unrelayable as exc:
+        outcome.failure = exc.failure
     except BodyTooLarge:
         outcome.failure = too_large(route.max_body_bytes)
     except ConnectTimeout:

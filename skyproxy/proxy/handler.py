@@ -24,6 +24,7 @@ from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
+from skyproxy.proxy.scrub import mask_of
 
 log = logging.getLogger("skyproxy")
 
@@ -166,6 +167,8 @@ class ProxyHandler:
             client=self.client,
             origin=call.env.origin,
             key=call.env.key,
+            mask=mask_of(call.env.key.reveal(), call.env.key.fingerprint).encode(),
+            scan_success=server.scan_success_bodies,
             user_header=call.env.user_header_raw,
             max_body_bytes=server.max_body_bytes,
             head_timeout=server.upstream_timeout,
