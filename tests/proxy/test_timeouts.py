@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from aiohttp import web
 from helpers import env_config
@@ -104,3 +105,86 @@ async def test_an_upstream_that_stops_taking_the_body_is_504(raw_upstream, start
             assert result[0] == 504 and '"upstream_timeout"' in result[1], result
     finally:
         release.set()
+
+
+# -- the answer's body ------------------------------------------------------------------------
+
+
+def events_app(count: int, every: float, silent_after: int | None = None) -> web.Application:
+    """SSE: `count` events `every` seconds; after `silent_after` events, silence for a minute."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(count):
+            if n == silent_after:
+                await asyncio.sleep(60)
+            await response.write(f"data: {n}\n\n".encode())
+            await asyncio.sleep(every)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    return app
+
+
+async def test_a_stream_that_keeps_flowing_outlasts_upstream_timeout(raw_upstream, start_proxy, canary_env):
+    # Ten events over five seconds, against a two-second upstream_timeout.
+    upstream = await raw_upstream(events_app(10, 0.5))
+    proxy = await start_proxy(timeouts(upstream, head=2, idle=1.5))
+    async with proxy.session.post(f"{proxy.url}/v1/chat/completions", json={}, headers=USER) as r:
+        assert r.status == 200
+        body = await asyncio.wait_for(r.read(), 20)
+    assert body == b"".join(f"data: {n}\n\n".encode() for n in range(10))
+
+
+async def test_a_stream_silent_longer_than_idle_timeout_is_cut_detectably(
+    raw_upstream, start_proxy, canary_env
+):
+    upstream = await raw_upstream(events_app(5, 0.05, silent_after=2))
+    proxy = await start_proxy(timeouts(upstream, head=30, idle=0.5))
+    async with proxy.session.post(f"{proxy.url}/v1/chat/completions", json={}, headers=USER) as r:
+        assert r.status == 200
+        assert await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10) == b"data: 0\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), 10)  # well before the minute of silence ends
+
+
+async def test_a_client_that_stops_reading_is_cut_after_idle_timeout(raw_upstream, start_proxy, canary_env):
+    cut = asyncio.Event()
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        try:
+            for _ in range(10_000):  # 640 MB: far more than any buffer on the way holds
+                await response.write(b"f" * 65_536)
+        finally:
+            cut.set()  # cancelled (or a failed write): the proxy let go of the upstream
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/files/big", flood)
+    proxy = await start_proxy(timeouts(await raw_upstream(app), head=30, idle=0.5))
+    reader, writer = await open_raw(proxy.url)
+    try:
+        writer.write(http_head("GET", "/v1/files/big", [("Host", host_of(proxy.url))]))
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        # Then read nothing: the proxy's writes stop moving.
+        await asyncio.wait_for(cut.wait(), 15)
+        requests = proxy.state.metrics.requests
+        await eventually(lambda: sum(requests.values()) == 1, "the exchange counted as over")
+    finally:
+        writer.close()
+
+
+async def test_the_upstream_client_s_own_clocks_stay_behind_the_proxy_s(
+    mock_upstream, start_proxy, canary_env
+):
+    # The client's read and write timeouts are backstops: a long upstream_timeout or
+    # idle_timeout must not be cut short by them.
+    url, _ = mock_upstream
+    proxy = await start_proxy(timeouts(url, head=900, idle=600))
+    client = proxy.server._listeners.clients["dev"]
+    assert client.timeouts.read > 900 and client.timeouts.write > 600
