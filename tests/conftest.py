@@ -7,6 +7,7 @@ real HTTP server, or a raw aiohttp app for odd behaviour.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,15 @@ from helpers.raw_upstream import RawUpstream, Script
 from skyproxy import config
 from skyproxy.daemon.supervisor import Supervisor
 from skyproxy.mock.app import MOCK_STATE, MockState, create_mock_app
+
+
+@pytest.fixture(autouse=True)
+def skyproxy_logger() -> Iterator[None]:
+    """The skyproxy logger as each test found it: an in-process serve stops its propagation."""
+    logger = logging.getLogger("skyproxy")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture
