@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -60,12 +61,14 @@ async def load(url: str, requests: int, concurrency: int) -> int:
 
     left = requests
     failed = 0
+    token = os.environ.get("SKYPROXY_BENCH_TOKEN")  # set for the tokens + budgets target
+    extra = {"x-api-key": token} if token else {}
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal left, failed
         while left > 0:
             left -= 1
-            headers = {"Content-Type": "application/json", "X-User-Id": f"bench-user-{left % USERS}"}
+            headers = {"Content-Type": "application/json", "X-User-Id": f"bench-user-{left % USERS}", **extra}
             async with session.post(url, data=BODY, headers=headers) as response:
                 await response.read()
                 failed += response.status != 201

@@ -39,7 +39,7 @@ POST_LUA = BENCH_DIR / "post.lua"
 PYTHON = sys.executable
 KEY_ENV = "SKYPROXY_BENCH_KEY"
 BENCH_KEY = "sk-bench-dummy-key-0000000000000000"
-SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions")
+SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions", "redis")
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
 # The targets of the issue; every verdict line prints its threshold.
@@ -69,7 +69,7 @@ listen = ["127.0.0.1:{port}"]
 upstream = "http://127.0.0.1:{upstream_port}"
 key = "env:{key_env}"
 rate_limit = {{ per_user = "100000000/second" }}
-
+{client_auth}
 [rate_limit]
 enabled = {features}
 user_header = "X-User-Id"
@@ -85,7 +85,24 @@ per_environment = "100000000/second"
 enabled = {features}
 path = "{audit_dir}/audit.jsonl"
 max_bytes = 104857600
+{access}"""
+
+# The tokens + budgets target: every request presents a client token, and every create
+# reserves a priced estimate under a budget it never reaches.
+ACCESS_CONFIG = """
+[tokens]
+file = "{tokens_file}"
+
+[pricing]
+truefusion-pro = 0.000001
+
+[[budgets]]
+name = "bench"
+per = "user"
+usd = 1000000000
+period = "month"
 """
+TOKEN_ENV = "SKYPROXY_BENCH_TOKEN"  # the client token the load generators present
 
 
 class BenchError(RuntimeError):
@@ -405,12 +422,20 @@ def write_skyproxy_config(
     upstream_port: int,
     upstream_timeout: float = 120,
     features: bool = True,
+    access: bool = False,
+    extra: str = "",
     scan: bool = True,
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
     audit_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / "skyproxy.toml"
+    tokens_file = cfg_dir / "tokens.json"
+    if access:
+        from skyproxy.tokens import store
+
+        token = store.create(tokens_file, "bench", ["bench"], trust_user_header=True)
+        env.child_env[TOKEN_ENV] = token.reveal()
     path.write_text(
         SKYPROXY_CONFIG.format(
             port=port,
@@ -419,8 +444,11 @@ def write_skyproxy_config(
             audit_dir=audit_dir,
             upstream_timeout=f"{upstream_timeout:g}",
             features="true" if features else "false",
+            client_auth='client_auth = "required"' if access else "",
+            access=ACCESS_CONFIG.format(tokens_file=tokens_file) if access else "",
             scan="true" if scan else "false",
         )
+        + extra
     )
     return path
 
@@ -433,17 +461,22 @@ def start_skyproxy(
     features: bool = True,
     wrap: Sequence[str] = (),
     deadline_s: float = 30.0,
+    access: bool = False,
+    extra: str = "",
     scan: bool = True,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
-    and audit off, for the same-run cost of those two features; `scan=False` stops the
-    search for the key in success bodies (`scan_success_bodies`, benchmark only), for the
-    cost of that. `wrap` prefixes the command (callgrind), which then runs the console
-    script through the interpreter."""
+    and audit off, for the same-run cost of those two features; `access=True` adds
+    client tokens and a budget; `scan=False` stops the search for the key in success
+    bodies (`scan_success_bodies`, benchmark only), for the cost of that. `wrap` prefixes
+    the command (callgrind), which then runs the console script through the interpreter.
+    `extra` is appended to the config (the redis scenario's `[cluster]`)."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, scan)
+    config = write_skyproxy_config(
+        env, name, port, upstream_port, upstream_timeout, features, access, extra, scan
+    )
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
@@ -462,14 +495,12 @@ def start_nginx_proxy(env: Env, name: str, upstream_port: int) -> tuple[Proc, in
     return proc, port
 
 
-def check_prediction(url: str) -> dict[str, Any]:
+def check_prediction(url: str, token: str | None = None) -> dict[str, Any]:
     """One POST through a target: it must answer 201 with a prediction object."""
-    status, body = http(
-        "POST",
-        url + "/v1/predictions",
-        PREDICTION_BODY,
-        {"Content-Type": "application/json", "X-User-Id": "bench-check"},
-    )
+    headers = {"Content-Type": "application/json", "X-User-Id": "bench-check"}
+    if token:
+        headers["x-api-key"] = token
+    status, body = http("POST", url + "/v1/predictions", PREDICTION_BODY, headers)
     try:
         data = json.loads(body)
     except ValueError:
@@ -482,8 +513,11 @@ def check_prediction(url: str) -> dict[str, Any]:
 # --- wrk -------------------------------------------------------------------------------
 
 
-def run_wrk(env: Env, url: str, connections: int, duration: float) -> dict[str, Any]:
-    """One wrk run with post.lua; returns req/s, latency percentiles (µs) and errors."""
+def run_wrk(
+    env: Env, url: str, connections: int, duration: float, token: str | None = None
+) -> dict[str, Any]:
+    """One wrk run with post.lua; returns req/s, latency percentiles (µs) and errors.
+    With `token`, every request presents it as its client token."""
     threads = 1 if connections < 64 else max(1, min(2, env.args.wrk_threads))
     cmd = [
         *env.cpus.prefix(env.cpus.load),
@@ -500,7 +534,8 @@ def run_wrk(env: Env, url: str, connections: int, duration: float) -> dict[str, 
         str(POST_LUA),
         url + "/",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=env.child_env)
+    child_env = {**env.child_env, "BENCH_TOKEN": token} if token else env.child_env
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=child_env)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}")
@@ -524,11 +559,12 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (3 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (4 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
     targets: dict[str, tuple[Proc, int]] = {}
+    tokens: dict[str, str] = {}  # the client token each target's load presents, if any
     notes: list[str] = []
     bare_proc, bare_port = start_bare(env, "bare", up_port)
     targets["bare"] = (bare_proc, bare_port)
@@ -540,17 +576,24 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         targets["skyproxy-off"] = (off_proc, off_port)
         noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
         targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
+        access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
+        targets["skyproxy-access"] = (access_proc, access_port)
+        tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
         targets["nginx-proxy"] = start_nginx_proxy(env, "nginx-proxy", up_port)
 
-    checks = {name: check_prediction(f"http://127.0.0.1:{port}") for name, (_, port) in targets.items()}
+    checks = {
+        name: check_prediction(f"http://127.0.0.1:{port}", tokens.get(name))
+        for name, (_, port) in targets.items()
+    }
     rss_before = {name: tree_kb(p.pid) for name, (p, _) in targets.items()}
     warmup_requests: dict[str, int] = {}
     for name, (_, port) in targets.items():
         log(f"warm-up {name} ({args.warmup:g}s)")
-        warmup_requests[name] = run_wrk(env, f"http://127.0.0.1:{port}", 64, args.warmup)["requests"]
+        warmup = run_wrk(env, f"http://127.0.0.1:{port}", 64, args.warmup, tokens.get(name))
+        warmup_requests[name] = warmup["requests"]
 
     names = list(targets)
     rounds: list[dict[str, Any]] = []
@@ -561,9 +604,9 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             url = f"http://127.0.0.1:{targets[name][1]}"
             pid = targets[name][0].pid
             cpu0 = cpu_seconds(pid)
-            high = run_wrk(env, url, 64, args.duration)
+            high = run_wrk(env, url, 64, args.duration, tokens.get(name))
             cpu1 = cpu_seconds(pid)
-            low = run_wrk(env, url, 1, args.duration)
+            low = run_wrk(env, url, 1, args.duration, tokens.get(name))
             # CPU the proxy spent per request at 64 conns: less sensitive to noisy neighbours
             # than req/s (it does not count time the proxy waited for its core).
             high["proxy_cpu_seconds"] = round(cpu1 - cpu0, 3)
@@ -638,6 +681,21 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
                     summary[other]["cpu_us_per_request_c64"]["median"],
                 ),
             }
+
+    if "skyproxy" in targets and "skyproxy-access" in targets:
+        # What client tokens plus a budget cost, against the same proxy with neither, same run.
+        ratios["access-vs-skyproxy"] = {
+            "throughput": ratio(
+                summary["skyproxy-access"]["rps_c64"]["median"], summary["skyproxy"]["rps_c64"]["median"]
+            ),
+            "throughput_per_round": spread(
+                [rd["skyproxy-access"]["c64"]["rps"] / rd["skyproxy"]["c64"]["rps"] for rd in rounds]
+            ),
+            "cpu_per_request": ratio(
+                summary["skyproxy-access"]["cpu_us_per_request_c64"]["median"],
+                summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
+            ),
+        }
 
     extra: dict[str, Any] = {}
     if "skyproxy" in targets:
@@ -947,7 +1005,7 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-fast")
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
     counts: dict[str, float] = {}
-    for name in ("bare", "skyproxy", "skyproxy-off", "skyproxy-noscan"):
+    for name in ("bare", "skyproxy", "skyproxy-access", "skyproxy-off", "skyproxy-noscan"):
         if name != "bare" and not env.skyproxy:
             continue
         env.check_time(f"instructions {name}", 120)
@@ -957,9 +1015,15 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
             proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
         else:
             features = name != "skyproxy-off"
-            scan = name != "skyproxy-noscan"
             proc, port, _ = start_skyproxy(
-                env, name, upstream_port, features=features, wrap=wrap, deadline_s=120.0, scan=scan
+                env,
+                name,
+                upstream_port,
+                features=features,
+                wrap=wrap,
+                deadline_s=120.0,
+                access=name == "skyproxy-access",
+                scan=name != "skyproxy-noscan",
             )
         url = f"http://127.0.0.1:{port}/v1/predictions"
         _instruction_load(env, url, max(requests // 5, 100), concurrency)  # warm up, not counted
@@ -972,12 +1036,16 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
             counts[name] = instructions.dumped_total(out_file) / requests
         except RuntimeError as exc:
             raise BenchError(str(exc)) from exc
+        env.child_env.pop(TOKEN_ENV, None)
         log(f"instructions {name}: {counts[name] / 1000:,.0f}k per request")
     out["per_request"] = {name: round(count) for name, count in counts.items()}
     if "bare" in counts:
         out["ratios"] = {
             name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
         }
+    if "skyproxy" in counts and "skyproxy-access" in counts:
+        # Tokens and budgets against neither, in the same run.
+        out["access_cost"] = round(counts["skyproxy-access"] / counts["skyproxy"], 3)
     if "skyproxy" in counts and "skyproxy-noscan" in counts:
         out["scan_ratio"] = round(counts["skyproxy"] / counts["skyproxy-noscan"], 4)
     return out
@@ -1019,6 +1087,12 @@ def time_command(cmd: list[str], runs: int, env: dict[str, str]) -> dict[str, An
         "ms": spread(times),
         "runs_ms": [round(t, 1) for t in times],
     }
+
+
+def _scenario_redis(env: Env) -> dict[str, Any]:
+    from bench.cluster import scenario_redis  # it imports this module's helpers
+
+    return scenario_redis(env)
 
 
 def scenario_coldstart(env: Env) -> dict[str, Any]:
@@ -1292,6 +1366,13 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                     f"CPU per request {r['cpu_per_request']:.3f}x"
                 )
                 continue
+            if name == "access-vs-skyproxy":
+                p(
+                    f"tokens+budgets / neither (same run): throughput {r['throughput']:.2f}x "
+                    f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
+                    f"CPU per request {r['cpu_per_request']:.2f}x"
+                )
+                continue
             p(
                 f"{name} / bare (same run): throughput {r['throughput']:.2f}x "
                 f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
@@ -1347,8 +1428,13 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                 for name, count in counts.items()
             )
         )
+        if "access_cost" in ins:
+            p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per request")
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
+    from bench import cluster
+
+    cluster.print_report(results)
     p("\ntargets")
     for v in vs:
         line = f"  {v.status:<5} {v.name:<40} {v.value:<34} target {v.target}"
@@ -1509,6 +1595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": scenario_audit,
         "coldstart": scenario_coldstart,
         "instructions": scenario_instructions,
+        "redis": _scenario_redis,
     }
     interrupted = False
     try:
@@ -1539,7 +1626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["interrupted"] = interrupted
     results["seconds"] = round(time.monotonic() - started, 1)
     results["host"]["loadavg_end"] = os.getloadavg()
-    vs = verdicts(results)
+    from bench import cluster
+
+    vs = verdicts(results) + cluster.verdicts(results)
     results["verdicts"] = [vars(v) for v in vs]
     path: Path | None = None
     if not args.no_save:

@@ -69,3 +69,22 @@ async def test_the_readmes_sdk_example_runs_through_the_proxy(mock_upstream, sta
     keys = [{k.lower(): v for k, v in seen.headers.items()}.get("x-api-key") for seen in creates]
     assert keys == [CANARY] * len(creates), "the environment's key, never the app's placeholder"
     assert_no_canary(ran.stdout, ran.stderr)
+
+
+def test_the_init_commands_use_only_flags_init_has() -> None:
+    """Every `skyproxy init` line in the README runs as written: no flag init does not know."""
+    text = section("Now with your real key")
+    lines = [line for line in re.findall(r"```sh\n(.*?)```", text, re.S)[0].splitlines() if " init" in line]
+    assert lines, "the section shows the init command"
+    usage = subprocess.run(
+        [str(Path(sys.executable).parent / "skyproxy"), "init", "-h"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for line in lines:
+        command = line.split("#", 1)[0].split("<", 1)[0]
+        for flag in re.findall(r"(?<!\S)(--?[a-z][a-z-]*)", command):
+            assert flag in usage, f"the README's {line.strip()!r} uses {flag}, which init does not take"
+    for flag in ("--environments", "--upstream", "--key-source", "--keys-dir", "--port", "--systemd-user"):
+        assert flag in text and flag in usage

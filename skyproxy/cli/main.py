@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from skyproxy import __version__
+from skyproxy.cli import budget, token
 from skyproxy.cli.audit import cmd_audit_summary
 from skyproxy.cli.common import EXIT_CONFIG, EXIT_KEY
 from skyproxy.cli.init import add_arguments as add_init_arguments
@@ -123,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("user", "model", "environment", "status"), default="user")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit_summary)
+    token.register(sub)
+    budget.register(sub)
 
     hooks = sub.add_parser("webhooks", help="relayed webhooks and the relay's secret").add_subparsers(
         metavar="ACTION"

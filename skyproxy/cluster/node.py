@@ -15,6 +15,7 @@ from skyproxy.cluster.budgets import RedisBudgets
 from skyproxy.cluster.connection import RedisConnection
 from skyproxy.cluster.inflight import RedisInFlight
 from skyproxy.cluster.rates import RedisRates
+from skyproxy.cluster.terminals import RedisTerminals
 from skyproxy.cluster.url import RedisURL, resolve_url
 from skyproxy.cluster.webhooks import RedisWebhooks
 from skyproxy.config import ClusterSettings
@@ -23,7 +24,7 @@ __all__ = ["ClusterNode"]
 
 
 class ClusterNode:
-    """The shared rates, in-flight caps, budgets and webhook claims of one replica."""
+    """The shared rates, in-flight caps, budgets, webhook claims and terminal lines of one replica."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class ClusterNode:
         self.inflight = RedisInFlight(self.connection, lease_s=inflight_lease_s)
         self.budgets = RedisBudgets(self.connection, lease_s=budget_lease_s)
         self.webhooks = RedisWebhooks(self.connection, claim_lease_s=claim_lease_s)
+        self.terminals = RedisTerminals(self.connection)
 
     @classmethod
     def from_settings(cls, settings: ClusterSettings, environ: Mapping[str, str] = os.environ) -> ClusterNode:

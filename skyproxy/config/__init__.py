@@ -10,6 +10,7 @@ from skyproxy.config.settings import (
     DEFAULT_UPSTREAM,
     LOOPBACK_NAMES,
     AuditSettings,
+    Budget,
     ClusterSettings,
     EnvironmentSettings,
     IPNetwork,
@@ -23,6 +24,7 @@ from skyproxy.config.settings import (
     ServerSettings,
     Settings,
     TargetPattern,
+    TokensSettings,
     WebhookSettings,
 )
 
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_UPSTREAM",
     "LOOPBACK_NAMES",
     "AuditSettings",
+    "Budget",
     "ClusterSettings",
     "EnvironmentSettings",
     "IPNetwork",
@@ -43,6 +46,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TargetPattern",
+    "TokensSettings",
     "WebhookSettings",
     "find_config",
     "load",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from skyproxy.audit.writer import AuditWriter
 from skyproxy.config import ClusterSettings, Settings
-from skyproxy.daemon import fds, housekeeping
+from skyproxy.daemon import access, fds, housekeeping
 from skyproxy.daemon.connections import ConnectionLimits
 from skyproxy.daemon.gc import tune_gc
 from skyproxy.daemon.listeners import Listeners
@@ -69,19 +69,24 @@ class Supervisor:
         keys, errors = await asyncio.to_thread(resolve_keys, settings)
         if errors:
             raise StartupError("\n".join(str(e) for e in errors.values()))
+        try:
+            tokens, budgets = await asyncio.to_thread(access.prepare, settings)
+        except access.AccessStartError as exc:
+            raise StartupError(str(exc)) from None
         cluster = self.cluster = await _start_cluster(settings.cluster)
         audit = self._audit = AuditWriter(settings.audit)
         audit.start()
         metrics = Metrics()
         metrics.watch_audit(lambda: audit.depth, lambda: audit.write_failures, lambda: audit.dropped)
         metrics.watch_upstream(lambda: self._listeners.clients)
+        metrics.watch_budgets(lambda: budgets.warnings)
         if cluster is not None:
             metrics.watch_cluster(lambda: cluster.connection.errors_total, lambda: cluster.degraded)
         try:
             base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
             shared = cluster.rates if cluster is not None else None
             runtime = build_runtime(settings, keys, base_urls, generation=1, shared=shared)
-            state = self.state = State(runtime, audit, metrics)
+            state = self.state = State(runtime, audit, metrics, tokens, budgets)
             state.cluster = cluster
             state.reload = self.reload
             await housekeeping.record_key_ages(state, runtime)
@@ -124,6 +129,7 @@ class Supervisor:
     def _start_chores(self, state: State) -> None:
         self._tasks.append(asyncio.create_task(housekeeping.sweep_limits(state)))
         self._tasks.append(asyncio.create_task(fds.watch()))
+        self._tasks.append(asyncio.create_task(access.watch_tokens(state.tokens, self._stop)))
         if state.runtime.settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()
@@ -187,6 +193,7 @@ class Supervisor:
         shared = self.cluster.rates if self.cluster is not None else None
         runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous, shared)
         state.audit.reconfigure(settings.audit)
+        access.reconfigure(state.tokens, state.budgets, settings)
         state.runtime = runtime  # the swap: new requests see the new generation
         state.last_reload_error = None  # in the same step, so status never mixes the two
         if self.webhooks is not None:
@@ -281,6 +288,7 @@ class Supervisor:
         await self._mocks.close()
         if self.state is not None:
             await self.state.deadlines.close()
+            await access.close(self.state.tokens)
         if self._audit is not None:
             lost = await asyncio.to_thread(self._audit.close, max(timeout, 10.0))
             self._audit = None

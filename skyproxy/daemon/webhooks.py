@@ -9,6 +9,7 @@ relay finishes its attempts in flight within the timeout; the store closes last.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from skyproxy.audit.record import AuditRecord
 from skyproxy.config import Settings, WebhookSettings
 from skyproxy.daemon.connections import ConnectionLimits, GuardedServer
 from skyproxy.keys.secret import Secret
+from skyproxy.proxy.record import once_across_replicas
 from skyproxy.proxy.runtime import State
 from skyproxy.webhooks import secrets
 from skyproxy.webhooks.receiver import Arrival, Receiver, ReceiverConfig
@@ -52,6 +54,7 @@ class WebhookService:
         self._relay: Relay | None = None
         self._runner: web.ServerRunner | None = None
         self._sites: list[web.TCPSite] = []
+        self._claims: set[asyncio.Future[None]] = set()  # terminal lines waiting on the shared claim
 
     async def start(
         self, settings: Settings, keys: Mapping[str, Secret], limits: ConnectionLimits
@@ -140,7 +143,10 @@ class WebhookService:
     def _stored(self, arrival: Arrival) -> None:
         if self._relay is not None:
             self._relay.wake()
-        _audit_terminal(self.state, arrival)
+        task = _audit_terminal(self.state, arrival)
+        if task is not None:
+            self._claims.add(task)
+            task.add_done_callback(self._claims.discard)
 
     async def stop_accepting(self) -> None:
         self.state.webhooks = None
@@ -150,6 +156,9 @@ class WebhookService:
     async def close(self, timeout: float) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._claims:
+            # Each is bounded by [cluster] timeout_ms; its line goes in before the audit flush.
+            await asyncio.gather(*self._claims, return_exceptions=True)
         if self._relay is not None:
             await self._relay.stop(timeout)
         if self._shared is not None:
@@ -159,13 +168,14 @@ class WebhookService:
         self._db = None
 
 
-def _audit_terminal(state: State, arrival: Arrival) -> None:
-    """The prediction's terminal audit line, unless a poll (or an earlier event) wrote it."""
+def _audit_terminal(state: State, arrival: Arrival) -> asyncio.Future[None] | None:
+    """The prediction's terminal audit line, unless a poll (or an earlier event) wrote it;
+    under [cluster], the shared claim to await first."""
     prediction = arrival.body.prediction
     terminal = events.status_of(prediction)
     pid = arrival.body.prediction_id
     if terminal is None or pid is None or not state.tracker.first_terminal(pid):
-        return
+        return None
     runtime = state.runtime
     env = runtime.environments.get(arrival.environment)
     model = events.model_of(prediction) or state.tracker.origin(pid)[0]
@@ -187,6 +197,11 @@ def _audit_terminal(state: State, arrival: Arrival) -> None:
         method="POST",
         path=f"/hooks/{arrival.environment}",  # the route id stays out: it is a capability
     )
-    state.metrics.prediction(arrival.environment, terminal)
+    claim = once_across_replicas(state, pid, functools.partial(_submit, state, record))
+    return None if claim is None else asyncio.ensure_future(claim)
+
+
+def _submit(state: State, record: AuditRecord) -> None:
+    state.metrics.prediction(record.environment, record.status)
     if not state.audit.submit(record):
-        log.error("audit queue full: a %s line for %s was dropped", terminal, pid)
+        log.error("audit queue full: a %s line for %s was dropped", record.status, record.predictionId)

@@ -58,6 +58,10 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
 
+    async def budgets(request: web.BaseRequest) -> web.Response:
+        # Live spend and reservations: what `skyproxy budget show` prints while the daemon runs.
+        return web.json_response({"budgets": state.budgets.snapshot()}, dumps=_dumps)
+
     async def reload(request: web.BaseRequest) -> web.Response:
         if state.reload is None:
             return error_response(503, "reload_unavailable", "Reload is not available.", "-")
@@ -80,6 +84,7 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         "/-/status": path(GET=status, HEAD=status),
         "/-/metrics": path(GET=metrics, HEAD=metrics),
         "/-/reload": path(POST=reload),
+        "/-/budgets": path(GET=budgets, HEAD=budgets),
     }
 
 
@@ -116,6 +121,11 @@ def status_document(state: State) -> dict[str, object]:
             "last_reload_error": state.last_reload_error,
         },
         "environments": environments,
+        "tokens": {
+            "file": str(state.tokens.path),
+            "count": len(state.tokens),
+            "problem": state.tokens.problem,
+        },
         "audit": {
             "path": str(runtime.settings.audit.path),
             "queue_depth": state.audit.depth,

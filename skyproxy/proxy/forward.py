@@ -71,8 +71,11 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
         outcome.status = upstream.status
         deadline.enter(Phase.BODY, route.idle_timeout)
         # Links in answers on prediction paths come back through the proxy.
+        path = request.path
         rewrite = (
-            (call.env.base_url, "http://" + request.host) if links.is_prediction_path(request.path) else None
+            (call.env.base_url, "http://" + request.host)
+            if path.startswith(links.PREDICTIONS) or path == links.PREDICT
+            else None
         )
         outcome.response = await relay(call, upstream, route, secret, outcome, deadline, rewrite)
     except asyncio.CancelledError:

@@ -62,9 +62,11 @@ class RawHeadResponse(web.StreamResponse):
         own = self.headers
         own.popall(hdrs.CONTENT_TYPE, None)
         lowered = self._raw_lines.lower()
-        if lowered.startswith(b"date:") or b"\r\ndate:" in lowered:
+        # find(), not `in`: `in` on bytes tries the operand as an int first, and formats
+        # (then drops) a TypeError on every answer.
+        if lowered.startswith(b"date:") or lowered.find(b"\r\ndate:") >= 0:
             own.popall(hdrs.DATE, None)
-        if lowered.startswith(b"server:") or b"\r\nserver:" in lowered:
+        if lowered.startswith(b"server:") or lowered.find(b"\r\nserver:") >= 0:
             own.popall(hdrs.SERVER, None)
         version = request.version
         await writer.write_headers(f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}", own)

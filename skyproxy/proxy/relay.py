@@ -89,7 +89,10 @@ def _bodiless(request: web.BaseRequest, status: int) -> bool:
 
 
 def _masked(body: bytes, key: bytes, mask: bytes) -> bytes:
-    return body.replace(key, mask) if key in body else body
+    # replace(), not `key in body` first: `in` on bytes tries the key as an int before
+    # searching, and formats (then drops) a TypeError every time; a replace() that finds
+    # nothing returns the body itself, uncopied.
+    return body.replace(key, mask)
 
 
 def _response(
@@ -111,15 +114,13 @@ def _response(
         # (say `Access-Control-Allow-Origin: *`) would contradict or widen that.
         if lower in _NOT_RELAYED or lower.startswith(b"access-control-"):
             continue
-        if (decoded and lower == b"content-encoding") or key in name:
+        if (decoded and lower == b"content-encoding") or name.find(key) >= 0:
             continue  # a name cannot be masked into anything the client could use
         if rewrite is not None and lower == b"location":
             value = links.rewrite_location(value.decode("latin-1"), *rewrite).encode("latin-1")
-        lines += b"%s: %s\r\n" % (name, value.replace(key, mask) if key in value else value)
+        lines += b"%s: %s\r\n" % (name, value.replace(key, mask))  # replace(): see _masked
         count += 1
-    reason = upstream.reason
-    if key in reason:
-        reason = reason.replace(key, mask)
+    reason = upstream.reason.replace(key, mask)
     try:
         return RawHeadResponse(upstream.status, reason, lines, count, at_once=at_once)
     except UnsafeHead as exc:
@@ -135,12 +136,12 @@ async def _send(
         outcome.response_prefix = body
     # Sent here, not by aiohttp after the handler returns: the client must not wait
     # for the audit and metrics work that follows the exchange.
-    await response.prepare(request)
-    outcome.sent = True
     try:
+        await response.prepare(request)  # raises too when the client left while we waited
+        outcome.sent = True
         await response.write_eof(body)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True
+        outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
     return response
 
 
@@ -153,7 +154,11 @@ async def _relay_stream(
     deadline: Deadline,
     idle: float,
 ) -> web.StreamResponse:
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True
+        return response
     outcome.sent = True
     prefix = outcome.response_prefix
     limit = EVENT_STREAM_CAPTURE if upstream.content_type == "text/event-stream" else CAPTURE_LIMIT
@@ -197,7 +202,11 @@ async def _relay_decoding(
             first = await anext(pieces, b"")
         except Undecodable:
             raise Unrelayable(UNDECODABLE) from None
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.broken = True
+            return response
         outcome.sent = True
         try:
             out = scrubber.feed(first)

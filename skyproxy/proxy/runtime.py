@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
+from skyproxy.budgets.enforce import Budgets
 from skyproxy.config import EnvironmentSettings, Settings
 from skyproxy.errors import KeySourceError
 from skyproxy.http1.client import Origin
@@ -23,8 +24,10 @@ from skyproxy.keys.sources import resolve
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
+from skyproxy.proxy.inflight import InFlight
 from skyproxy.proxy.limits import Limits
 from skyproxy.proxy.shared_limits import SharedLimits
+from skyproxy.tokens.registry import Tokens
 from skyproxy.webhooks.routes import RouteBook
 
 if TYPE_CHECKING:  # redis is loaded only when [cluster] is configured
@@ -51,6 +54,7 @@ class Runtime:
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
     limits: Limits | SharedLimits
+    inflight: InFlight
 
 
 def resolve_keys(
@@ -100,6 +104,7 @@ def build_runtime(
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
         limits=_limits(settings, previous, shared),
+        inflight=InFlight(settings.environments, previous.inflight if previous else None),
     )
 
 
@@ -115,7 +120,14 @@ def _limits(
 class State:
     """The process's shared services and the current generation, handed to every handler."""
 
-    def __init__(self, runtime: Runtime, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        audit: AuditWriter,
+        metrics: Metrics,
+        tokens: Tokens | None = None,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.runtime = runtime
         self.audit = audit
         self.metrics = metrics
@@ -126,6 +138,9 @@ class State:
         self.requests: dict[str, int] = {}
         self.key_ages: dict[str, int | None] = {}
         self.reload: Callable[[], Awaitable[str | None]] | None = None
+        # Process-wide, not per generation: a revoke or a dollar spent outlives a reload.
+        self.tokens = tokens if tokens is not None else Tokens(runtime.settings.tokens_file)
+        self.budgets = budgets if budgets is not None else Budgets(runtime.settings.budgets)
         self.webhooks: RouteBook | None = None  # set while [webhooks] is on
         self.cluster: ClusterNode | None = None  # set while [cluster] is on
 

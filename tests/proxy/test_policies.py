@@ -208,8 +208,9 @@ async def test_created_then_one_terminal_line_per_prediction(mock_upstream, star
     assert list(first) == [
         "timestamp", "event", "environment", "userId", "predictionId", "model", "status",
         "httpStatus", "latencyMs", "costUsd", "ipAddress", "requestId", "keyFingerprint",
-        "method", "path",
+        "method", "path", "client",
     ]  # fmt: skip
+    assert first["client"] is None  # no client token presented
     assert first["event"] == "prediction" and first["environment"] == "dev"
     assert first["predictionId"] == last["predictionId"] == prediction_id
     assert first["userId"] == last["userId"] == "alice"
