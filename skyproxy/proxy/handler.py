@@ -252,6 +252,7 @@ class ProxyHandler:
             max_body_bytes=server.max_body_bytes,
             head_timeout=server.upstream_timeout,
             idle_timeout=server.idle_timeout,
+            shortest=min(server.upstream_timeout, server.idle_timeout),
             deadlines=self.state.deadlines,
         )
         self._routed = call.env
