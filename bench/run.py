@@ -468,9 +468,9 @@ def start_skyproxy(
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
     and audit off, for the same-run cost of those two features; `access=True` adds
     client tokens and a budget; `scan=False` stops the search for the key in success
-    bodies (`scan_success_bodies`, benchmark only). `wrap` prefixes the command
-    (callgrind), which then runs the console script through the interpreter. `extra` is
-    appended to the config (the redis scenario's `[cluster]`)."""
+    bodies (`scan_success_bodies`, benchmark only), for the cost of that. `wrap` prefixes
+    the command (callgrind), which then runs the console script through the interpreter.
+    `extra` is appended to the config (the redis scenario's `[cluster]`)."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
@@ -559,7 +559,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (3 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (4 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
@@ -574,11 +574,11 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         targets["skyproxy"] = (sky_proc, sky_port)
         off_proc, off_port, _ = start_skyproxy(env, "skyproxy-off", up_port, features=False)
         targets["skyproxy-off"] = (off_proc, off_port)
+        noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
+        targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
         access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
         targets["skyproxy-access"] = (access_proc, access_port)
         tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
-        noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
-        targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):

@@ -3,7 +3,9 @@
 An exchange's deadline is moved on as it makes progress: to `upstream_timeout` from the
 moment it waits for the answer's head, then to `idle_timeout` from each piece of a body
 that moves. Moving it later is one store (`at`): the sweeper finds the new time when the
-old one comes round and files the deadline again; moving it earlier files it at once.
+old one comes round and files the deadline again. An exchange files its deadline once,
+at the earliest any of its phases could end (`shortest`), so moving it earlier than
+filed, which files it anew, is the exception.
 One periodic task rather than a timer per request keeps the hot path cheap; the price
 is that a deadline may be late by up to `RESOLUTION`. An expired exchange's task is
 cancelled while it is suspended inside the exchange, and the exchange, seeing its
@@ -33,7 +35,7 @@ class Phase(Enum):
 
 
 class Deadline:
-    __slots__ = ("at", "clock", "done", "entry", "fired", "owner", "phase", "task")
+    __slots__ = ("at", "clock", "done", "entry", "filed", "fired", "owner", "phase", "task")
 
     def __init__(
         self, owner: Deadlines, task: asyncio.Task[object], clock: Callable[[], float], phase: Phase
@@ -43,6 +45,7 @@ class Deadline:
         self.clock = clock
         self.phase = phase
         self.at = 0.0
+        self.filed = 0.0  # when the sweeper looks at it next
         self.entry = 0  # the heap entry the sweeper honours; older ones are dropped
         self.done = False
         self.fired = False
@@ -55,11 +58,9 @@ class Deadline:
     def enter(self, phase: Phase, seconds: float) -> None:
         """The exchange waits for something else now, for up to `seconds` from now."""
         self.phase = phase
-        at = self.clock() + seconds
-        earlier = at < self.at
-        self.at = at
-        if earlier:
-            self.owner.file(self)
+        at = self.at = self.clock() + seconds
+        if at < self.filed:
+            self.owner.file(self, at)
 
     def finish(self) -> None:
         self.done = True
@@ -78,22 +79,25 @@ class Deadlines:
         self._sweeper: asyncio.Task[None] | None = None
         self._compact_at = COMPACT_MIN
 
-    def arm(self, seconds: float, phase: Phase = Phase.HEAD) -> Deadline:
-        """A deadline `seconds` from now for the current task."""
+    def arm(self, seconds: float, phase: Phase = Phase.HEAD, shortest: float | None = None) -> Deadline:
+        """A deadline `seconds` from now for the current task, filed to be looked at
+        `shortest` from now: the shortest time any phase it will enter may be given."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         clock = loop.time
         deadline = Deadline(self, task, clock, phase)
-        deadline.at = clock() + seconds
-        self.file(deadline)
+        now = clock()
+        deadline.at = now + seconds
+        self.file(deadline, now + (seconds if shortest is None else min(shortest, seconds)))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = loop.create_task(self._sweep())
         return deadline
 
-    def file(self, deadline: Deadline) -> None:
+    def file(self, deadline: Deadline, at: float) -> None:
+        deadline.filed = at
         entry = deadline.entry = next(self._order)
-        heapq.heappush(self._heap, (deadline.at, entry, deadline))
+        heapq.heappush(self._heap, (at, entry, deadline))
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -106,7 +110,7 @@ class Deadlines:
                 if deadline.done or deadline.fired or entry != deadline.entry:
                     continue
                 if deadline.at > now:  # moved on since it was filed
-                    self.file(deadline)
+                    self.file(deadline, deadline.at)
                     continue
                 deadline.fired = True
                 deadline.task.cancel()

@@ -40,6 +40,7 @@ class Route:
     max_body_bytes: int
     head_timeout: float  # seconds from the request's end until the answer's head arrives
     idle_timeout: float  # seconds a body may stay silent, either way, once it flows
+    shortest: float  # the shorter of the two: no phase of an exchange can end sooner
     deadlines: Deadlines
 
 

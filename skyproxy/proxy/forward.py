@@ -54,7 +54,7 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
     head = outbound_head(request.raw_headers, secret, call.request_id, route.user_header)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deadline = route.deadlines.arm(route.idle_timeout, Phase.UPLOAD)
+    deadline = route.deadlines.arm(route.idle_timeout, Phase.UPLOAD, route.shortest)
     upstream: Response | None = None
     try:
         if read_body is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -29,6 +31,7 @@ from skyproxy.proxy.runtime import EnvRuntime, State
 from skyproxy.proxy.scrub import mask_of
 
 log = logging.getLogger("skyproxy")
+_T = TypeVar("_T")
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
@@ -101,14 +104,9 @@ class ProxyHandler:
             book = self.state.webhooks
             if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
                 limit = runtime.settings.server.max_body_bytes
-                try:
-                    # Read whole before the exchange, so its deadline is not yet there to bound it.
-                    prepared = await asyncio.wait_for(
-                        creates.prepare(request, book, env.name, call.user, request_id, limit, reply, read),
-                        route.idle_timeout,
-                    )
-                except asyncio.TimeoutError:
-                    prepared = _failed(call, BODY_TIMED_OUT)
+                prepared = await _before_exchange(
+                    call, creates.prepare(request, book, env.name, call.user, request_id, limit, reply, read)
+                )
                 if isinstance(prepared, web.Response):
                     return self._count(prepared, path)
                 read = prepared
@@ -218,7 +216,10 @@ class ProxyHandler:
         pricing = call.runtime.settings.pricing
         estimate = 0.0
         if pricing:  # without prices every estimate is 0: no need to look at the body
-            call.body = await body.read_whole(request)
+            read = await _before_exchange(call, body.read_whole(request))
+            if isinstance(read, web.Response):
+                return read
+            call.body = read
             plain = "Content-Encoding" not in request.headers
             if call.body is not None:
                 call.model = events.model_of(events.parse_json(call.body, None))
@@ -251,6 +252,7 @@ class ProxyHandler:
             max_body_bytes=server.max_body_bytes,
             head_timeout=server.upstream_timeout,
             idle_timeout=server.idle_timeout,
+            shortest=min(server.upstream_timeout, server.idle_timeout),
             deadlines=self.state.deadlines,
         )
         self._routed = call.env
@@ -265,6 +267,18 @@ class ProxyHandler:
     def _count(self, response: web.StreamResponse, path: str) -> web.StreamResponse:
         self.state.count(self.environment, route_of(path), response.status)
         return response
+
+
+async def _before_exchange(call: Call, reading: Coroutine[Any, Any, _T]) -> _T | web.Response:
+    """`reading`, which reads the client's body before the exchange and its deadline: at
+    once when the whole body is in already (the usual small one, sent with its head), else
+    within one idle_timeout, or 408."""
+    if call.request.content.is_eof():
+        return await reading
+    try:
+        return await asyncio.wait_for(reading, call.runtime.settings.server.idle_timeout)
+    except asyncio.TimeoutError:
+        return _failed(call, BODY_TIMED_OUT)
 
 
 def _failed(call: Call, failure: Failure) -> web.Response:

@@ -54,42 +54,68 @@ async def relay(
     """Relays the answer; raises Unrelayable, before anything is sent, for one that cannot be."""
     request = call.request
     status = upstream.status
+    bodiless = status in _BODILESS or request.method == "HEAD"
     # scan_success_bodies = false (benchmark only) leaves success bodies as they come.
     scan = status >= 400 or route.scan_success
-    names: tuple[str, ...] | None = ()
-    if scan and upstream.content_encoding is not None and not _bodiless(request, status):
-        names = codings.parse(upstream.content_encoding)
+    coding = upstream.content_encoding
+    if coding is not None and scan and not bodiless:
+        names = codings.parse(coding)
         if names is None:
             raise Unrelayable(UNDECODABLE)
-    if names:
-        outcome.content_encoding = None  # what the audit reads is decoded
-        response = _response(upstream, key, route.mask, decoded=True, at_once=False, rewrite=rewrite)
-        response.headers.extend(call.reply)
-        if status >= 400:
-            body = await decoded.whole(upstream, names, deadline, route.idle_timeout)
-            return await _send(request, response, _masked(body, key, route.mask), outcome)
-        return await _relay_decoding(request, upstream, response, names, key, route, outcome, deadline)
-    outcome.content_encoding = upstream.content_encoding
+        if names:
+            return await _relay_decoded(call, upstream, route, key, names, outcome, deadline, rewrite)
+    outcome.content_encoding = coding
     length = upstream.content_length
-    small = length is not None and length <= SMALL_BODY and not _bodiless(request, status)
-    response = _response(upstream, key, route.mask, decoded=False, at_once=not small, rewrite=rewrite)
-    response.headers.extend(call.reply)
-    if small:
+    mask = route.mask
+    if length is not None and length <= SMALL_BODY and not bodiless:
+        response = _response(upstream, key, mask, decoded=False, at_once=False, rewrite=rewrite)
+        response.headers.extend(call.reply)
         body = await upstream.read()
         if rewrite is not None and status < 300:
             body = links.rewrite_body(body, *rewrite)
-        return await _send(request, response, _masked(body, key, route.mask) if scan else body, outcome)
+        if scan:
+            # replace(), not `key in body` first: `in` on bytes tries the key as an int
+            # before it searches, and formats (then drops) a TypeError every time; a
+            # replace() that finds nothing returns the body itself, uncopied.
+            body = body.replace(key, mask)
+        # Inline, not _send(): a coroutine less on the path most answers take.
+        response.content_length = len(body)
+        if outcome.response_prefix is not None:
+            outcome.response_prefix = body
+        # Sent here, not by aiohttp after the handler returns: the client must not wait
+        # for the audit and metrics work that follows the exchange.
+        try:
+            await response.prepare(request)  # raises too when the client left while we waited
+            outcome.sent = True
+            await response.write_eof(body)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
+        return response
+    response = _response(upstream, key, mask, decoded=False, at_once=True, rewrite=rewrite)
+    response.headers.extend(call.reply)
     response.content_length = length  # a HEAD's too: it says what a GET would get
-    scrubber = Scrubber(key, route.mask) if scan else None
+    scrubber = Scrubber(key, mask) if scan else None
     return await _relay_stream(request, upstream, response, scrubber, outcome, deadline, route.idle_timeout)
 
 
-def _bodiless(request: web.BaseRequest, status: int) -> bool:
-    return status in _BODILESS or request.method == "HEAD"
-
-
-def _masked(body: bytes, key: bytes, mask: bytes) -> bytes:
-    return body.replace(key, mask)  # the same object back when the key is absent
+async def _relay_decoded(
+    call: Call,
+    upstream: Response,
+    route: Route,
+    key: bytes,
+    names: Sequence[str],
+    outcome: Outcome,
+    deadline: Deadline,
+    rewrite: tuple[str, str] | None,
+) -> web.StreamResponse:
+    """A coded answer, relayed decoded: an error one whole, a success one as it streams."""
+    outcome.content_encoding = None  # what the audit reads is decoded
+    response = _response(upstream, key, route.mask, decoded=True, at_once=False, rewrite=rewrite)
+    response.headers.extend(call.reply)
+    if upstream.status >= 400:
+        body = await decoded.whole(upstream, names, deadline, route.idle_timeout)
+        return await _send(call.request, response, body.replace(key, route.mask), outcome)
+    return await _relay_decoding(call.request, upstream, response, names, key, route, outcome, deadline)
 
 
 def _response(
@@ -115,9 +141,7 @@ def _response(
             continue  # a name cannot be masked into anything the client could use
         if rewrite is not None and lower == b"location":
             value = links.rewrite_location(value.decode("latin-1"), *rewrite).encode("latin-1")
-        # replace(), not `key in value` first: `in` on bytes tries the key as an int
-        # before searching, and formats (then drops) a TypeError every time.
-        lines += b"%s: %s\r\n" % (name, value.replace(key, mask))
+        lines += b"%s: %s\r\n" % (name, value.replace(key, mask))  # replace(): see relay()
         count += 1
     reason = upstream.reason.replace(key, mask)
     try:
@@ -129,18 +153,16 @@ def _response(
 async def _send(
     request: web.BaseRequest, response: web.StreamResponse, body: bytes, outcome: Outcome
 ) -> web.StreamResponse:
-    """A whole body in one write, with its length."""
+    """A whole body in one write, with its length (relay() does the same inline)."""
     response.content_length = len(body)
     if outcome.response_prefix is not None:
         outcome.response_prefix = body
-    # Sent here, not by aiohttp after the handler returns: the client must not wait
-    # for the audit and metrics work that follows the exchange.
     try:
-        await response.prepare(request)  # raises too when the client left while we waited
+        await response.prepare(request)
         outcome.sent = True
         await response.write_eof(body)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
+        outcome.broken = True
     return response
 
 
@@ -156,7 +178,7 @@ async def _relay_stream(
     try:
         await response.prepare(request)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True  # the client left while the answer was awaited
+        outcome.broken = True
         return response
     outcome.sent = True
     prefix = outcome.response_prefix
@@ -201,7 +223,11 @@ async def _relay_decoding(
             first = await anext(pieces, b"")
         except Undecodable:
             raise Unrelayable(UNDECODABLE) from None
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.broken = True
+            return response
         outcome.sent = True
         try:
             out = scrubber.feed(first)

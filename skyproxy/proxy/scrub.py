@@ -31,7 +31,7 @@ class Scrubber:
     out whole.
     """
 
-    __slots__ = ("_first", "_held", "_needle", "_replacement", "found")
+    __slots__ = ("_first", "_held", "_needle", "_replacement")
 
     def __init__(self, needle: bytes, replacement: bytes) -> None:
         if not needle:
@@ -40,15 +40,13 @@ class Scrubber:
         self._replacement = replacement
         self._first = needle[:1]
         self._held = b""
-        self.found = 0  # occurrences replaced
 
     def feed(self, chunk: bytes) -> bytes:
         held = self._held
         data = held + chunk if held else chunk
-        needle = self._needle
-        if needle in data:
-            self.found += data.count(needle)
-            data = data.replace(needle, self._replacement)
+        # replace(), not `needle in data` first: `in` on bytes tries the needle as an int
+        # before searching, and formats (then drops) a TypeError every time.
+        data = data.replace(self._needle, self._replacement)
         cut = self._start_of_needle(data)
         self._held = data[cut:]
         return data if cut == len(data) else data[:cut]

@@ -188,3 +188,27 @@ async def test_the_upstream_client_s_own_clocks_stay_behind_the_proxy_s(
     proxy = await start_proxy(timeouts(url, head=900, idle=600))
     client = proxy.server._listeners.clients["dev"]
     assert client.timeouts.read > 900 and client.timeouts.write > 600
+
+
+async def test_a_create_body_read_before_the_exchange_is_bounded_too(raw_upstream, start_proxy, canary_env):
+    # Budgets price a create from its body, read whole in admission, before the exchange
+    # and its deadline exist: a body that stalls there is a 408 all the same.
+    received: list[int] = []
+    upstream = await raw_upstream(counting_app(received))
+    budgets = (
+        '[pricing]\ntruefusion-pro = 0.1\n[[budgets]]\nname = "cap"\nper = "user"\nusd = 5\nperiod = "day"\n'
+    )
+    proxy = await start_proxy(
+        env_config(
+            upstream, server="idle_timeout = 0.5", rules="[rate_limit]\nenabled = false\n", extra=budgets
+        )
+    )
+    reader, writer = await open_raw(proxy.url)
+    try:
+        head = [("Host", host_of(proxy.url)), ("Content-Length", "100"), ("X-User-Id", "alice")]
+        writer.write(http_head("POST", "/v1/predictions", head) + b'{"model":')  # then silence
+        answer = await asyncio.wait_for(read_response(reader), 10)
+        assert_error(408, "body_timeout", answer)
+        assert received == []
+    finally:
+        writer.close()

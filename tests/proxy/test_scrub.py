@@ -37,7 +37,6 @@ def test_a_chunk_goes_out_whole_unless_its_end_could_start_the_key():
     assert scrubber.feed(b"ends in s") == b"ends in "
     assert scrubber.feed(b"o") == b"so"
     assert scrubber.finish() == b""
-    assert scrubber.found == 1
 
 
 def test_random_chunks_of_key_fragments_never_let_the_key_through():
