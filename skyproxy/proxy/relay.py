@@ -27,7 +27,7 @@ async def relay(
     key: str,
     fingerprint: str,
     outcome: Outcome,
-    rewrite: tuple[str, str] | None = None,
+    rewrite: links.Rewrite | None = None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
     headers = response.headers
@@ -38,8 +38,9 @@ async def relay(
         if lower not in DROP_RESPONSE and not lower.startswith("access-control-"):
             headers.add(name, value.replace(key, fingerprint) if key in value else value)
     headers.extend(reply_headers)
-    if rewrite is not None and "Location" in headers:
-        headers["Location"] = links.rewrite_location(headers["Location"], *rewrite)
+    # A Location means something on a 201, 202 or 3xx, never on the polls' 200.
+    if rewrite is not None and upstream.status != 200 and "Location" in headers:
+        headers["Location"] = rewrite.location(headers["Location"])
     outcome.content_encoding = upstream.content_encoding
     if upstream.status >= 400:
         return await _relay_scrubbed(request, upstream, response, key, fingerprint, outcome)
@@ -47,7 +48,7 @@ async def relay(
     if length is not None and length <= SMALL_BODY and request.method != "HEAD":
         body = await upstream.read()
         if rewrite is not None and upstream.status < 300:
-            body = links.rewrite_body(body, *rewrite)
+            body = rewrite.body(body)
         small = _small_response(upstream, response, body, outcome)
         # Sent here, not by aiohttp after the handler returns: the client must not wait
         # for the audit and metrics work that follows the exchange.
