@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +67,8 @@ async def load(url: str, requests: int, concurrency: int, kind: str = "create") 
 
     left = requests
     failed = 0
+    token = os.environ.get("SKYPROXY_BENCH_TOKEN")  # set for the tokens + budgets target
+    extra = {"x-api-key": token} if token else {}
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal left, failed
@@ -73,11 +76,11 @@ async def load(url: str, requests: int, concurrency: int, kind: str = "create") 
             left -= 1
             user = f"bench-user-{left % USERS}"
             if kind == "create":
-                headers = {"Content-Type": "application/json", "X-User-Id": user}
+                headers = {"Content-Type": "application/json", "X-User-Id": user, **extra}
                 request = session.post(f"{url}/v1/predictions", data=BODY, headers=headers)
             else:
                 request = session.get(
-                    f"{url}/v1/predictions/{POLLED[left % USERS]}", headers={"X-User-Id": user}
+                    f"{url}/v1/predictions/{POLLED[left % USERS]}", headers={"X-User-Id": user, **extra}
                 )
             async with request as response:
                 await response.read()

@@ -10,6 +10,7 @@
 local body = '{"model":"truefusion-pro","input":{"prompt":"test"}}'
 local path = os.getenv("BENCH_PATH") or "/v1/predictions"
 local users = tonumber(os.getenv("BENCH_USERS") or "100")
+local token = os.getenv("BENCH_TOKEN")  -- a client token, for the tokens + budgets target
 
 local requests = {}
 local n = 0
@@ -18,11 +19,15 @@ function init(args)
   local thread_offset = math.random(0, users - 1)
   for i = 0, users - 1 do
     local user = (i + thread_offset) % users
-    requests[i + 1] = wrk.format("POST", path, {
+    local headers = {
       ["Content-Type"] = "application/json",
       ["Accept"] = "application/json",
       ["X-User-Id"] = "bench-user-" .. user,
-    }, body)
+    }
+    if token then
+      headers["x-api-key"] = token
+    end
+    requests[i + 1] = wrk.format("POST", path, headers, body)
   end
 end
 

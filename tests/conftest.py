@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +26,7 @@ from helpers import (
     wait_healthy,
     write_config,
 )
+from helpers.raw_upstream import RawUpstream, Script
 
 from skyproxy import config
 from skyproxy.daemon.supervisor import Supervisor
@@ -64,6 +65,23 @@ async def raw_upstream() -> AsyncIterator[Callable[[web.Application], object]]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[RawUpstream]]]:
+    """Starts raw socket upstreams that control every byte; list it before start_proxy so
+    the proxies stop first."""
+    started: list[RawUpstream] = []
+
+    async def start(script: Script) -> RawUpstream:
+        upstream = RawUpstream(script)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.stop()
 
 
 @pytest.fixture

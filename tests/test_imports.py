@@ -40,13 +40,18 @@ LEAF_PREFIXES = (
     "skyproxy.http1",
     "skyproxy.config",
     "skyproxy.errors",
+    "skyproxy.tokens",
+    "skyproxy.budgets",
+    "skyproxy.cluster",
     "skyproxy.webhooks",
 )
 LEAF_MODULES = (
     "skyproxy.ops.metrics",
     "skyproxy.proxy.guard",
     "skyproxy.proxy.limits",
-    "skyproxy.proxy.bucket",
+    "skyproxy.proxy.inflight",
+    "skyproxy.proxy.leaky",
+    "skyproxy.proxy.shared_limits",
     "skyproxy.codings",
 )
 LEAVES = sorted(m for m in MODULES if m.startswith(LEAF_PREFIXES) or m in LEAF_MODULES)
@@ -132,7 +137,11 @@ def test_nothing_but_the_daemon_and_cli_imports_the_daemon(
         "skyproxy.audit.writer",
         "skyproxy.proxy.limits",
         "skyproxy.ops.metrics",
+        "skyproxy.tokens.registry",
+        "skyproxy.budgets.enforce",
+        "skyproxy.proxy.inflight",
         "skyproxy.codings",
+        "skyproxy.cluster.node",
     ],
 )
 def test_leaves_do_not_load_aiohttp(leaf: str, imported: dict[str, list[str]]) -> None:

@@ -87,9 +87,31 @@ class AuditFile:
                     fd = self._open()
                     continue
                 data = b"".join(lines[:count])
-            _append(fd, data, self._size)
+            written, error = _append(fd, data)
+            if error is not None:
+                self._keep_whole_lines(fd, lines, written)
+                raise error
             self._size += len(data)
             del lines[:count]
+
+    def _keep_whole_lines(self, fd: int, lines: list[bytes], written: int) -> None:
+        """After a short write, keep the lines it wrote whole and cut the rest of it off.
+
+        Those lines leave the list: a disk with less room than the backlog still takes
+        what fits, and the retry goes on from the first line not on disk.
+        """
+        whole = kept = 0
+        while whole < len(lines) and kept + len(lines[whole]) <= written:
+            kept += len(lines[whole])
+            whole += 1
+        part = written - kept
+        if part and not _cut(fd, part):
+            # The file can't be shortened (an append-only file, say): finish the line
+            # on the retry instead, so it still ends up whole.
+            lines[whole] = lines[whole][part:]
+            kept = written
+        self._size += kept
+        del lines[:whole]
 
     def _fitting(self, lines: list[bytes], limit: int) -> int:
         """How many of the first `limit` lines fit in the current file."""
@@ -139,15 +161,25 @@ def open_private(filename: str) -> int:
     return os.open(filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def _append(fd: int, data: bytes, start: int) -> None:
-    view = memoryview(data)
+def _append(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Write all of `data`; how much was written, and the error that stopped it if any."""
+    view, written = memoryview(data), 0
     try:
-        while view:
-            view = view[os.write(fd, view) :]
+        while written < len(data):
+            written += os.write(fd, view[written:])
+    except OSError as exc:
+        return written, exc
+    return written, None
+
+
+def _cut(fd: int, part: int) -> bool:
+    """Remove the last `part` bytes of the file, a partly written line; False if refused."""
+    try:
+        size = os.fstat(fd).st_size
+        # O_APPEND put our bytes at the end. A smaller file was truncated under us
+        # (copytruncate), our bytes went with it, and there is nothing to cut.
+        if size >= part:
+            os.ftruncate(fd, size - part)
     except OSError:
-        # Cut off a partly written chunk, so the retry leaves no half line behind.
-        # (Only ever shorten: after a copytruncate `start` may be past the end.)
-        with contextlib.suppress(OSError):
-            if os.fstat(fd).st_size > start:
-                os.ftruncate(fd, start)
-        raise
+        return False
+    return True

@@ -24,7 +24,7 @@ _LINE = (
     '{"timestamp":"%s","event":"prediction","environment":%s,"userId":%s,'
     '"predictionId":%s,"model":%s,"status":%s,"httpStatus":%d,"latencyMs":%s,'
     '"costUsd":%s,"ipAddress":%s,"requestId":%s,"keyFingerprint":%s,"method":%s,'
-    '"path":%s}\n'
+    '"path":%s,"client":%s}\n'
 )
 
 
@@ -47,6 +47,7 @@ class AuditRecord:
     keyFingerprint: str | None
     method: str
     path: str
+    client: str | None = None  # the client token's name, when one was presented
 
     def to_bytes(self) -> bytes:
         """The line as UTF-8 bytes, as it goes to disk.
@@ -73,6 +74,7 @@ class AuditRecord:
                     "keyFingerprint": self.keyFingerprint,
                     "method": self.method,
                     "path": self.path,
+                    "client": self.client,
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
             )
@@ -101,6 +103,7 @@ class AuditRecord:
             "null" if self.keyFingerprint is None else s(self.keyFingerprint),
             s(self.method),
             s(self.path),
+            "null" if self.client is None else s(self.client),
         )
 
 

@@ -35,7 +35,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from skyproxy.audit.record import STATUSES, TERMINAL
+from skyproxy.audit.costs import Costs
+from skyproxy.audit.record import STATUSES
 
 __all__ = [
     "GROUPS",
@@ -44,6 +45,7 @@ __all__ = [
     "audit_files",
     "format_table",
     "parse_since",
+    "prediction_events",
     "summarize",
     "to_json",
 ]
@@ -115,9 +117,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(_plus_zero(text))
     except ValueError:
+        # The caller names the option; this says only what was wrong with the value.
         raise ValueError(
-            f"invalid --since {text!r}: expected a duration such as 30m, 1h, 1d or 2w, "
-            "or an ISO 8601 time such as 2026-11-25T10:00:00Z"
+            f"{text!r} is neither a duration such as 30m, 1h, 1d or 2w, "
+            "nor an ISO 8601 time such as 2026-11-25T10:00:00Z"
         ) from None
     return _utc(moment)
 
@@ -196,8 +199,7 @@ def summarize(files: Iterable[Path], since: datetime | None, by: str = "user") -
     total = _Group()
     created: set[str] = set()  # every created id, before `since` too
     failed: dict[str, str | None] = {}  # id -> group of its (last) failed line
-    estimates: dict[str, tuple[str | None, float | None]] = {}  # id -> created line's
-    final_costs: dict[str, tuple[str | None, float]] = {}  # id -> terminal line's
+    costs: Costs[str | None] = Costs()
     events = bad = 0
 
     for line in _lines(files):
@@ -233,22 +235,14 @@ def summarize(files: Iterable[Path], since: datetime | None, by: str = "user") -
             group.predictions += 1
         elif status == "failed":
             failed[pid] = key
-        if pid is None:
-            group.cost += cost or 0.0
-        elif status == "created":
-            estimates[pid] = (key, cost)
-        elif status in TERMINAL and cost is not None:
-            final_costs[pid] = (key, cost)
+        costs.observe(key, status, pid, cost)
 
     for pid, key in failed.items():
         groups[key].failed += 1
         if pid not in created:  # a failed create that returned an id
             groups[key].predictions += 1
-    for key, final in final_costs.values():
-        groups[key].cost += final
-    for pid, (key, estimate) in estimates.items():
-        if pid not in final_costs and estimate is not None:
-            groups[key].cost += estimate
+    for key, spent in costs.totals().items():
+        groups[key].cost += spent
 
     rows = [group.row(key) for key, group in groups.items()]
     rows.sort(key=lambda r: (-r.predictions, -r.cost_usd, r.key is None, r.key or ""))
@@ -259,6 +253,14 @@ def summarize(files: Iterable[Path], since: datetime | None, by: str = "user") -
         overall.rejected += row.rejected
         overall.cost_usd += row.cost_usd
     return Summary(by, since, rows, overall, events, bad, files)
+
+
+def prediction_events(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Each usable prediction line of `files` in order, `timestamp` as a datetime; bad ones skipped."""
+    for line in _lines(list(files)):
+        data = None if line is None else _parse(line)
+        if data is not None and data["event"] == "prediction":
+            yield data
 
 
 def _lines(files: list[Path]) -> Iterator[str | None]:

@@ -4,8 +4,10 @@
 puts the line on a bounded queue; it never blocks. One writer thread takes everything
 queued as a batch and hands it to the `AuditFile`, which appends it with one write(2)
 per CHUNK_LINES lines on an O_APPEND descriptor, so lines are whole and never
-interleaved. A disk error never loses an accepted line: the batch is kept and retried
-with backoff while `healthy` is False.
+interleaved. A disk error never loses an accepted line: what is not on disk is kept and
+retried with backoff while `healthy` is False. A short write (a full disk) keeps the
+whole lines it wrote and cuts off the rest, so a disk with a little room left takes
+what fits and the file always ends at a line boundary.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class AuditWriter:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Accepted lines not yet on disk: the queue and the batch in hand, kept for retry."""
+        written = self.written  # read first: it only grows, and never past `accepted`
+        return self._queue.accepted - written
 
     @property
     def reject_new(self) -> bool:
@@ -141,7 +145,7 @@ class AuditWriter:
             self._abandon = True
             self._poke.set()
             self._thread.join(1.0)
-        return len(self._pending) + self._queue.qsize()
+        return self.depth
 
     async def aclose(self, timeout: float = 10.0) -> int:
         return await asyncio.to_thread(self.close, timeout)
@@ -205,7 +209,7 @@ class AuditWriter:
                 self._file.settings.path,
                 exc,
                 self._outage_failures,
-                len(self._pending) + self._queue.qsize(),
+                self.depth,
                 exc_info=not isinstance(exc, OSError),  # a traceback only for surprises
             )
 
@@ -236,6 +240,7 @@ class _LineQueue:
         self.maxsize = maxsize
         self.closed = False
         self.refused = 0
+        self.accepted = 0
         self._lines: deque[bytes] = deque()
         self._put_lock = threading.Lock()
         self._idle = False
@@ -251,6 +256,7 @@ class _LineQueue:
                 self.refused += 1
                 return False
             self._lines.append(line)
+            self.accepted += 1
         if self._idle and not self._wakeup.is_set():
             self._wakeup.set()
         return True

@@ -20,9 +20,15 @@ if TYPE_CHECKING:
     from skyproxy.keys.status import KeyStatus
 
 
-def read_key(from_stdin: bool) -> Secret:
-    """The new key, from a no-echo prompt or standard input; never from argv."""
-    raw = sys.stdin.readline() if from_stdin else getpass.getpass("Skytells API key (input hidden): ")
+def read_key(from_stdin: bool, prompt: str = "Skytells API key (input hidden): ") -> Secret:
+    """The new key, from a no-echo prompt or standard input; never from argv.
+
+    Without a terminal there is nothing to prompt on (getpass would warn, then fail on
+    end of input), so a piped key is read as with --stdin.
+    """
+    if not from_stdin and not sys.stdin.isatty():
+        from_stdin = True
+    raw = sys.stdin.readline() if from_stdin else getpass.getpass(prompt)
     value = raw.strip()
     if not value or any(c.isspace() or not c.isprintable() for c in value):
         raise SkyproxyError("the key is empty or contains whitespace")
@@ -32,16 +38,27 @@ def read_key(from_stdin: bool) -> Secret:
 def status_text(status: KeyStatus, *, problem_inline: bool = True) -> str:
     if status.problem is not None:
         return f"error: {status.problem}" if problem_inline else "error"
+    if status.generated:
+        return "ok (a new key each start)"
     if status.too_old:
         return f"ok (key {status.age_days} days old: rotate)"
     return "ok"
 
 
+def fingerprint_text(status: KeyStatus) -> str:
+    """The fingerprint to show; none for a mock's key, which this process did not make."""
+    if status.generated or status.fingerprint is None:
+        return "-"
+    return status.fingerprint
+
+
 def cmd_key_set(args: argparse.Namespace) -> int:
     from skyproxy.keys import rotation
 
+    settings = _optional_settings(args.config)
+    _check_environment(settings, args.environment)
     key = read_key(args.stdin)
-    rotation.set_key(_optional_settings(args.config), args.environment, key)
+    rotation.set_key(settings, args.environment, key)
     print(f"stored the key for {args.environment} in the keyring: {key.fingerprint}")
     return EXIT_OK
 
@@ -89,6 +106,29 @@ def _optional_settings(path: str | None) -> Settings | None:
         return None
 
 
+def _check_environment(settings: Settings | None, environment: str) -> None:
+    """Refuses a key the config would never use: a typo, or an environment served by the mock."""
+    if settings is None:
+        return
+    env = settings.environments.get(environment)
+    if env is None:
+        known = ", ".join(settings.environments) or "none"
+        raise SkyproxyError(
+            f"no environment {environment!r} in {settings.path} (its environments: {known}); "
+            "a key stored under another name would never be used"
+        )
+    if env.is_mock:
+        raise SkyproxyError(
+            f'environment {environment!r} uses the embedded mock (upstream = "mock"), which needs no '
+            f'key; to use a real key, set upstream = "https://api.skytells.ai" and key = "keyring" '
+            f"for it in {settings.path}, or run: skyproxy init"
+        )
+    if env.key.kind != "keyring":
+        raise SkyproxyError(
+            f"environment {environment!r} takes its key from {env.key}, not the keyring; store it there"
+        )
+
+
 def _rotation_settings(path: str | None) -> Settings:
     settings = _optional_settings(path)
     if settings is None:
@@ -103,6 +143,13 @@ def _print_statuses(config_path: str | None, only: str | None) -> int:
     from skyproxy.keys.status import key_statuses
 
     settings = _optional_settings(config_path)
+    if settings is None and only is None:
+        print(
+            "skyproxy: no config found (searched -c, $SKYPROXY_CONFIG, ./skyproxy.toml, "
+            "~/.config/skyproxy/skyproxy.toml, /etc/skyproxy/skyproxy.toml); name one with -c",
+            file=sys.stderr,
+        )
+        return EXIT_KEY
     specs = {name: env.key for name, env in settings.environments.items()} if settings else {}
     if only is not None:
         # An environment missing from the config may still have a key in the keyring.
@@ -112,12 +159,9 @@ def _print_statuses(config_path: str | None, only: str | None) -> int:
     statuses = key_statuses(specs, ages.read(state_file), max_age)
     rows = [("ENVIRONMENT", "SOURCE", "FINGERPRINT", "AGE", "STATUS")]
     for status in statuses:
-        if status.generated:
-            rows.append((status.environment, str(status.source), "-", "-", "ok (a new key each start)"))
-            continue
         age = "-" if status.age_days is None else f"{status.age_days}d"
         rows.append(
-            (status.environment, str(status.source), status.fingerprint or "-", age, status_text(status))
+            (status.environment, str(status.source), fingerprint_text(status), age, status_text(status))
         )
     print(table(rows))
     return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY

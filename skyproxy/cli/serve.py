@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from skyproxy.cli.common import EXIT_KEY, EXIT_OK, load_settings, table
-from skyproxy.cli.key import status_text
+from skyproxy.cli.key import fingerprint_text, status_text
+from skyproxy.cli.token import print_access_notes
+
+if TYPE_CHECKING:
+    from skyproxy.config import ClusterSettings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 ",".join(str(x) for x in env.listen),
                 env.upstream,
                 str(env.key),
-                status.fingerprint or "-",
+                fingerprint_text(status),
                 status_text(status, problem_inline=False),
             )
         )
@@ -75,7 +80,34 @@ def cmd_check(args: argparse.Namespace) -> int:
             taken = _in_use(listen.host, listen.port)
             if taken:
                 print(f"  {env.name}: {listen} is {taken} (is skyproxy already running? else change listen)")
-    return EXIT_OK if all(status.ok for status in statuses) else EXIT_KEY
+    access_ok = print_access_notes(settings)
+    cluster_ok = settings.cluster is None or _check_cluster(settings.cluster)
+    return EXIT_OK if cluster_ok and access_ok and all(status.ok for status in statuses) else EXIT_KEY
+
+
+def _check_cluster(cluster: ClusterSettings) -> bool:
+    """One PING within timeout_ms; prints host and database only, never the URL."""
+    import asyncio
+
+    from skyproxy.cluster.errors import ClusterUnavailable
+    from skyproxy.cluster.ping import ping
+    from skyproxy.cluster.url import resolve_url
+    from skyproxy.errors import KeySourceError
+
+    try:
+        url = resolve_url(cluster)
+    except KeySourceError as exc:
+        print(f"  cluster: cannot read the Redis URL from {exc.source}: {exc.reason}")
+        return False
+    try:
+        seconds = asyncio.run(ping(url, cluster.timeout_ms))
+    except ClusterUnavailable as exc:
+        print(
+            f"  cluster: Redis {url.shown} did not answer PING ({exc.reason}); on_error = {cluster.on_error}"
+        )
+        return False
+    print(f"cluster: Redis {url.shown} answered PING in {seconds * 1000:.1f} ms")
+    return True
 
 
 def _in_use(host: str, port: int) -> str | None:

@@ -10,6 +10,8 @@ from skyproxy.config.settings import (
     DEFAULT_UPSTREAM,
     LOOPBACK_NAMES,
     AuditSettings,
+    Budget,
+    ClusterSettings,
     EnvironmentSettings,
     IPNetwork,
     KeySpec,
@@ -22,6 +24,7 @@ from skyproxy.config.settings import (
     ServerSettings,
     Settings,
     TargetPattern,
+    TokensSettings,
     WebhookSettings,
 )
 
@@ -29,6 +32,8 @@ __all__ = [
     "DEFAULT_UPSTREAM",
     "LOOPBACK_NAMES",
     "AuditSettings",
+    "Budget",
+    "ClusterSettings",
     "EnvironmentSettings",
     "IPNetwork",
     "KeySpec",
@@ -41,6 +46,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TargetPattern",
+    "TokensSettings",
     "WebhookSettings",
     "find_config",
     "load",

@@ -39,5 +39,5 @@ def line_of(text: str, field_path: str) -> int | None:
 
 
 def _array_index(field_path: str) -> int | None:
-    found = re.search(r"rules\[(\d+)\]", field_path)
+    found = re.search(r"(?:rules|budgets)\[(\d+)\]", field_path)
     return int(found.group(1)) if found else None

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from skyproxy.config import access
+from skyproxy.config import cluster as cluster_table
 from skyproxy.config import webhooks as webhook_table
 from skyproxy.config.lines import line_of
 from skyproxy.config.settings import (
@@ -23,6 +25,8 @@ from skyproxy.config.settings import (
     PERIODS,
     SEARCH_PATH,
     AuditSettings,
+    Budget,
+    ClusterSettings,
     EnvironmentSettings,
     KeySpec,
     KeysSettings,
@@ -94,6 +98,7 @@ def _decode_error_line(exc: Exception) -> int | None:
 T = TypeVar("T")
 MAX_SECONDS = 86_400.0  # the longest any timeout or wait may be: a day
 MAX_PRICE_USD = 1_000_000.0
+MAX_IN_FLIGHT = 1_000_000
 
 
 class _Parser:
@@ -111,6 +116,11 @@ class _Parser:
 
     def expected(self, field_path: str, what: str, got: object) -> ConfigError:
         return self.error(field_path, f"expected {what}, got {_show(got)}")
+
+    def missing(self, table: str, key: str, what: str) -> ConfigError:
+        """A required key that is absent: the line of its table, where it belongs."""
+        line = line_of(self.text, table)
+        return ConfigError(f"missing: {what}", file=self.path, line=line, field=_join(table, key))
 
     # -- typed getters ------------------------------------------------------------------
     def table(self, data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -193,11 +203,8 @@ class _Parser:
 
     # -- tables -------------------------------------------------------------------------
     def settings(self, data: dict[str, Any]) -> Settings:
-        self.check_keys(
-            data,
-            "",
-            {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"},
-        )
+        tables = {"server", "environments", "rate_limit", "audit", "pricing", "keys", "mock", "webhooks"}
+        self.check_keys(data, "", tables | {"cluster", "tokens", "budgets"})
         server = self.server(self.table(data, "server", ""))
         rate_limit, rules = self.rate_limit(self.table(data, "rate_limit", ""))
         environments = self.environments(data, rules, server)
@@ -212,6 +219,9 @@ class _Parser:
             keys=self.keys(self.table(data, "keys", "")),
             mock=self.mock(self.table(data, "mock", "")),
             webhooks=self.webhooks(data, environments),
+            cluster=self.cluster(data),
+            tokens=access.tokens(self, self.table(data, "tokens", "")),
+            budgets=self.budgets(data, set(environments), audit),
         )
 
     def webhooks(
@@ -221,6 +231,14 @@ class _Parser:
             return None
         taken = {listen: name for name, env in environments.items() for listen in env.listen}
         return webhook_table.webhooks(self, self.table(data, "webhooks", ""), taken)
+
+    def budgets(
+        self, data: dict[str, Any], environments: set[str], audit: AuditSettings
+    ) -> tuple[Budget, ...]:
+        found = access.budgets(self, data, environments)
+        if found and not audit.enabled:
+            raise self.error("budgets", "spend is read from the audit trail: [audit] enabled must be true")
+        return found
 
     def server(self, data: dict[str, Any]) -> ServerSettings:
         w = "server"
@@ -289,7 +307,11 @@ class _Parser:
     def rule(
         self, data: Mapping[str, Any], where: str, override: Mapping[str, Any], override_where: str
     ) -> RateRule:
-        self.check_keys(data, where, {"name", "methods", "paths", "per_user", "per_environment", "max_wait"})
+        self.check_keys(
+            data,
+            where,
+            {"name", "methods", "paths", "per_user", "per_environment", "max_wait", "max_in_flight"},
+        )
         name = self.get(data, "name", where, str, "", "a rule name")
         if not name:
             raise self.error(f"{where}.name", "missing: every rule needs a name")
@@ -313,7 +335,16 @@ class _Parser:
             per_user=self.rate("per_user", *source("per_user")),
             per_environment=self.rate("per_environment", *source("per_environment")),
             max_wait=self.number(wait_data, "max_wait", wait_where, _default(RateRule, "max_wait")),
+            max_in_flight=self.max_in_flight(*source("max_in_flight")),
         )
+
+    def max_in_flight(self, data: Mapping[str, Any], where: str) -> int | None:
+        if "max_in_flight" not in data:
+            return None
+        value = self.integer(data, "max_in_flight", where, 0, minimum=1)
+        if value > MAX_IN_FLIGHT:
+            raise self.expected(_join(where, "max_in_flight"), f"an integer from 1 to {MAX_IN_FLIGHT}", value)
+        return value
 
     def rate(self, key: str, data: Mapping[str, Any], where: str) -> Rate | None:
         value = data.get(key)
@@ -358,7 +389,9 @@ class _Parser:
         server: ServerSettings,
     ) -> EnvironmentSettings:
         where = f"environments.{name}"
-        self.check_keys(data, where, {"listen", "upstream", "key", "rate_limit", "webhook_secret"})
+        self.check_keys(
+            data, where, {"listen", "upstream", "key", "rate_limit", "webhook_secret", "client_auth"}
+        )
         raw_listen = self.strings(data, "listen", where)
         if not raw_listen:
             raise self.error(f"{where}.listen", 'missing: list addresses like "127.0.0.1:8787"')
@@ -372,7 +405,9 @@ class _Parser:
                 )
         upstream = self.upstream(self.get(data, "upstream", where, str, DEFAULT_UPSTREAM, "a URL"), where)
         override = self.table(data, "rate_limit", where)
-        self.check_keys(override, f"{where}.rate_limit", {"per_user", "per_environment", "max_wait"})
+        self.check_keys(
+            override, f"{where}.rate_limit", {"per_user", "per_environment", "max_wait", "max_in_flight"}
+        )
         return EnvironmentSettings(
             name=name,
             listen=listen,
@@ -381,6 +416,13 @@ class _Parser:
             rules=tuple(
                 self.rule(r, f"rate_limit.rules[{i}]", override, f"{where}.rate_limit")
                 for i, r in enumerate(rules)
+            ),
+            client_auth=self.choice(
+                data,
+                "client_auth",
+                where,
+                ("off", "optional", "required"),
+                _default(EnvironmentSettings, "client_auth"),
             ),
             webhook_secret=webhook_table.key_source(self, data, "webhook_secret", where, None),
         )
@@ -473,6 +515,11 @@ class _Parser:
     def mock(self, data: dict[str, Any]) -> MockSettings:
         self.check_keys(data, "mock", {"delay"})
         return MockSettings(delay=self.number(data, "delay", "mock", MockSettings().delay))
+
+    def cluster(self, data: dict[str, Any]) -> ClusterSettings | None:
+        if "cluster" not in data:
+            return None
+        return cluster_table.cluster(self, self.table(data, "cluster", ""))
 
 
 def _default(cls: type, name: str) -> Any:

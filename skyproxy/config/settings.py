@@ -10,10 +10,14 @@ from typing import Any, Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ClientAuth = Literal["off", "optional", "required"]
+BudgetSubject = Literal["user", "client", "environment"]
+BudgetPeriod = Literal["day", "week", "month"]
 KeyKind = Literal["keyring", "env", "file", "credential", "generated"]
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 DEFAULT_UPSTREAM = "https://api.skytells.ai"
 DEFAULT_AUDIT_PATH = "audit/audit.jsonl"  # relative to the config file's folder
+DEFAULT_TOKENS_PATH = "tokens.json"  # relative to the config file's folder
 DEFAULT_WEBHOOK_STORE = "state/webhooks.sqlite3"  # relative to the config file's folder
 SEARCH_PATH = (
     Path("skyproxy.toml"),
@@ -90,6 +94,7 @@ class RateRule:
     per_user: Rate | None
     per_environment: Rate | None
     max_wait: float = 0.0
+    max_in_flight: int | None = None  # requests in flight per user; None: no cap
 
     def matches(self, method: str, path: str) -> bool:
         if method not in self.methods:
@@ -117,6 +122,7 @@ class EnvironmentSettings:
     upstream: str  # a base URL without /v1, or "mock"
     key: KeySpec
     rules: tuple[RateRule, ...]
+    client_auth: ClientAuth = "off"
     webhook_secret: KeySpec | None = None  # enterprise mode's secret; None: webhooks are keyed by `key`
 
     @property
@@ -164,6 +170,37 @@ class MockSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TokensSettings:
+    path: Path  # the hashed client tokens, managed by `skyproxy token`
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A cap on spend in dollars per subject and calendar period (UTC)."""
+
+    name: str
+    per: BudgetSubject
+    usd: float
+    period: BudgetPeriod
+    environments: frozenset[str] | None = None  # None: every environment
+    warn_at: float | None = None  # a fraction of usd
+
+    def applies_to(self, environment: str) -> bool:
+        return self.environments is None or environment in self.environments
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """[cluster]: limits, budgets and webhook claims shared by replicas through one Redis."""
+
+    on_error: Literal["closed", "open"]  # required: refuse (503) or serve when Redis fails
+    redis: KeySpec | None = None  # where the URL comes from when it may hold a password
+    redis_url: str = ""  # a literal URL, which never holds a password
+    timeout_ms: float = 50.0  # the longest a request waits on Redis
+    prefix: str = "skyproxy:"  # key namespace, so deployments can share one Redis
+
+
+@dataclass(frozen=True, slots=True)
 class TargetPattern:
     """An `allowed_targets` entry: a URL prefix whose port may be "*" (any port)."""
 
@@ -205,7 +242,16 @@ class Settings:
     pricing: Mapping[str, float]
     keys: KeysSettings
     mock: MockSettings = field(default_factory=MockSettings)
+    cluster: ClusterSettings | None = None
     webhooks: WebhookSettings | None = None  # None: creates pass through untouched
+    tokens: TokensSettings | None = None  # None only for Settings built by hand
+    budgets: tuple[Budget, ...] = ()
+
+    @property
+    def tokens_file(self) -> Path:
+        if self.tokens is not None:
+            return self.tokens.path
+        return self.path.parent / DEFAULT_TOKENS_PATH
 
     @property
     def key_state_file(self) -> Path:

@@ -10,13 +10,13 @@ import asyncio
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
 from skyproxy.config import Listen
 from skyproxy.daemon.connections import ConnectionLimits, GuardedServer
-from skyproxy.http1.client import Client
+from skyproxy.http1 import Client, Timeouts
 from skyproxy.proxy.dispatch import create_handler
 from skyproxy.proxy.runtime import Runtime, State
 
@@ -76,7 +76,8 @@ class Listeners:
         for name, env_rt in runtime.environments.items():
             env = self._envs.get(name) or await self._create(name, runtime, state)
             # A reload may change these; keepalive_timeout is fixed for the server's life.
-            env.client.connect_timeout = runtime.settings.server.connect_timeout
+            connect = runtime.settings.server.connect_timeout
+            env.client.timeouts = replace(env.client.timeouts, connect=connect)
             env.server.limits = self._limits(runtime)
             wanted = set(env_rt.settings.listen)
             for listen in set(env.sites) - wanted:
@@ -91,7 +92,7 @@ class Listeners:
 
     async def _create(self, name: str, runtime: Runtime, state: State) -> _Environment:
         server = runtime.settings.server
-        client = Client(connect_timeout=server.connect_timeout)
+        client = Client(Timeouts(connect=server.connect_timeout))
         web_server = GuardedServer(
             create_handler(name, state, client),
             self._limits(runtime),

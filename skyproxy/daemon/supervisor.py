@@ -1,9 +1,10 @@
 """Lifecycle in one place: start, signals, reload and graceful shutdown.
 
-Order at start: keys resolved, audit writer started, mocks bound, Runtime built, the
-webhook receiver and relay started, then listeners bound and READY=1. Order at stop: stop
-accepting, drain in-flight requests (up to shutdown_timeout), close the upstream pools,
-finish the relay's attempts in flight and close its store, drain the audit queue.
+Order at start: keys (and the cluster's Redis URL) resolved, the cluster connection
+started, audit writer started, mocks bound, Runtime built, the webhook receiver and
+relay started, then listeners bound and READY=1. Order at stop: stop accepting, drain
+in-flight requests (up to shutdown_timeout), close the upstream pools, finish the relay's
+attempts in flight and close its store, close the cluster connection, drain the audit queue.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyproxy.audit.writer import AuditWriter
-from skyproxy.config import Settings
-from skyproxy.daemon import fds, housekeeping
+from skyproxy.config import ClusterSettings, Settings
+from skyproxy.daemon import access, fds, housekeeping
 from skyproxy.daemon.connections import ConnectionLimits
 from skyproxy.daemon.gc import tune_gc
 from skyproxy.daemon.listeners import Listeners
@@ -24,8 +25,12 @@ from skyproxy.daemon.mocks import Mocks
 from skyproxy.daemon.notify import Notifier, watchdog_interval
 from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
 from skyproxy.daemon.webhooks import WebhookService
+from skyproxy.errors import KeySourceError
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
+
+if TYPE_CHECKING:
+    from skyproxy.cluster.node import ClusterNode
 
 log = logging.getLogger("skyproxy")
 
@@ -48,6 +53,7 @@ class Supervisor:
         self._listeners = Listeners()
         self._mocks = Mocks()
         self.webhooks: WebhookService | None = None
+        self.cluster: ClusterNode | None = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -63,15 +69,25 @@ class Supervisor:
         keys, errors = await asyncio.to_thread(resolve_keys, settings)
         if errors:
             raise StartupError("\n".join(str(e) for e in errors.values()))
+        try:
+            tokens, budgets = await asyncio.to_thread(access.prepare, settings)
+        except access.AccessStartError as exc:
+            raise StartupError(str(exc)) from None
+        cluster = self.cluster = await _start_cluster(settings.cluster)
         audit = self._audit = AuditWriter(settings.audit)
         audit.start()
         metrics = Metrics()
         metrics.watch_audit(lambda: audit.depth, lambda: audit.write_failures, lambda: audit.dropped)
         metrics.watch_upstream(lambda: self._listeners.clients)
+        metrics.watch_budgets(lambda: budgets.warnings)
+        if cluster is not None:
+            metrics.watch_cluster(lambda: cluster.connection.errors_total, lambda: cluster.degraded)
         try:
             base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
-            runtime = build_runtime(settings, keys, base_urls, generation=1)
-            state = self.state = State(runtime, audit, metrics)
+            shared = cluster.rates if cluster is not None else None
+            runtime = build_runtime(settings, keys, base_urls, generation=1, shared=shared)
+            state = self.state = State(runtime, audit, metrics, tokens, budgets)
+            state.cluster = cluster
             state.reload = self.reload
             await housekeeping.record_key_ages(state, runtime)
             # Before the proxy listens: a create's callback may arrive before its answer.
@@ -93,7 +109,7 @@ class Supervisor:
     async def _start_webhooks(self, settings: Settings, keys: dict[str, Any], state: State) -> list[str]:
         if settings.webhooks is None:
             return []
-        self.webhooks = WebhookService(settings.webhooks, state)
+        self.webhooks = WebhookService(settings.webhooks, state, self.cluster)
         server = settings.server
         state.metrics.watch_webhooks(self.webhooks.stats)
         limits = ConnectionLimits(server.header_timeout, server.keepalive_timeout, server.max_connections)
@@ -113,6 +129,7 @@ class Supervisor:
     def _start_chores(self, state: State) -> None:
         self._tasks.append(asyncio.create_task(housekeeping.sweep_limits(state)))
         self._tasks.append(asyncio.create_task(fds.watch()))
+        self._tasks.append(asyncio.create_task(access.watch_tokens(state.tokens, self._stop)))
         if state.runtime.settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()
@@ -173,14 +190,18 @@ class Supervisor:
                 self.notifier.status(f"reload failed, still serving generation {previous.generation}")
             return str(exc)
         base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
-        runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous)
+        shared = self.cluster.rates if self.cluster is not None else None
+        runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous, shared)
         state.audit.reconfigure(settings.audit)
+        access.reconfigure(state.tokens, state.budgets, settings)
         state.runtime = runtime  # the swap: new requests see the new generation
         state.last_reload_error = None  # in the same step, so status never mixes the two
         if self.webhooks is not None:
             await self.webhooks.reconfigure(settings, keys)
         if (settings.webhooks is None) != (self.webhooks is None):
             log.warning("adding or removing [webhooks] takes effect at the next restart")
+        if settings.cluster != self._initial.cluster:
+            log.warning("a change to [cluster] takes effect at the next restart")
         await housekeeping.record_key_ages(state, runtime)
         failures = await self._sync_listeners(runtime, state)
         if failures:
@@ -219,9 +240,17 @@ class Supervisor:
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
         finally:
+            # Released before the drain, a second SIGTERM or SIGINT ends a drain that
+            # hangs. SIGUSR1 (logrotate's) is kept until the end: unhandled, it would
+            # kill the process and lose the audit lines still queued.
             for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+                if sig != signal.SIGUSR1:
+                    loop.remove_signal_handler(sig)
+            try:
+                await self.stop()
+            finally:
+                if signal.SIGUSR1 in installed:
+                    loop.remove_signal_handler(signal.SIGUSR1)
         log.info("stopped")
 
     def _reopen_audit(self) -> None:
@@ -253,11 +282,32 @@ class Supervisor:
         if self.webhooks is not None:
             await self.webhooks.close(timeout)  # the relay's attempts in flight, then the store
             self.webhooks = None
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
         await self._mocks.close()
         if self.state is not None:
             await self.state.deadlines.close()
+            await access.close(self.state.tokens)
         if self._audit is not None:
             lost = await asyncio.to_thread(self._audit.close, max(timeout, 10.0))
             self._audit = None
             if lost:
                 log.error("%d audit lines could not be written before exit", lost)
+
+
+async def _start_cluster(settings: ClusterSettings | None) -> ClusterNode | None:
+    """The connection to the shared Redis; one that is down starts an outage, not a failure."""
+    if settings is None:
+        return None
+    from skyproxy.cluster.node import ClusterNode  # redis is loaded only with [cluster]
+    from skyproxy.cluster.url import resolve_url
+
+    try:
+        url = await asyncio.to_thread(resolve_url, settings)
+    except KeySourceError as exc:
+        raise StartupError(str(exc)) from None
+    node = ClusterNode(settings, url)
+    await node.start()
+    log.info("cluster: limits shared through Redis %s (on_error=%s)", url.shown, settings.on_error)
+    return node

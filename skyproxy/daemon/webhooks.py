@@ -9,8 +9,10 @@ relay finishes its attempts in flight within the timeout; the store closes last.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,28 +21,40 @@ from skyproxy.audit.record import AuditRecord
 from skyproxy.config import Settings, WebhookSettings
 from skyproxy.daemon.connections import ConnectionLimits, GuardedServer
 from skyproxy.keys.secret import Secret
+from skyproxy.proxy.record import once_across_replicas
 from skyproxy.proxy.runtime import State
 from skyproxy.webhooks import secrets
 from skyproxy.webhooks.receiver import Arrival, Receiver, ReceiverConfig
 from skyproxy.webhooks.relay import Relay, RelayConfig
 from skyproxy.webhooks.routes import RouteBook
+from skyproxy.webhooks.shared import SharedWebhooks
 from skyproxy.webhooks.signing import SigningKeys
 from skyproxy.webhooks.stats import WebhookStats
 from skyproxy.webhooks.store import Store, StoreThread
+
+if TYPE_CHECKING:
+    from skyproxy.cluster.node import ClusterNode
 
 log = logging.getLogger("skyproxy")
 
 
 class WebhookService:
-    def __init__(self, settings: WebhookSettings, state: State) -> None:
+    def __init__(self, settings: WebhookSettings, state: State, cluster: ClusterNode | None = None) -> None:
         self.settings = settings
         self.state = state
         self.stats = WebhookStats()
+        # With [cluster]: routes, receipts and deliveries shared by every replica.
+        self._shared = (
+            SharedWebhooks(cluster.webhooks, self.stats, fails_open=cluster.connection.fails_open)
+            if cluster is not None
+            else None
+        )
         self._db: StoreThread | None = None
         self._receiver: Receiver | None = None
         self._relay: Relay | None = None
         self._runner: web.ServerRunner | None = None
         self._sites: list[web.TCPSite] = []
+        self._claims: set[asyncio.Future[None]] = set()  # terminal lines waiting on the shared claim
 
     async def start(
         self, settings: Settings, keys: Mapping[str, Secret], limits: ConnectionLimits
@@ -50,7 +64,7 @@ class WebhookService:
         db = self._db = await StoreThread.open(hooks.store)
         verifiers, signing = await self._secrets(settings, keys)
         receiver = self._receiver = Receiver(
-            db, ReceiverConfig(verifiers, hooks.max_body_bytes), self.stats, self._stored
+            db, ReceiverConfig(verifiers, hooks.max_body_bytes), self.stats, self._stored, self._shared
         )
         server = GuardedServer(
             receiver.handle, limits, on_close=self.state.metrics.client_closed, access_log=None
@@ -69,10 +83,15 @@ class WebhookService:
         if failures:
             return failures
         relay = self._relay = Relay(
-            db, RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing), self.stats
+            db,
+            RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing),
+            self.stats,
+            queue=self._shared,
         )
         await relay.start()
-        self.state.webhooks = RouteBook(db, self.public_url(), hooks.allowed_targets)
+        if self._shared is not None:
+            self._shared.start()
+        self.state.webhooks = RouteBook(db, self.public_url(), hooks.allowed_targets, self._shared)
         log.info(
             "webhooks: receiving on %s as %s; store %s",
             ", ".join(self.addresses()),
@@ -103,7 +122,7 @@ class WebhookService:
         verifiers, signing = await self._secrets(settings, keys)
         self._receiver.config = ReceiverConfig(verifiers, hooks.max_body_bytes)
         self._relay.config = RelayConfig(hooks.allowed_targets, hooks.retry_schedule, signing)
-        self.state.webhooks = RouteBook(self._db, self.public_url(hooks), hooks.allowed_targets)
+        self.state.webhooks = RouteBook(self._db, self.public_url(hooks), hooks.allowed_targets, self._shared)
 
     def addresses(self) -> list[str]:
         if self._runner is None:
@@ -124,7 +143,10 @@ class WebhookService:
     def _stored(self, arrival: Arrival) -> None:
         if self._relay is not None:
             self._relay.wake()
-        _audit_terminal(self.state, arrival)
+        task = _audit_terminal(self.state, arrival)
+        if task is not None:
+            self._claims.add(task)
+            task.add_done_callback(self._claims.discard)
 
     async def stop_accepting(self) -> None:
         self.state.webhooks = None
@@ -134,20 +156,26 @@ class WebhookService:
     async def close(self, timeout: float) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._claims:
+            # Each is bounded by [cluster] timeout_ms; its line goes in before the audit flush.
+            await asyncio.gather(*self._claims, return_exceptions=True)
         if self._relay is not None:
             await self._relay.stop(timeout)
+        if self._shared is not None:
+            await self._shared.stop()  # after the relay: its attempts in flight keep their claims
         if self._db is not None:
             await self._db.close()
         self._db = None
 
 
-def _audit_terminal(state: State, arrival: Arrival) -> None:
-    """The prediction's terminal audit line, unless a poll (or an earlier event) wrote it."""
+def _audit_terminal(state: State, arrival: Arrival) -> asyncio.Future[None] | None:
+    """The prediction's terminal audit line, unless a poll (or an earlier event) wrote it;
+    under [cluster], the shared claim to await first."""
     prediction = arrival.body.prediction
     terminal = events.status_of(prediction)
     pid = arrival.body.prediction_id
     if terminal is None or pid is None or not state.tracker.first_terminal(pid):
-        return
+        return None
     runtime = state.runtime
     env = runtime.environments.get(arrival.environment)
     model = events.model_of(prediction) or state.tracker.origin(pid)[0]
@@ -169,6 +197,11 @@ def _audit_terminal(state: State, arrival: Arrival) -> None:
         method="POST",
         path=f"/hooks/{arrival.environment}",  # the route id stays out: it is a capability
     )
-    state.metrics.prediction(arrival.environment, terminal)
+    claim = once_across_replicas(state, pid, functools.partial(_submit, state, record))
+    return None if claim is None else asyncio.ensure_future(claim)
+
+
+def _submit(state: State, record: AuditRecord) -> None:
+    state.metrics.prediction(record.environment, record.status)
     if not state.audit.submit(record):
-        log.error("audit queue full: a %s line for %s was dropped", terminal, pid)
+        log.error("audit queue full: a %s line for %s was dropped", record.status, record.predictionId)

@@ -110,13 +110,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def _create(request: web.Request) -> web.Response:
+async def _json_body(request: web.Request, *, model: bool) -> dict[str, Any] | web.Response:
+    """The JSON object sent, or the API's 422 answer."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(422, "VALIDATION_ERROR", "The request body must be JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+    if model and not (isinstance(body, dict) and isinstance(body.get("model"), str)):
         return _error(422, "VALIDATION_ERROR", "The model field is required")
+    if not isinstance(body, dict):
+        return _error(422, "VALIDATION_ERROR", "The request body must be a JSON object")
+    return body
+
+
+async def _create(request: web.Request) -> web.Response:
+    body = await _json_body(request, model=True)
+    if isinstance(body, web.Response):
+        return body
     state = request.app[MOCK_STATE]
     pid = str(uuid.uuid4())
     base = f"{request.scheme}://{request.host}/v1/predictions/{pid}"
@@ -260,12 +270,9 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(422, "VALIDATION_ERROR", "The request body must be JSON")
-    if not isinstance(body, dict):
-        return _error(422, "VALIDATION_ERROR", "The request body must be a JSON object")
+    body = await _json_body(request, model=False)
+    if isinstance(body, web.Response):
+        return body
     state = request.app[MOCK_STATE]
     words = ["Hello", " from", " the", " skyproxy", " mock", "."]
     cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
@@ -290,12 +297,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _responses(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(422, "VALIDATION_ERROR", "The request body must be JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-        return _error(422, "VALIDATION_ERROR", "The model field is required")
+    body = await _json_body(request, model=True)
+    if isinstance(body, web.Response):
+        return body
     text = {"type": "output_text", "text": "Hello from the skyproxy mock."}
     return web.json_response(
         {

@@ -42,6 +42,11 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         return wrapper
 
     async def health(request: web.BaseRequest) -> web.Response:
+        cluster = state.cluster
+        if cluster is not None and cluster.degraded:
+            # Under on_error = "closed" limited requests are refused: take this replica out.
+            body = {"status": "degraded", "cluster": "unavailable"}
+            return web.json_response(body, status=503 if cluster.refuses else 200)
         return web.json_response({"status": "ok"})
 
     async def status(request: web.BaseRequest) -> web.Response:
@@ -52,6 +57,10 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
+
+    async def budgets(request: web.BaseRequest) -> web.Response:
+        # Live spend and reservations: what `skyproxy budget show` prints while the daemon runs.
+        return web.json_response({"budgets": state.budgets.snapshot()}, dumps=_dumps)
 
     async def reload(request: web.BaseRequest) -> web.Response:
         if state.reload is None:
@@ -75,6 +84,7 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         "/-/status": path(GET=status, HEAD=status),
         "/-/metrics": path(GET=metrics, HEAD=metrics),
         "/-/reload": path(POST=reload),
+        "/-/budgets": path(GET=budgets, HEAD=budgets),
     }
 
 
@@ -111,12 +121,19 @@ def status_document(state: State) -> dict[str, object]:
             "last_reload_error": state.last_reload_error,
         },
         "environments": environments,
+        "tokens": {
+            "file": str(state.tokens.path),
+            "count": len(state.tokens),
+            "problem": state.tokens.problem,
+        },
         "audit": {
             "path": str(runtime.settings.audit.path),
             "queue_depth": state.audit.depth,
             "healthy": state.audit.healthy,
         },
     }
+    if state.cluster is not None:
+        document["cluster"] = state.cluster.status()
     hooks = state.metrics.webhooks
     if hooks is not None:
         age = hooks.oldest_pending_age()

@@ -61,9 +61,12 @@ class Metrics:
         self.upstream_401: dict[str, int] = {}
         self.latencies: dict[str, _Latency] = {}
         self.clients_closed: dict[tuple[str, str], int] = {}
+        self.refusals: dict[tuple[str, str], int] = {}  # (environment, reason): tokens, budgets, caps
+        self._budget_warnings: Callable[[], Mapping[str, int]] | None = None
         self._audit: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
         self._upstream: Callable[[], Mapping[str, UpstreamPool]] | None = None
         self.webhooks: WebhookStats | None = None
+        self._cluster: tuple[Callable[[], float], Callable[[], bool]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)  # process_open_fds, process_max_fds, memory, CPU
@@ -79,6 +82,10 @@ class Metrics:
 
     def watch_webhooks(self, stats: WebhookStats) -> None:
         self.webhooks = stats
+
+    def watch_cluster(self, errors: Callable[[], float], degraded: Callable[[], bool]) -> None:
+        """The shared Redis: calls that failed, and whether it is unavailable now."""
+        self._cluster = (errors, degraded)
 
     def request(self, environment: str, route: str, status: int) -> None:
         key = (environment, route, status)
@@ -98,6 +105,15 @@ class Metrics:
     def prediction(self, environment: str, status: str) -> None:
         key = (environment, status)
         self.predictions[key] = self.predictions.get(key, 0) + 1
+
+    def refused(self, environment: str, reason: str) -> None:
+        """A request refused for who sent it or what it would spend: the error code is the reason."""
+        key = (environment, reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+
+    def watch_budgets(self, warnings: Callable[[], Mapping[str, int]]) -> None:
+        """`warnings()` gives each budget's warn_at crossings, read at scrape time."""
+        self._budget_warnings = warnings
 
     def upstream_rate_limited(self, environment: str) -> None:
         self.upstream_429[environment] = self.upstream_429.get(environment, 0) + 1
@@ -160,10 +176,34 @@ class Metrics:
             ["listener", "reason"],
             self.clients_closed.items(),
         )
+        yield _counter(
+            "skyproxy_client_refusals",
+            "Requests refused by reason: token_required, invalid_token, token_not_allowed, "
+            "budget_exceeded, too_many_in_flight",
+            ["environment", "reason"],
+            self.refusals.items(),
+        )
+        if self._budget_warnings is not None:
+            yield _counter(
+                "skyproxy_budget_warnings",
+                "Subjects that crossed a budget's warn_at, once per period",
+                ["budget"],
+                (((k,), v) for k, v in self._budget_warnings().items()),
+            )
         if self._upstream is not None:
             yield from _upstream_families(self._upstream())
         if self.webhooks is not None:
             yield from _webhook_families(self.webhooks)
+        if self._cluster is not None:
+            errors, degraded = self._cluster
+            yield CounterMetricFamily(
+                "skyproxy_cluster_errors",
+                "Calls to the shared Redis that failed or timed out",
+                value=errors(),
+            )
+            yield GaugeMetricFamily(
+                "skyproxy_cluster_degraded", "1 while the shared Redis is unavailable", float(degraded())
+            )
         if self._audit is not None:
             depth, failures, dropped = self._audit
             yield GaugeMetricFamily(

@@ -42,6 +42,19 @@ def refusal(request: web.BaseRequest, limit: int) -> Failure | None:
     return None
 
 
+async def read_whole(request: web.BaseRequest) -> bytes | None:
+    """A body of known, small length, read now (after a 100-continue); None for any other.
+
+    For admission steps that must see the body before the exchange, such as pricing a create.
+    """
+    length = request.content_length
+    if not request.body_exists or length is None or length > SMALL_BODY:
+        return None
+    if request.version == HttpVersion11 and "Expect" in request.headers:
+        await _continue(request)
+    return await request.read()
+
+
 async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Upload:
     """The body to send on, and its length when it streams with a known one.
 

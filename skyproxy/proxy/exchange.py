@@ -13,9 +13,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyproxy.audit.events import Kind
+from skyproxy.budgets.enforce import NO_HOLD, Hold
 from skyproxy.http1.client import Client, Origin
 from skyproxy.keys.sources import Secret
 from skyproxy.proxy.deadlines import Deadlines
+from skyproxy.proxy.inflight import NO_SLOTS, Slots
 from skyproxy.proxy.runtime import EnvRuntime, Runtime
 
 CAPTURE_LIMIT = 65_536  # bytes of a body kept for the audit; bigger bodies are not parsed
@@ -49,6 +51,16 @@ class Call:
     reply: CIMultiDict[str]  # headers every answer to it carries: request id, CORS, rate limits
     kind: Kind | None  # a prediction event the audit records, or None
     user: str | None = None  # who is billed, once admitted
+    client: str | None = None  # the client token's name, when one was presented
+    body: bytes | None = None  # read whole during admission, to price a create
+    model: str | None = None  # the model `body` names, when it was read
+    slots: Slots = NO_SLOTS  # in-flight slots held until the exchange ends
+    hold: Hold = NO_HOLD  # the budgets' reservation, until the create is recorded
+
+    def release(self) -> None:
+        """Gives back what admission took; however the exchange ended, and only once."""
+        self.slots.release()
+        self.hold.release()
 
 
 @dataclass(frozen=True, slots=True)

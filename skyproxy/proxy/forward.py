@@ -11,13 +11,13 @@ import asyncio
 
 import aiohttp
 
-from skyproxy.http1.client import ConnectTimeout, Response, UpstreamError
+from skyproxy.http1 import ConnectTimeout, ReadTimeout, Response, UpstreamError, WriteTimeout
 from skyproxy.proxy import links
 from skyproxy.proxy.body import BodyTooLarge, too_large, upload
 from skyproxy.proxy.deadlines import Deadline
 from skyproxy.proxy.exchange import Call, Failure, Outcome, Route
 from skyproxy.proxy.headers import outbound_head
-from skyproxy.proxy.relay import relay
+from skyproxy.proxy.relay import cut, relay
 
 TIMED_OUT = Failure(504, "upstream_timeout", "Upstream did not answer in time.")
 CONNECT_TIMED_OUT = Failure(502, "upstream_unreachable", "Upstream connect timed out.")
@@ -73,6 +73,8 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
         outcome.failure = too_large(route.max_body_bytes)
     except ConnectTimeout:
         outcome.failure = CONNECT_TIMED_OUT
+    except (ReadTimeout, WriteTimeout):
+        outcome.failure = TIMED_OUT
     except (UpstreamError, aiohttp.ClientError, OSError) as exc:
         why = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
         outcome.failure = Failure(502, "upstream_unreachable", f"Upstream unreachable: {why}.")
@@ -86,8 +88,9 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
     if failure is not None:
         outcome.status = failure.status
         if outcome.sent:
-            # The status line had gone out; nothing to do but cut the client's connection.
+            # The status line had gone out: cut the client's connection, so the answer it
+            # got so far can never pass for a whole one.
             outcome.broken = True
             if request.transport is not None:
-                request.transport.close()
+                cut(request.transport)
     return outcome

@@ -13,13 +13,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyproxy.audit import events
+from skyproxy.budgets.enforce import Exceeded
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
-from skyproxy.proxy import body, creates, record
+from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import forward
 from skyproxy.proxy.guard import Refusal
+from skyproxy.proxy.inflight import TooMany
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
 
@@ -74,30 +77,37 @@ class ProxyHandler:
             reply.extend(cors_headers(origin))
         kind = events.kind_of(request.method, path) if runtime.settings.audit.enabled else None
         call = Call(request, runtime, env, request_id, reply, kind)
-        # admit: awaited to its end before the exchange starts, so the exchange runs a
-        # coroutine frame shallower; every resume of the I/O below walks that chain.
-        refused = await self._admit(call)
-        if refused is not None:
-            return self._count(refused, path)
-        # forward, which relays the answer as it comes
-        route = self._route
-        if route is None or self._routed is not env:
-            route = self._new_route(call)
-        read: bytes | None = None
-        book = self.state.webhooks
-        if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
-            limit = runtime.settings.server.max_body_bytes
-            prepared = await creates.prepare(request, book, env.name, call.user, request_id, limit, reply)
-            if isinstance(prepared, web.Response):
-                return self._count(prepared, path)
-            read = prepared
-        outcome = await forward(route, call, read)
-        failure = outcome.failure
-        response = outcome.response if failure is None else _failed(call, failure)
-        assert response is not None  # forward() returns an answer or a failure
-        # record
-        record.exchange(self.state, call, outcome)
-        return self._count(response, path)
+        try:
+            # admit: awaited to its end before the exchange starts, so the exchange runs a
+            # coroutine frame shallower; every resume of the I/O below walks that chain.
+            refused = await self._admit(call)
+            if refused is not None:
+                return self._count(refused, path)
+            # forward, which relays the answer as it comes
+            route = self._route
+            if route is None or self._routed is not env:
+                route = self._new_route(call)
+            read = call.body  # read whole in admission to price a create, or None
+            book = self.state.webhooks
+            if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
+                limit = runtime.settings.server.max_body_bytes
+                prepared = await creates.prepare(
+                    request, book, env.name, call.user, request_id, limit, reply, read
+                )
+                if isinstance(prepared, web.Response):
+                    return self._count(prepared, path)
+                read = prepared
+            outcome = await forward(route, call, read)
+            failure = outcome.failure
+            response = outcome.response if failure is None else _failed(call, failure)
+            assert response is not None  # forward() returns an answer or a failure
+            # record: a create's line turns its reservation into spend before the release
+            claim = record.exchange(self.state, call, outcome)
+            if claim is not None:
+                await claim  # under [cluster]: which replica writes the terminal line
+            return self._count(response, path)
+        finally:
+            call.release()  # in-flight slots and budget reservations, however it ended
 
     async def _admit(self, call: Call) -> web.Response | None:
         """Rate limits, the audit's health and the body's terms: a refusal, or None.
@@ -109,6 +119,15 @@ class ProxyHandler:
         method = request.method
         path = request.path
         user = call.user = request.headers.get(env.user_header)
+        if env.settings.client_auth != "off":  # before every limit: an unknown client spends nothing
+            token = access.authenticate(
+                self.state.tokens, env.settings.client_auth == "required", env.name, request.headers
+            )
+            if isinstance(token, Refusal):
+                return self._token_refused(call, token)
+            if token is not None:
+                call.client = token.name
+                user = call.user = token.user_id(user)
         if runtime.limits.is_limited(env.name, method, path):
             rate_limit = runtime.settings.rate_limit
             if not user:
@@ -116,7 +135,12 @@ class ProxyHandler:
                     message = f"The {rate_limit.user_header} header is required."
                     return error_response(400, "missing_user", message, call.request_id, headers=call.reply)
                 user = call.user = "anonymous"
-            verdict = await runtime.limits.check(env.name, method, path, user)
+            try:
+                verdict = await runtime.limits.check(env.name, method, path, user)
+            except ClusterUnavailable:  # [cluster] on_error = "closed", and Redis is not answering
+                call.reply["Retry-After"] = "1"
+                message = "The shared rate limits cannot be checked right now. Please retry."
+                return error_response(503, "limits_unavailable", message, call.request_id, headers=call.reply)
             if verdict is not None:
                 call.reply.extend(verdict.headers)
                 if not verdict.allowed:
@@ -135,7 +159,69 @@ class ProxyHandler:
             message = "The audit trail cannot be written; predictions are paused."
             return error_response(503, "audit_unavailable", message, call.request_id, headers=call.reply)
         failure = body.refusal(request, runtime.settings.server.max_body_bytes)
-        return None if failure is None else _failed(call, failure)
+        if failure is not None:
+            return _failed(call, failure)
+        if runtime.inflight.is_capped(env.name):
+            slots = runtime.inflight.enter(env.name, method, path, call.user or "anonymous")
+            if isinstance(slots, TooMany):
+                return self._too_many(call, slots)
+            call.slots = slots
+        if call.kind == "create" and self.state.budgets.applies(env.name):
+            return await self._reserve(call)
+        return None
+
+    def _token_refused(self, call: Call, refusal: Refusal) -> web.Response:
+        """401 or 403 for the client's token; the token itself is never echoed or logged."""
+        request = call.request
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, refusal.code)
+        self.state.metrics.refused(call.env.name, refusal.code)
+        if refusal.status == 401:
+            call.reply.extend(access.CHALLENGE)
+        return error_response(
+            refusal.status, refusal.code, refusal.message, call.request_id, headers=call.reply
+        )
+
+    def _too_many(self, call: Call, over: TooMany) -> web.Response:
+        self.state.metrics.refused(call.env.name, "too_many_in_flight")
+        call.reply["Retry-After"] = str(over.retry_after)
+        return error_response(
+            429,
+            "too_many_in_flight",
+            over.message,
+            call.request_id,
+            headers=call.reply,
+            extra={"retry_after": over.retry_after},
+        )
+
+    async def _reserve(self, call: Call) -> web.Response | None:
+        """The create's estimate reserved under every budget, or 402 when one would be passed.
+
+        A small body is read now to find its model; one that streams on (or comes
+        content-encoded) cannot be priced yet and is reserved at the dearest price."""
+        request = call.request
+        env = call.env
+        pricing = call.runtime.settings.pricing
+        estimate = 0.0
+        if pricing:  # without prices every estimate is 0: no need to look at the body
+            call.body = await body.read_whole(request)
+            plain = "Content-Encoding" not in request.headers
+            if call.body is not None:
+                call.model = events.model_of(events.parse_json(call.body, None))
+            known = not request.body_exists or (call.body is not None and plain)
+            estimate = access.estimate(pricing, call.model, known)
+        held = self.state.budgets.admit(env.name, call.user, call.client, estimate)
+        if not isinstance(held, Exceeded):
+            call.hold = held
+            return None
+        self.state.metrics.refused(env.name, "budget_exceeded")
+        record.rejected(self.state, call, 402)
+        call.reply["Retry-After"] = str(held.retry_after)
+        message = (
+            f"Budget {held.budget} (${held.limit_usd:g} per {held.period}) is spent until {held.resets_at}"
+        )
+        return error_response(
+            402, "budget_exceeded", message, call.request_id, headers=call.reply, extra=held.fields()
+        )
 
     def _new_route(self, call: Call) -> Route:
         """The environment's route under the call's generation: built on its first request."""

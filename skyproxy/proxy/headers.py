@@ -34,16 +34,16 @@ _DROP_REQUEST = frozenset(
 # headers are dropped apart (see the relay), since they are a prefix, not a list.
 DROP_RESPONSE = frozenset(
     (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "set-cookie",
-        "x-request-id",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"set-cookie",
+        b"x-request-id",
     )
 )
 # Only codings the relay can undo, so an error body can always be scrubbed of the key.

@@ -1,15 +1,16 @@
-"""Per-user and per-environment rate limits: aiolimiter leaky buckets behind one `check`.
+"""Per-user and per-environment rate limits: leaky buckets behind one `check`.
 
-Every bucket is an `aiolimiter.AsyncLimiter`, so the level, the leak and the clock
-(`loop.time()`) are aiolimiter's. A rule's per-user rate gives one limiter per
-(environment, rule, user); its per-environment rate gives one limiter per
-(environment, rule), shared by every user of that environment.
+The buckets are leaky.py's, with aiolimiter's arithmetic and its clock, the running
+loop's `time()`. A rule's per-user rate gives one bucket per (environment, rule, user),
+kept as flat state the garbage collector never walks (the user header is client input,
+so their number is the client's choice); its per-environment rate gives one `Bucket`
+per (environment, rule), shared by every user of that environment.
 
 `check` runs on every limited request, in three phases:
 
-1. Per-user buckets are looked at, never waited on: `has_capacity()` leaks the bucket
-   and says whether one more unit fits. If any matching rule has no room, the answer is
-   429 `rate_limited` at once, and nothing has been consumed anywhere.
+1. Per-user buckets are looked at, never waited on: each is leaked to now, and if any
+   matching rule has no room for one more unit, the answer is 429 `rate_limited` at
+   once, and nothing has been consumed anywhere.
 2. Environment buckets are decided without consuming either. The wait is known exactly
    from the level (a leaky bucket drains at a fixed pace), so a request whose wait
    would exceed the rule's `max_wait` gets 429 `environment_rate_limited` at once
@@ -18,23 +19,16 @@ Every bucket is an `aiolimiter.AsyncLimiter`, so the level, the leak and the clo
    environment rejection costs the user nothing: no unit is taken, so none needs a
    refund.
 3. Everything is consumed in one synchronous step: a unit in each per-user bucket and
-   each environment bucket (what `AsyncLimiter.acquire` adds, without a coroutine per
-   call). An environment bucket may go above its `max_rate` by the reservations of
-   requests still waiting, at most `max_wait` seconds' worth; each waiting request
-   sleeps until its own unit has drained, so bursts leave at the account's pace, first
-   come first served. A request cancelled while it waits (the client went away) gives
-   all of its units back.
+   each environment bucket. An environment bucket may go above its `max_rate` by the
+   reservations of requests still waiting, at most `max_wait` seconds' worth; each
+   waiting request sleeps until its own unit has drained, so bursts leave at the
+   account's pace, first come first served. A request cancelled while it waits (the
+   client went away) gives all of its units back.
 
-Reading the level, and adding or returning a unit, need aiolimiter's private state;
-bucket.py is the one module that touches it.
-
-Idle buckets are dropped: a bucket idle for a whole period has fully drained, so a
-fresh one is equivalent. Each (environment, rule) keeps its users in an `OrderedDict`
-in last-use order, so the stale ones are always at the front; inserting a new user
-first drops up to two stale ones from there (amortised O(1), the dict cannot outgrow
-the users seen within one period by more than a constant factor), `evict_idle()` sweeps
-them all for a periodic task, and `max_buckets_per_rule` is a hard cap that drops the
-least recently used bucket even when it has not drained.
+Idle per-user buckets are dropped (see leaky.py): inserting a new user first drops a
+couple of drained ones, `evict_idle()` sweeps them all for a periodic task, and
+`max_buckets_per_rule` is a hard cap that drops the least recently used buckets even
+when they have not drained.
 
 A reload builds a new `Limits` with `previous=`: buckets whose (environment, rule name,
 rate) is unchanged are carried over as the same objects, levels included; the others
@@ -45,33 +39,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiolimiter import AsyncLimiter
-
 from skyproxy.config import EnvironmentSettings, Rate, RateRule
-from skyproxy.proxy.bucket import (
-    give_back,
-    last_used,
-    seconds_to_empty,
-    seconds_to_fit,
-    take_unit,
-    units_free,
-)
+from skyproxy.proxy.leaky import Bucket, UserBuckets
 
 __all__ = ["DEFAULT_MAX_BUCKETS_PER_RULE", "Limits", "Verdict"]
 
 # Hard cap on the per-user buckets of one (environment, rule). A bucket costs about
-# 0.7 KB with its key, so this bounds one rule at roughly 0.7 GB even under a flood of
+# 130 bytes with its key, so this bounds one rule at roughly 130 MB even under a flood of
 # distinct user ids that idle eviction alone cannot shed (all active within a period).
 DEFAULT_MAX_BUCKETS_PER_RULE = 1_000_000
 
 # Float slack so a wait of 2.000000000001 seconds still reads as 2.
 _EPS = 1e-9
-# How many stale buckets one insert may drop from the front of its dict.
-_EVICT_PER_INSERT = 2
 
 LIMIT = "RateLimit-Limit"
 REMAINING = "RateLimit-Remaining"
@@ -97,44 +79,16 @@ def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait - _EPS))
 
 
-class _UserBuckets:
-    """The per-user buckets of one (environment, rule, rate), least recently used first."""
+def _when(reached: str, retry_after: int, limit: str, reset: int) -> str:
+    """A 429's message: the two waits its headers carry, each named, as they differ.
 
-    __slots__ = ("buckets", "cap", "limit", "max_rate", "period")
-
-    def __init__(self, rate: Rate, cap: int | None) -> None:
-        self.max_rate = rate.count
-        self.period = rate.period
-        self.limit = str(rate.count)
-        self.cap = cap
-        self.buckets: OrderedDict[str, AsyncLimiter] = OrderedDict()
-
-    def get(self, user: str) -> AsyncLimiter:
-        """The user's bucket, marked as just used; created (after some eviction) if new."""
-        buckets = self.buckets
-        bucket = buckets.get(user)
-        if bucket is not None:
-            buckets.move_to_end(user)
-            return bucket
-        if buckets:
-            self.evict(asyncio.get_running_loop().time(), _EVICT_PER_INSERT)
-        bucket = buckets[user] = AsyncLimiter(self.max_rate, self.period)
-        if self.cap is not None and len(buckets) > self.cap:
-            buckets.popitem(last=False)
-        return bucket
-
-    def evict(self, now: float, limit: int = -1) -> int:
-        """Drop up to `limit` (-1: all) buckets idle for a whole period, oldest first."""
-        buckets = self.buckets
-        period = self.period
-        dropped = 0
-        while buckets and dropped != limit:
-            user = next(iter(buckets))
-            if now - last_used(buckets[user]) < period:
-                break
-            del buckets[user]
-            dropped += 1
-        return dropped
+    A leaky bucket frees one unit at a time, so the next request fits long before the
+    whole quota is back (RateLimit-Reset, as the IETF RateLimit draft defines it).
+    """
+    return (
+        f"{reached} The next request fits in {retry_after} s (Retry-After); "
+        f"all {limit} are available again in {reset} s (RateLimit-Reset)."
+    )
 
 
 class _Rule:
@@ -147,28 +101,28 @@ class _Rule:
         "env_message",
         "max_wait",
         "name",
+        "user_limit",
         "user_message",
         "users",
     )
 
-    def __init__(self, rule: RateRule, users: _UserBuckets | None, env: AsyncLimiter | None) -> None:
+    def __init__(self, rule: RateRule, users: UserBuckets | None, env: Bucket | None) -> None:
         self.name = rule.name
         self.users = users
         self.env = env
         self.max_wait = rule.max_wait
         self.alone: tuple[_Rule, ...] = (self,)
+        self.user_limit = ""
         self.user_message = ""
         if rule.per_user is not None:
-            self.user_message = (
-                f"Your generation limit ({rule.per_user.label}) has been reached. Please wait."
-            )
+            self.user_limit = str(rule.per_user.count)
+            self.user_message = f"Your generation limit ({rule.per_user.label}) has been reached."
         self.env_limit = ""
         self.env_message = ""
         if rule.per_environment is not None:
             self.env_limit = str(rule.per_environment.count)
             self.env_message = (
-                f"The environment's request quota ({rule.per_environment.label}) "
-                "has been reached. Please retry."
+                f"The environment's request quota ({rule.per_environment.label}) has been reached."
             )
 
 
@@ -231,8 +185,8 @@ class Limits:
             raise ValueError("max_buckets_per_rule must be at least 1 (or None)")
         # Keyed by (environment, rule name, occurrence of that name, rate): what a
         # reload compares. The occurrence keeps two rules that share a name apart.
-        self._users: dict[tuple[str, str, int, Rate], _UserBuckets] = {}
-        self._envs: dict[tuple[str, str, int, Rate], AsyncLimiter] = {}
+        self._users: dict[tuple[str, str, int, Rate], UserBuckets] = {}
+        self._envs: dict[tuple[str, str, int, Rate], Bucket] = {}
         self._routes: dict[str, _Routes] = {}
         old_users = previous._users if previous is not None else {}
         old_envs = previous._envs if previous is not None else {}
@@ -248,7 +202,7 @@ class Limits:
                     key = (env_name, rule.name, occurrence, rule.per_user)
                     users = old_users.get(key)
                     if users is None:
-                        users = _UserBuckets(rule.per_user, max_buckets_per_rule)
+                        users = UserBuckets(rule.per_user, max_buckets_per_rule)
                     users.cap = max_buckets_per_rule
                     self._users[key] = users
                 env_bucket = None
@@ -257,7 +211,7 @@ class Limits:
                     key = (env_name, rule.name, occurrence, rate)
                     env_bucket = old_envs.get(key)
                     if env_bucket is None:
-                        env_bucket = AsyncLimiter(rate.count, rate.period)
+                        env_bucket = Bucket(rate)
                     self._envs[key] = env_bucket
                 entries.append((rule, _Rule(rule, users, env_bucket)))
             if entries:
@@ -280,26 +234,29 @@ class Limits:
         rules = routes.match(method, path)
         if not rules:
             return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
 
         # 1. Per-user: look, consume nothing. The longest wait decides Retry-After.
         blocked: _Rule | None = None
-        blocked_wait = 0.0
+        blocked_wait = blocked_level = 0.0
         for rule in rules:
-            if rule.users is not None:
-                bucket = rule.users.get(user)
-                if not bucket.has_capacity():
-                    wait = seconds_to_fit(bucket)
+            users = rule.users
+            if users is not None:
+                level = users.leak(user, now)
+                if not users.fits(level):
+                    wait = users.seconds_to_fit(level)
                     if blocked is None or wait > blocked_wait:
-                        blocked, blocked_wait = rule, wait
+                        blocked, blocked_wait, blocked_level = rule, wait, level
         if blocked is not None:
-            return self._user_rejection(blocked, blocked_wait, user)
+            return self._user_rejection(blocked, blocked_wait, blocked_level)
 
         # 2. Environment: decide, consume nothing. Waiting is fine up to max_wait.
         delay = 0.0
         for rule in rules:
             env = rule.env
             if env is not None:
-                wait = seconds_to_fit(env)
+                wait = env.seconds_to_fit(env.leak(now))
                 if wait > rule.max_wait:
                     over = wait - rule.max_wait
                     if blocked is None or over > blocked_wait:
@@ -310,31 +267,33 @@ class Limits:
             return self._environment_rejection(blocked, blocked_wait)
 
         # 3. Consume everything at once; pick the bucket the headers describe.
-        shown: AsyncLimiter | None = None
+        shown: UserBuckets | Bucket | None = None
         shown_rule = rules[0]
+        shown_level = 0.0
         shown_left = 0
         for rule in rules:
             env = rule.env
             if env is not None:
-                take_unit(env)
+                env.take()
             users = rule.users
             if users is not None:
-                bucket = users.buckets[user]  # present: phase 1 just touched it
-                left = take_unit(bucket)
+                level = users.take(user)
+                left = users.units_left(level)
                 if shown is None or left < shown_left:
-                    shown, shown_rule, shown_left = bucket, rule, left
+                    shown, shown_rule, shown_level, shown_left = users, rule, level, left
         if shown is None:  # no per-user rate here: describe the environment quota
             for rule in rules:
-                if rule.env is not None:
-                    left = units_free(rule.env)
+                env = rule.env
+                if env is not None:
+                    left = env.units_free(env.level)
                     if shown is None or left < shown_left:
-                        shown, shown_rule, shown_left = rule.env, rule, left
+                        shown, shown_rule, shown_level, shown_left = env, rule, env.level, left
         assert shown is not None  # every rule has a per-user or environment rate
 
         if delay > 0:
             await self._wait_turn(rules, user, delay)
-            shown.has_capacity()  # leak over the wait, for fresh headers
-        shown_left = units_free(shown)
+            now = loop.time()  # leak over the wait, for fresh headers
+            shown_level = shown.level(user, now) if isinstance(shown, UserBuckets) else shown.leak(now)
 
         # Positional: a frozen dataclass is built field by field, and keywords cost more.
         return Verdict(
@@ -344,36 +303,43 @@ class Limits:
             None,
             None,
             shown_rule.name,
-            {LIMIT: str(shown.max_rate), REMAINING: str(shown_left), RESET: str(seconds_to_empty(shown))},
+            {
+                LIMIT: str(shown.max_rate),
+                REMAINING: str(shown.units_free(shown_level)),
+                RESET: str(shown.seconds_to_empty(shown_level)),
+            },
         )
 
     async def _wait_turn(self, rules: tuple[_Rule, ...], user: str, delay: float) -> None:
         """Sleep until this request's environment units drain; refund all if cancelled."""
-        held = [rule.env for rule in rules if rule.env is not None]
-        held += [rule.users.buckets[user] for rule in rules if rule.users is not None]
+        loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(delay)
         except asyncio.CancelledError:
-            for bucket in held:
-                give_back(bucket)
+            now = loop.time()
+            for rule in rules:
+                if rule.env is not None:
+                    rule.env.give_back(now)
+                if rule.users is not None:
+                    rule.users.give_back(user, now)
             raise
 
     @staticmethod
-    def _user_rejection(rule: _Rule, wait: float, user: str) -> Verdict:
+    def _user_rejection(rule: _Rule, wait: float, level: float) -> Verdict:
         assert rule.users is not None
-        bucket = rule.users.buckets[user]
         seconds = _seconds(wait)
+        reset = rule.users.seconds_to_empty(level)
         return Verdict(
             allowed=False,
             code="rate_limited",
-            message=rule.user_message,
+            message=_when(rule.user_message, seconds, rule.user_limit, reset),
             retry_after=seconds,
             scope="user",
             rule=rule.name,
             headers={
-                LIMIT: rule.users.limit,
+                LIMIT: rule.user_limit,
                 REMAINING: "0",
-                RESET: str(seconds_to_empty(bucket)),
+                RESET: str(reset),
                 RETRY_AFTER: str(seconds),
             },
         )
@@ -382,30 +348,31 @@ class Limits:
     def _environment_rejection(rule: _Rule, wait: float) -> Verdict:
         assert rule.env is not None
         seconds = _seconds(wait)
+        reset = rule.env.seconds_to_empty(rule.env.level)
         return Verdict(
             allowed=False,
             code="environment_rate_limited",
-            message=rule.env_message,
+            message=_when(rule.env_message, seconds, rule.env_limit, reset),
             retry_after=seconds,
             scope="environment",
             rule=rule.name,
             headers={
                 LIMIT: rule.env_limit,
                 REMAINING: "0",
-                RESET: str(seconds_to_empty(rule.env)),
+                RESET: str(reset),
                 RETRY_AFTER: str(seconds),
             },
         )
 
     def evict_idle(self, now: float | None = None) -> int:
-        """Drop every per-user bucket idle for a whole period; returns how many.
+        """Drop the per-user buckets idle for a whole period (see leaky.py); returns how many.
 
-        `now` defaults to the running loop's clock (aiolimiter's clock).
+        `now` defaults to the running loop's clock, the one the buckets use.
         """
         if now is None:
             now = asyncio.get_running_loop().time()
         return sum(users.evict(now) for users in self._users.values())
 
     def bucket_count(self) -> int:
-        """Limiters held: per-user buckets plus one per environment-limited rule."""
-        return sum(len(users.buckets) for users in self._users.values()) + len(self._envs)
+        """Buckets held: per-user buckets plus one per environment-limited rule."""
+        return sum(len(users) for users in self._users.values()) + len(self._envs)

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from skyproxy.audit.events import Tracker
 from skyproxy.audit.writer import AuditWriter
+from skyproxy.budgets.enforce import Budgets
 from skyproxy.config import EnvironmentSettings, Settings
 from skyproxy.errors import KeySourceError
 from skyproxy.http1.client import Origin
@@ -22,8 +24,15 @@ from skyproxy.keys.sources import resolve
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
+from skyproxy.proxy.inflight import InFlight
 from skyproxy.proxy.limits import Limits
+from skyproxy.proxy.shared_limits import SharedLimits
+from skyproxy.tokens.registry import Tokens
 from skyproxy.webhooks.routes import RouteBook
+
+if TYPE_CHECKING:  # redis is loaded only when [cluster] is configured
+    from skyproxy.cluster.backend import RateBackend
+    from skyproxy.cluster.node import ClusterNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +53,8 @@ class Runtime:
     settings: Settings
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
-    limits: Limits
+    limits: Limits | SharedLimits
+    inflight: InFlight
 
 
 def resolve_keys(
@@ -71,7 +81,9 @@ def build_runtime(
     base_urls: Mapping[str, str],
     generation: int,
     previous: Runtime | None = None,
+    shared: RateBackend | None = None,
 ) -> Runtime:
+    """`shared`: the cluster's rate backend, used instead of this process's buckets."""
     user_header = settings.rate_limit.user_header
     environments = {
         name: EnvRuntime(
@@ -91,14 +103,31 @@ def build_runtime(
         settings=settings,
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
-        limits=Limits(settings.environments, previous=previous.limits if previous else None),
+        limits=_limits(settings, previous, shared),
+        inflight=InFlight(settings.environments, previous.inflight if previous else None),
     )
+
+
+def _limits(
+    settings: Settings, previous: Runtime | None, shared: RateBackend | None
+) -> Limits | SharedLimits:
+    if shared is not None:
+        return SharedLimits(settings.environments, shared)
+    local = previous.limits if previous is not None and isinstance(previous.limits, Limits) else None
+    return Limits(settings.environments, previous=local)
 
 
 class State:
     """The process's shared services and the current generation, handed to every handler."""
 
-    def __init__(self, runtime: Runtime, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        audit: AuditWriter,
+        metrics: Metrics,
+        tokens: Tokens | None = None,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.runtime = runtime
         self.audit = audit
         self.metrics = metrics
@@ -109,7 +138,11 @@ class State:
         self.requests: dict[str, int] = {}
         self.key_ages: dict[str, int | None] = {}
         self.reload: Callable[[], Awaitable[str | None]] | None = None
+        # Process-wide, not per generation: a revoke or a dollar spent outlives a reload.
+        self.tokens = tokens if tokens is not None else Tokens(runtime.settings.tokens_file)
+        self.budgets = budgets if budgets is not None else Budgets(runtime.settings.budgets)
         self.webhooks: RouteBook | None = None  # set while [webhooks] is on
+        self.cluster: ClusterNode | None = None  # set while [cluster] is on
 
     def count(self, environment: str, route: str, status: int) -> None:
         self.requests[environment] = self.requests.get(environment, 0) + 1

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.keys.secret import Secret
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.webhooks import payload
+from skyproxy.webhooks.queue import Receipts, StoreReceipts
 from skyproxy.webhooks.signing import SKYTELLS_HEADER, verify_skytells
 from skyproxy.webhooks.stats import WebhookStats
-from skyproxy.webhooks.store import Route, Store, StoreThread
+from skyproxy.webhooks.store import Route, StoreThread
 
 log = logging.getLogger("skyproxy")
 _HOOK = re.compile(r"/hooks/([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{16,64})")
@@ -50,8 +52,9 @@ class Receiver:
         config: ReceiverConfig,
         stats: WebhookStats,
         on_stored: Callable[[Arrival], None] | None = None,
+        receipts: Receipts | None = None,  # with [cluster]: the shared outbox
     ) -> None:
-        self._db = db
+        self._receipts = receipts or StoreReceipts(db)
         self.config = config  # swapped whole on reload
         self.stats = stats
         self._on_stored = on_stored
@@ -92,16 +95,16 @@ class Receiver:
     ) -> web.StreamResponse:
         parsed = payload.parse(body)
         content_type = request.headers.get("Content-Type", "application/json")
-        receipt = await self._db.run(
-            Store.receive,
-            environment,
-            route_id,
-            body,
-            content_type,
-            parsed.prediction_id,
-            parsed.event,
-            time.time(),
-        )
+        try:
+            receipt = await self._receipts.receive(
+                environment, route_id, body, content_type, parsed.prediction_id, parsed.event, time.time()
+            )
+        except ClusterUnavailable:
+            # Not stored, so not acknowledged: Skytells sends it again later.
+            message = "Webhooks cannot be stored right now. Please retry."
+            unavailable = error_response(503, "webhooks_unavailable", message, request_id)
+            unavailable.headers["Retry-After"] = "1"
+            return unavailable
         if receipt.outcome == "unknown_route":
             return _unknown_route(request_id)
         headers = {"X-Request-Id": request_id}

@@ -23,9 +23,10 @@ import aiohttp
 from skyproxy import __version__
 from skyproxy.config import TargetPattern
 from skyproxy.webhooks import schedule, targets
+from skyproxy.webhooks.queue import DeliveryQueue, StoreQueue
 from skyproxy.webhooks.signing import SigningKeys, signature_header
 from skyproxy.webhooks.stats import WebhookStats
-from skyproxy.webhooks.store import Due, Outbox, Store, StoreThread
+from skyproxy.webhooks.store import Due, Outbox, StoreThread
 
 log = logging.getLogger("skyproxy")
 ATTEMPT_TIMEOUT = 15.0  # seconds for one whole attempt: connect, send, answer head
@@ -51,8 +52,9 @@ class Relay:
         timeout: float = ATTEMPT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        queue: DeliveryQueue | None = None,  # with [cluster]: the shared outbox
     ) -> None:
-        self._db = db
+        self._queue = queue or StoreQueue(db)
         self.config = config
         self.stats = stats
         self._per_origin = per_origin
@@ -114,7 +116,7 @@ class Relay:
         room = self._max_in_flight - len(self._in_flight)
         full = tuple(origin for origin, count in self._per.items() if count >= self._per_origin)
         now = self._clock()
-        outbox: Outbox = await self._db.run(Store.outbox, now, tuple(self._in_flight), full, room)
+        outbox: Outbox = await self._queue.due(now, tuple(self._in_flight), full, room)
         self.stats.outbox_depth = outbox.depth
         self.stats.oldest_queued_at = outbox.oldest_queued_at
         skipped = False
@@ -158,7 +160,7 @@ class Relay:
         attempts = due.attempts + 1
         if not targets.allowed(due.target, config.allowed_targets):
             # Checked again here: the config may have changed since the create was let through.
-            await self._db.run(Store.dead, due.event_id, due.attempts, "target not in allowed_targets")
+            await self._queue.dead(due.event_id, due.attempts, "target not in allowed_targets")
             self.stats.dead += 1
             log.warning("webhook %s: target no longer allowed by allowed_targets; dead", due.event_id)
             return
@@ -193,24 +195,22 @@ class Relay:
     async def _record(self, due: Due, attempts: int, decision: schedule.Decision, error: str) -> None:
         event_id = due.event_id
         if decision.verdict == "delivered":
-            await self._db.run(Store.delivered, event_id, attempts)
+            await self._queue.delivered(event_id, attempts)
             self.stats.delivered += 1
         elif decision.verdict == "gone":
-            count = await self._db.run(
-                Store.gone, due.route_id, event_id, attempts, "HTTP 410", self._clock()
-            )
+            count = await self._queue.gone(due.route_id, event_id, attempts, "HTTP 410", self._clock())
             self.stats.gone += count
             log.warning(
                 "webhook route %s…: its target answered 410 Gone; nothing more is sent", due.route_id[:6]
             )
         elif decision.verdict == "dead":
-            await self._db.run(Store.dead, event_id, attempts, error)
+            await self._queue.dead(event_id, attempts, error)
             self.stats.dead += 1
             log.warning(
                 "webhook %s to %s: dead after %d attempts (%s)", event_id, due.origin, attempts, error
             )
         else:
             next_at = self._clock() + decision.delay
-            await self._db.run(Store.retry, event_id, attempts, next_at, error)
+            await self._queue.retry(event_id, attempts, next_at, error)
             self.stats.retried += 1
             log.info("webhook %s to %s: %s; retry in %.1f s", event_id, due.origin, error, decision.delay)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from skyproxy.config import TargetPattern
 from skyproxy.webhooks import targets
 from skyproxy.webhooks.store import Route, Store, StoreThread, new_route_id
+
+if TYPE_CHECKING:
+    from skyproxy.webhooks.shared import SharedWebhooks
 
 MARKER = b'"webhook"'
 
@@ -29,6 +32,7 @@ class RouteBook:
     db: StoreThread
     public_url: str  # no trailing slash
     allowed_targets: tuple[TargetPattern, ...]
+    shared: SharedWebhooks | None = None  # with [cluster]: every replica's receiver knows the route
 
     async def rewrite_create(self, body: bytes, environment: str, user: str | None, request_id: str) -> bytes:
         """The body to send upstream: the same bytes, or the webhook URL replaced by a route's."""
@@ -48,6 +52,8 @@ class RouteBook:
             raise TargetNotAllowed(url)
         route = Route(new_route_id(), environment, url, events, user, request_id, time.time())
         await self.db.run(Store.add_route, route)
+        if self.shared is not None:
+            await self.shared.share_route(route)
         ours = f"{self.public_url}/hooks/{environment}/{route.id}"
         if isinstance(document["webhook"], str):
             document["webhook"] = ours

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from helpers.audit import T0, record
 
-from skyproxy.audit import events, summary
+from skyproxy.audit import costs, events, summary
 from skyproxy.audit.record import FIELDS as RECORD_FIELDS
 from skyproxy.audit.record import STATUSES, TERMINAL, AuditRecord, iso_millis
 
@@ -32,6 +32,7 @@ FIELDS = [
     "keyFingerprint",
     "method",
     "path",
+    "client",
 ]
 
 # -- the line -------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def test_line_is_compact_json_with_fields_in_order() -> None:
         '"environment":"production","userId":"alice","predictionId":"pred_000000",'
         '"model":"truefusion-pro","status":"created","httpStatus":201,"latencyMs":412.5,'
         '"costUsd":0.03,"ipAddress":"127.0.0.1","requestId":"req-000000",'
-        '"keyFingerprint":"sk-…ab12","method":"POST","path":"/v1/predictions"}\n'
+        '"keyFingerprint":"sk-…ab12","method":"POST","path":"/v1/predictions","client":null}\n'
     )
     assert list(json.loads(line)) == FIELDS
 
@@ -56,6 +57,7 @@ def test_line_is_compact_json_with_fields_in_order() -> None:
         {"userId": "zoë 🦊 日本", "model": "ünïcode"},
         {"userId": None, "predictionId": None, "model": None, "latencyMs": None},
         {"costUsd": None, "ipAddress": None, "requestId": None, "keyFingerprint": None},
+        {"client": "billing-backend", "userId": "end-user-7"},
         {"status": "rejected", "httpStatus": 429, "latencyMs": 3, "costUsd": 1e-07},
     ],
 )
@@ -126,7 +128,7 @@ def test_to_bytes_is_to_line_in_utf8() -> None:
 def test_statuses_are_defined_once_and_shared() -> None:
     assert {"created", "failed", "rejected", "succeeded", "canceled"} == STATUSES
     assert {"succeeded", "failed", "canceled"} == TERMINAL and TERMINAL <= STATUSES
-    assert summary.STATUSES is STATUSES and summary.TERMINAL is TERMINAL
+    assert summary.STATUSES is STATUSES and costs.TERMINAL is TERMINAL
     # The upstream spells one terminal status two ways; the audit knows only one.
     assert {events.status_of({"status": s}) for s in ("succeeded", "failed", "canceled")} == TERMINAL
     assert events.status_of({"status": "cancelled"}) == "canceled"

@@ -133,7 +133,8 @@ def test_check_valid_config(tmp_path: Path) -> None:
         "mock",
         "generated (mock)",
     ]
-    assert table["playground"][-1] == "ok"
+    # A mock's key is made afresh by each process: a fingerprint here would not be the daemon's.
+    assert table["playground"][-2:] == ["-", "ok (a new key each start)"]
     assert set(table) == {"ENVIRONMENT", "dev", "playground", "prod"}
     assert_no_canary(result.stdout, result.stderr)
     assert OTHER not in result.stdout + result.stderr
@@ -432,3 +433,58 @@ def test_check_notes_a_listen_port_already_in_use(tmp_path: Path) -> None:
     assert busy.returncode == 0, busy.stderr  # valid; the note is for the operator
     assert f"dev: 127.0.0.1:{port} is already in use (is skyproxy already running?" in busy.stdout
     assert free.returncode == 0 and "in use" not in free.stdout
+
+
+# -- the rough edges a newcomer hit ----------------------------------------------------------
+
+
+def test_key_set_without_a_terminal_reads_the_piped_key(tmp_path: Path, keyring_env: dict[str, str]) -> None:
+    path = write_config(tmp_path, KEYRING_CONFIG)
+    result = run("key", "set", "dev", "-c", str(path), env=keyring_env, stdin=CANARY + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "GetPassWarning" not in result.stderr and "Traceback" not in result.stderr
+    assert fingerprint(CANARY) in result.stdout
+    assert_no_canary(result.stdout, result.stderr)
+
+
+def test_key_set_refuses_an_environment_the_config_does_not_have(
+    tmp_path: Path, keyring_env: dict[str, str]
+) -> None:
+    path = write_config(tmp_path, KEYRING_CONFIG)
+    result = run("key", "set", "production", "-c", str(path), "--stdin", env=keyring_env, stdin=CANARY + "\n")
+    assert result.returncode == 1
+    assert "no environment 'production'" in result.stderr and "dev, prod" in result.stderr
+    shown = run("key", "show", "production", "-c", str(path), env=keyring_env)
+    assert "ok" not in shown.stdout.splitlines()[-1]
+
+
+def test_key_set_for_a_mock_environment_says_how_to_use_a_real_key(
+    tmp_path: Path, keyring_env: dict[str, str]
+) -> None:
+    path = write_config(tmp_path, '[environments.dev]\nlisten = ["127.0.0.1:18713"]\nupstream = "mock"\n')
+    result = run("key", "set", "dev", "-c", str(path), "--stdin", env=keyring_env, stdin=CANARY + "\n")
+    assert result.returncode == 1
+    assert "embedded mock" in result.stderr and "skyproxy init" in result.stderr
+    assert_no_canary(result.stdout, result.stderr)
+
+
+def test_key_list_without_any_config_says_so(tmp_path: Path) -> None:
+    result = run("key", "list", cwd=tmp_path, env={"HOME": str(tmp_path), "SKYPROXY_CONFIG": ""})
+    assert result.returncode == 1
+    assert "no config found" in result.stderr
+
+
+@pytest.mark.parametrize("group", [["key", "set"], ["key", "list"], ["audit", "summary"], ["check"]])
+def test_every_config_option_has_help(group: list[str]) -> None:
+    result = run(*group, "-h")
+    assert "config file (default: $SKYPROXY_CONFIG" in " ".join(result.stdout.split())
+
+
+def test_audit_summary_names_a_bad_since_once(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[environments.dev]\nlisten = ["127.0.0.1:0"]\nupstream = "mock"\n')
+    result = run("audit", "summary", "-c", str(path), "--since", "yesterday")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "skyproxy: --since: 'yesterday' is neither a duration such as 30m, 1h, 1d or 2w, "
+        "nor an ISO 8601 time such as 2026-11-25T10:00:00Z"
+    )

@@ -70,7 +70,8 @@ def test_example_file_loads() -> None:
     assert dev.listen == (Listen("127.0.0.1", 8787),)
     assert dev.is_mock
     assert dev.key == KeySpec("generated")
-    assert dev.rules[0].per_user is not None and str(dev.rules[0].per_user) == "100/minute"
+    # No override: the per-user limit fires before the environment's, as the quick start shows.
+    assert [(str(r.per_user), str(r.per_environment)) for r in dev.rules] == [("10/minute", "25/minute")]
     assert settings.audit.path == EXAMPLE.parent / "audit/audit.jsonl"
     assert settings.server.allowed_origins == frozenset()
     assert settings.pricing["truefusion-pro"] == 0.03

@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,9 +25,11 @@ from aiohttp import web
 from helpers import (
     CANARY,
     VENV_BIN,
+    Daemon,
     assert_no_canary,
     env_config,
     free_port,
+    wait_healthy,
     write_config,
 )
 from helpers.daemon import Spawn, audit_lines, create, eventually, generation, status_of
@@ -32,6 +38,7 @@ from skyproxy.keys.secret import fingerprint
 from skyproxy.mock.app import MockState
 
 SKYPROXY = str(VENV_BIN / "skyproxy")
+README = Path(__file__).resolve().parents[2] / "README.md"
 NO_LIMITS = 'rate_limit = { per_user = "1000000/second", per_environment = "1000000/second" }'
 
 
@@ -126,6 +133,44 @@ async def test_sigterm_under_load_writes_every_accepted_audit_line(
     assert_no_canary((tmp_path / "audit" / "audit.jsonl").read_text(), daemon.stderr())
 
 
+async def test_a_sigusr1_while_draining_still_only_reopens_the_audit_file(
+    tmp_path: Path, raw_upstream: Callable[[web.Application], object], spawn: Spawn
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"held": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/held", held)
+    upstream = await raw_upstream(app)  # type: ignore[misc]
+    port = free_port()
+    config = write_config(tmp_path, env_config(str(upstream), listen=f"127.0.0.1:{port}"))
+    daemon = await asyncio.to_thread(spawn, config, port)
+    async with aiohttp.ClientSession() as session:
+
+        async def get() -> tuple[int, object]:
+            async with session.get(f"{daemon.url}/v1/held") as r:
+                return r.status, await r.json()
+
+        request = asyncio.create_task(get())
+        await asyncio.wait_for(arrived.wait(), 20)
+        daemon.signal(signal.SIGTERM)
+        await eventually(lambda: "draining" in daemon.stderr(), "the drain has begun")
+        daemon.signal(signal.SIGUSR1)  # logrotate's, during a restart
+        await eventually(
+            lambda: "audit file reopened" in daemon.stderr() or daemon.process.poll() is not None,
+            "the signal handled",
+        )
+        assert daemon.process.poll() is None, f"SIGUSR1 killed a draining daemon: {daemon.process.returncode}"
+        release.set()
+        assert await request == (200, {"held": True})
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+    assert daemon.stderr().rstrip().endswith("skyproxy INFO stopped")
+
+
 # -- SIGHUP and SIGUSR1 ----------------------------------------------------------------------
 
 
@@ -215,6 +260,75 @@ async def test_sigusr1_reopens_the_audit_file(
     assert old[:4] == ids[:4]
     assert sorted(old + new) == sorted(ids), "every line is in exactly one of the two files"
     assert "audit file reopened" in daemon.stderr()
+
+
+def readme_postrotate() -> str:
+    """The command the README's logrotate example runs after a rotation."""
+    found = re.search(r"\n *postrotate\n(.*?)\n *endscript\n", README.read_text(), re.S)
+    assert found, "the README shows a logrotate config with a postrotate command"
+    return textwrap.dedent(found.group(1)).strip()
+
+
+async def test_the_readmes_logrotate_command_finds_a_venv_daemon(
+    tmp_path: Path, mock_upstream: tuple[str, MockState]
+) -> None:
+    command = readme_postrotate()
+    # Other skyproxy daemons may be running on this machine (other test runs), and a USR1
+    # kills one still starting. So the real pkill runs confined to this daemon's session,
+    # through a shim first on PATH; the command is otherwise run as written.
+    assert command.split()[0] == "pkill", "the shim confines pkill only"
+    real = shutil.which("pkill")
+    assert real is not None, "procps is installed"
+    url, _ = mock_upstream
+    port = free_port()
+    config = write_config(tmp_path, env_config(url, listen=f"127.0.0.1:{port}", env_extra=NO_LIMITS))
+    env = {**os.environ, "SKYPROXY_TEST_KEY": CANARY}
+    env.pop("NOTIFY_SOCKET", None)
+    stderr_path = tmp_path / "daemon.stderr"
+    with stderr_path.open("wb") as err:  # the venv's script, run by its python3
+        process = subprocess.Popen(
+            [SKYPROXY, "serve", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+    daemon = Daemon(process, f"http://127.0.0.1:{port}", config, stderr_path, env)
+    shim = tmp_path / "bin" / "pkill"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec {real} --session {process.pid} "$@"\n')
+    shim.chmod(0o755)
+    audit = tmp_path / "audit" / "audit.jsonl"
+    try:
+        await asyncio.to_thread(wait_healthy, daemon)
+        async with aiohttp.ClientSession() as session:
+            assert (await create(session, daemon.url))[0] == 201
+            await eventually(lambda: len(audit_lines(audit)) == 1, "the first line")
+            os.rename(audit, tmp_path / "audit" / "audit.jsonl.1")
+
+            # As logrotate runs it: the script text is an argument of sh.
+            ran = await asyncio.to_thread(
+                subprocess.run,
+                ["sh", "-c", command],
+                env={**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}"},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert ran.returncode == 0, f"{command!r} found no skyproxy: {ran.stderr}"
+
+            async def lands_in_new_file() -> bool:
+                assert (await create(session, daemon.url))[0] == 201
+                return audit.exists() and len(audit_lines(audit)) >= 1
+
+            await eventually(lands_in_new_file, "a line in a new file at the configured path")
+        assert "audit file reopened (SIGUSR1)" in daemon.stderr()
+        daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 # -- the notify protocol ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A fake `loop.time`, the clock aiolimiter (and so the rate limits) reads."""
+"""A fake `loop.time`, the clock the rate limits (and aiolimiter, their reference) read."""
 
 from __future__ import annotations
 

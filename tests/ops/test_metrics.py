@@ -74,3 +74,18 @@ async def test_upstream_pool_gauges_show_keep_alive_at_work(mock_upstream, start
     assert found[("skyproxy_upstream_connections_opened_total", dev)] == 1  # one, kept alive
     assert found[("skyproxy_upstream_connections", (*dev, ("state", "idle")))] == 1
     assert found[("skyproxy_upstream_connections", (*dev, ("state", "active")))] == 0
+
+
+def test_refusals_by_reason_and_budget_warnings() -> None:
+    m = Metrics()
+    for reason in ("invalid_token", "invalid_token", "budget_exceeded", "too_many_in_flight"):
+        m.refused("dev", reason)
+    warnings = {"daily": 2}
+    m.watch_budgets(lambda: warnings)
+    found = samples(m)
+    refusals = "skyproxy_client_refusals_total"
+    assert found[(refusals, (("environment", "dev"), ("reason", "invalid_token")))] == 2
+    assert found[(refusals, (("environment", "dev"), ("reason", "budget_exceeded")))] == 1
+    assert found[("skyproxy_budget_warnings_total", (("budget", "daily"),))] == 2
+    warnings["daily"] = 3  # read at scrape time
+    assert samples(m)[("skyproxy_budget_warnings_total", (("budget", "daily"),))] == 3

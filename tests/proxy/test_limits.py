@@ -1,4 +1,4 @@
-"""Rate limits against aiolimiter's own clock, the running loop's `time()`.
+"""Rate limits against their clock, the running loop's `time()`.
 
 Most tests freeze that clock (`clock` fixture) and move it by hand, so every number
 is exact; the tests of real waiting use real, short times and assert lower bounds only.
@@ -7,6 +7,7 @@ is exact; the tests of real waiting use real, short times and assert lower bound
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from helpers.clock import FakeClock, freeze_loop_clock
@@ -15,7 +16,10 @@ from skyproxy.config import EnvironmentSettings, KeySpec, Listen, Rate, RateRule
 from skyproxy.proxy.limits import Limits, Verdict
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-MESSAGE_10_MIN = "Your generation limit (10/min) has been reached. Please wait."
+MESSAGE_10_MIN = (
+    "Your generation limit (10/min) has been reached. The next request fits in 6 s (Retry-After); "
+    "all 10 are available again in 60 s (RateLimit-Reset)."
+)
 
 
 @pytest.fixture
@@ -95,7 +99,10 @@ async def test_message_numbers_come_from_the_rule(clock: FakeClock) -> None:
     limits = Limits(environments(rule(per_user="3/hour")))
     await posts(limits, "alice", 3)
     rejected = await post(limits, "alice")
-    assert rejected.message == "Your generation limit (3/hour) has been reached. Please wait."
+    assert rejected.message == (
+        "Your generation limit (3/hour) has been reached. The next request fits in 1200 s "
+        "(Retry-After); all 3 are available again in 3600 s (RateLimit-Reset)."
+    )
     assert rejected.retry_after == 1200
 
 
@@ -177,7 +184,10 @@ async def test_environment_limit_without_wait_rejects_at_once(clock: FakeClock) 
     assert rejected.allowed is False
     assert rejected.code == "environment_rate_limited"
     assert rejected.scope == "environment"
-    assert rejected.message == "The environment's request quota (3/min) has been reached. Please retry."
+    assert rejected.message == (
+        "The environment's request quota (3/min) has been reached. The next request fits in 20 s "
+        "(Retry-After); all 3 are available again in 60 s (RateLimit-Reset)."
+    )
     assert rejected.retry_after == 20
     assert rejected.headers == {
         "RateLimit-Limit": "3",
@@ -316,7 +326,10 @@ async def test_all_matching_rules_apply_and_headers_show_the_tightest(clock: Fak
 
     third = await post(limits, "alice")
     assert (third.allowed, third.rule, third.retry_after) == (False, "burst", 30)
-    assert third.message == "Your generation limit (2/min) has been reached. Please wait."
+    assert third.message == (
+        "Your generation limit (2/min) has been reached. The next request fits in 30 s "
+        "(Retry-After); all 2 are available again in 60 s (RateLimit-Reset)."
+    )
 
     # "all" holds the two allowed requests only: the rejected one took nothing there.
     other = await post(limits, "alice", "/v1/other")
@@ -354,6 +367,28 @@ async def test_evict_idle_drops_drained_buckets_only(clock: FakeClock) -> None:
     assert limits.evict_idle() == 100
     assert limits.bucket_count() == 50
     assert limits.evict_idle() == 0
+
+
+async def test_user_buckets_are_invisible_to_the_garbage_collector(clock: FakeClock) -> None:
+    # A full collection walks every object the collector tracks; per-user state must add
+    # none, or anyone who can vary the user header can make each collection longer.
+    limits = Limits(environments(rule(per_user="10/minute", per_environment="100000/minute")))
+    await post(limits, "first")
+    enabled = gc.isenabled()
+    gc.disable()  # a collection could untrack some objects (tuples) and hide them
+    try:
+        before = len(gc.get_objects())
+        for i in range(5000):
+            assert (await post(limits, f"user-{i}")).allowed
+        clock.advance(1)
+        for i in range(0, 5000, 2):  # used again: their state is replaced
+            assert (await post(limits, f"user-{i}")).allowed
+        tracked = len(gc.get_objects()) - before
+    finally:
+        if enabled:
+            gc.enable()
+    assert limits.bucket_count() == 5002
+    assert tracked < 100, f"{tracked} more objects for the collector to walk"
 
 
 async def test_an_evicted_bucket_behaves_like_the_drained_one(clock: FakeClock) -> None:

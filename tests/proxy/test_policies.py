@@ -17,6 +17,7 @@ from helpers import CANARY, env_config
 
 CREATE = {"model": "truefusion-pro", "input": {"prompt": "a secret prompt about otters"}}
 PRICING = '[pricing]\n"truefusion-pro" = 0.05\n'
+EXAMPLE = Path(__file__).resolve().parents[2] / "skyproxy.toml.example"
 
 
 async def audit_lines(path: Path, count: int, deadline_s: float = 10.0) -> list[dict[str, Any]]:
@@ -61,12 +62,37 @@ async def test_eleventh_request_in_a_minute_is_rejected_with_the_rules_numbers(
     status, headers, body = await post(proxy)
     assert status == 429
     assert body["error"]["code"] == "rate_limited"
-    assert body["error"]["message"] == ("Your generation limit (10/min) has been reached. Please wait.")
+    assert body["error"]["message"] == explained("Your generation limit (10/min) has been reached.", headers)
     retry = int(headers["Retry-After"])
     assert 1 <= retry <= 6  # one unit of a 10/minute bucket drains in 6 s
     assert body["error"]["retry_after"] == retry
     assert headers["RateLimit-Remaining"] == "0"
     assert int(headers["RateLimit-Reset"]) >= retry
+
+
+def explained(reached: str, headers: dict[str, str]) -> str:
+    """A 429's message: both waits, each named after the header that carries it."""
+    return (
+        f"{reached} The next request fits in {headers['Retry-After']} s (Retry-After); "
+        f"all {headers['RateLimit-Limit']} are available again in {headers['RateLimit-Reset']} s "
+        "(RateLimit-Reset)."
+    )
+
+
+async def test_the_example_config_shows_a_per_user_limit_before_the_environment_one(start_proxy):
+    """The quick start's config: a demanding alice is stopped, and bob still gets through."""
+    example = EXAMPLE.read_text()
+    assert 'listen = ["127.0.0.1:8787"]' in example
+    proxy = await start_proxy(example.replace('listen = ["127.0.0.1:8787"]', 'listen = ["127.0.0.1:0"]'))
+    assert [(await post(proxy))[0] for _ in range(10)] == [201] * 10
+    status, headers, body = await post(proxy)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limited"  # alice's own limit, not the environment's
+    assert body["error"]["message"] == explained("Your generation limit (10/min) has been reached.", headers)
+    assert 1 <= int(headers["Retry-After"]) <= 6 < int(headers["RateLimit-Reset"]) <= 60
+    status, headers, _ = await post(proxy, "bob")
+    assert status == 201
+    assert headers["RateLimit-Remaining"] == "9"
 
 
 async def test_capacity_returns_after_the_period(mock_upstream, start_proxy, canary_env):
@@ -182,8 +208,9 @@ async def test_created_then_one_terminal_line_per_prediction(mock_upstream, star
     assert list(first) == [
         "timestamp", "event", "environment", "userId", "predictionId", "model", "status",
         "httpStatus", "latencyMs", "costUsd", "ipAddress", "requestId", "keyFingerprint",
-        "method", "path",
+        "method", "path", "client",
     ]  # fmt: skip
+    assert first["client"] is None  # no client token presented
     assert first["event"] == "prediction" and first["environment"] == "dev"
     assert first["predictionId"] == last["predictionId"] == prediction_id
     assert first["userId"] == last["userId"] == "alice"

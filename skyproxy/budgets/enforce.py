@@ -1,0 +1,301 @@
+"""Budgets enforced: spent plus reserved plus this create's estimate may not pass the limit.
+
+`admit()` runs before a create is forwarded. It either refuses with `Exceeded`, or
+reserves the estimate against every budget that applies and returns a `Hold`. The hold
+is released when the exchange ends, however it ends; on success the audit record has
+by then turned the estimate into spend (`record()`), in the same step on the event
+loop, so a create is never counted twice or not at all. Parallel creates each reserve
+synchronously, so together they cannot overshoot.
+
+With no budget configured nothing is ever refused, and `admit()` costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from skyproxy.budgets.ledger import NANOS, Ledger, nanos
+from skyproxy.budgets.periods import iso
+from skyproxy.config import Budget
+
+log = logging.getLogger("skyproxy.budgets")
+
+Subject = str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Exceeded:
+    """Why a create is refused: the first budget it would pass."""
+
+    budget: str
+    period: str
+    limit_usd: float
+    spent_usd: float
+    reserved_usd: float
+    resets_at: str  # ISO 8601, UTC
+    retry_after: int  # whole seconds until the period resets, at least 1
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "budget": self.budget,
+            "limit_usd": self.limit_usd,
+            "spent_usd": self.spent_usd,
+            "reserved_usd": self.reserved_usd,
+            "resets_at": self.resets_at,
+        }
+
+
+class Hold:
+    """Reserved nano-dollars against some budgets; `release()` gives them back, once."""
+
+    __slots__ = ("_amount", "_keys", "_reserved")
+
+    def __init__(
+        self, reserved: dict[tuple[str, Subject], int], keys: list[tuple[str, Subject]], amount: int
+    ):
+        self._reserved = reserved
+        self._keys = keys if amount else []
+        self._amount = amount
+
+    def release(self) -> None:
+        keys, self._keys = self._keys, []
+        reserved = self._reserved
+        for key in keys:
+            left = reserved[key] - self._amount
+            if left:
+                reserved[key] = left
+            else:
+                del reserved[key]
+
+
+NO_HOLD = Hold({}, [], 0)
+
+
+def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
+    if budget.per == "user":
+        return user
+    if budget.per == "client":
+        return client
+    return environment
+
+
+class _Rule:
+    """One budget as the hot path reads it, with its spend in the current window."""
+
+    __slots__ = ("budget", "limit", "name", "per", "period", "spent", "start", "warn", "warned")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.name = budget.name
+        self.per = budget.per
+        self.period = budget.period
+        self.limit = nanos(budget.usd)
+        self.warn = None if budget.warn_at is None else nanos(budget.usd * budget.warn_at)
+        self.start = -math.inf  # of the window `spent` counts; rebuilt when the ledger rolls
+        self.spent: dict[Subject, int] = {}
+        self.warned: set[Subject] = set()
+
+    def subject(self, environment: str, user: str | None, client: str | None) -> Subject:
+        per = self.per
+        return user if per == "user" else client if per == "client" else environment
+
+
+class Budgets:
+    """Every budget's spend and reservations; one instance for the life of the process."""
+
+    def __init__(self, budgets: tuple[Budget, ...], clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.ledger = Ledger(clock, {b.period for b in budgets})
+        self.warnings: dict[str, int] = {}  # crossings of warn_at, per budget
+        self._reserved: dict[tuple[str, Subject], int] = {}
+        self._budgets: tuple[Budget, ...] = ()
+        self._rules: tuple[_Rule, ...] = ()
+        self._by_env: dict[str, tuple[_Rule, ...]] = {}
+        self._epoch = -1
+        self.reconfigure(budgets)
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return self._budgets
+
+    def reconfigure(self, budgets: tuple[Budget, ...]) -> None:
+        """New budget definitions; their spend is recomputed from the ledger, in memory."""
+        if budgets == self._budgets:
+            return
+        self._budgets = budgets
+        for budget in budgets:
+            self.ledger.keep(budget.period)
+        self._rules = tuple(_Rule(b) for b in budgets)
+        self._by_env = {}
+        self._epoch = -1  # rebuild every rule's spend at the next use
+        names = {b.name for b in budgets}
+        self._reserved = {k: v for k, v in self._reserved.items() if k[0] in names}
+
+    def applies(self, environment: str) -> bool:
+        return bool(self._for(environment))
+
+    def _for(self, environment: str) -> tuple[_Rule, ...]:
+        found = self._by_env.get(environment)
+        if found is None:
+            found = self._by_env[environment] = tuple(
+                r for r in self._rules if r.budget.applies_to(environment)
+            )
+        return found
+
+    def _sync(self, now: float) -> None:
+        """Brings the ledger to `now`; after a roll, each rule recounts its window from the cells."""
+        ledger = self.ledger
+        if now < ledger.next_end and ledger.epoch == self._epoch:
+            return  # the common case, decided in two compares
+        ledger.advance(now)
+        self._epoch = ledger.epoch
+        for rule in self._rules:
+            current = ledger.windows[rule.period]
+            if rule.start == current.start:
+                continue
+            rule.start = current.start
+            rule.spent = {}
+            rule.warned = set()
+            for (environment, user, client), amount in current.spent.items():
+                if rule.budget.applies_to(environment):
+                    subject = rule.subject(environment, user, client)
+                    rule.spent[subject] = rule.spent.get(subject, 0) + amount
+
+    # -- the hot path ---------------------------------------------------------------------
+    def admit(
+        self, environment: str, user: str | None, client: str | None, estimate_usd: float
+    ) -> Hold | Exceeded:
+        """Reserves the estimate under every budget that applies, or says which one it would pass."""
+        rules = self._by_env.get(environment)
+        if rules is None:
+            rules = self._for(environment)
+        if not rules:
+            return NO_HOLD
+        now = self.clock()
+        ledger = self.ledger
+        if now >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(now)
+        estimate = round(estimate_usd * NANOS) if estimate_usd > 0 else 0
+        reserved = self._reserved
+        if len(rules) == 1:  # the usual case, without the list
+            rule = rules[0]
+            per = rule.per
+            subject = user if per == "user" else client if per == "client" else environment
+            key = (rule.name, subject)
+            spent = rule.spent.get(subject, 0)
+            held = reserved.get(key, 0)
+            if spent + held + estimate > rule.limit:
+                return self._exceeded(rule, spent, held, now)
+            if not estimate:
+                return NO_HOLD
+            reserved[key] = held + estimate
+            return Hold(reserved, [key], estimate)
+        keys: list[tuple[str, Subject]] = []
+        for rule in rules:
+            per = rule.per
+            subject = user if per == "user" else client if per == "client" else environment
+            key = (rule.name, subject)
+            spent = rule.spent.get(subject, 0)
+            held = reserved.get(key, 0)
+            if spent + held + estimate > rule.limit:
+                return self._exceeded(rule, spent, held, now)
+            keys.append(key)
+        if not estimate:
+            return NO_HOLD
+        for key in keys:
+            reserved[key] = reserved.get(key, 0) + estimate
+        return Hold(reserved, keys, estimate)
+
+    def record(
+        self,
+        timestamp: float,
+        environment: str,
+        user: str | None,
+        client: str | None,
+        status: str,
+        prediction_id: str | None,
+        cost: float | None,
+    ) -> None:
+        """Takes in an audit record as it is written: spend moves by the spend rule.
+
+        With no budget configured nothing is kept: "neither" costs nothing per request."""
+        if not self._rules:
+            return
+        now = self.clock()
+        if timestamp > now:
+            now = timestamp
+        ledger = self.ledger
+        if now >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(now)  # roll first, so that a change is added once
+        changes = ledger.observe(timestamp, environment, user, client, status, prediction_id, cost, now)
+        windows = ledger.windows
+        for place, amount in changes:
+            moment, where, who, client_name = place
+            rules = self._by_env.get(where)
+            for rule in self._for(where) if rules is None else rules:
+                if rule.start <= moment < windows[rule.period].end:
+                    per = rule.per
+                    subject = who if per == "user" else client_name if per == "client" else where
+                    spent = rule.spent[subject] = rule.spent.get(subject, 0) + amount
+                    if (
+                        rule.warn is not None
+                        and amount > 0
+                        and spent >= rule.warn
+                        and subject not in rule.warned
+                    ):
+                        self._warn(rule, subject, spent)
+
+    def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
+        rule.warned.add(subject)  # once per subject and period: a new window starts a new set
+        self.warnings[rule.name] = self.warnings.get(rule.name, 0) + 1
+        budget = rule.budget
+        log.warning(
+            "budget %s: %s %s has spent $%.4f of $%.2f this %s (warn_at %g)",
+            budget.name,
+            budget.per,
+            subject,
+            spent / NANOS,
+            budget.usd,
+            budget.period,
+            budget.warn_at,
+        )
+
+    def _exceeded(self, rule: _Rule, spent: int, reserved: int, now: float) -> Exceeded:
+        end = self.ledger.windows[rule.period].end
+        return Exceeded(
+            budget=rule.name,
+            period=rule.period,
+            limit_usd=rule.budget.usd,
+            spent_usd=round(spent / NANOS, 9),
+            reserved_usd=round(reserved / NANOS, 9),
+            resets_at=iso(end),
+            retry_after=max(1, math.ceil(end - now)),
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per budget and subject: spent, reserved, limit and reset time, for `budget show`."""
+        self._sync(self.clock())
+        rows: list[dict[str, Any]] = []
+        for rule in self._rules:
+            subjects = set(rule.spent) | {s for (name, s) in self._reserved if name == rule.name}
+            resets_at = iso(self.ledger.windows[rule.period].end)
+            for subject in sorted(subjects, key=lambda s: (s is None, s or "")):
+                rows.append(
+                    {
+                        "budget": rule.name,
+                        "per": rule.per,
+                        "subject": subject,
+                        "period": rule.period,
+                        "spent_usd": round(rule.spent.get(subject, 0) / NANOS, 9),
+                        "reserved_usd": round(self._reserved.get((rule.name, subject), 0) / NANOS, 9),
+                        "limit_usd": rule.budget.usd,
+                        "resets_at": resets_at,
+                    }
+                )
+        return rows

@@ -1,0 +1,51 @@
+"""What `budget show` reports: the running daemon's live figures, else the audit files'.
+
+Only the daemon knows what is reserved by creates in flight; when none answers, spend is
+rebuilt from the audit files exactly as a starting daemon would, with nothing reserved.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from skyproxy.budgets.enforce import Budgets
+from skyproxy.config import Settings
+
+ENDPOINT = "/-/budgets"
+
+
+def report(settings: Settings, timeout: float = 5.0) -> tuple[str, list[dict[str, Any]]]:
+    """(where the figures come from, one row per budget and subject)."""
+    for url in _daemon_urls(settings):
+        rows = _ask(url + ENDPOINT, timeout)
+        if rows is not None:
+            return f"daemon at {url}", rows
+    budgets = Budgets(settings.budgets)
+    budgets.ledger.replay(settings.audit.path)
+    return "audit files (no daemon answered; nothing reserved shown)", budgets.snapshot()
+
+
+def _daemon_urls(settings: Settings) -> list[str]:
+    urls = []
+    for env in settings.environments.values():
+        for listen in env.listen:
+            if listen.port == 0:
+                continue
+            host = {"0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1", "::": "::1"}.get(
+                listen.host, listen.host
+            )
+            urls.append(f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}")
+    return urls[:1]  # every listener answers the admin paths; one is enough
+
+
+def _ask(url: str, timeout: float) -> list[dict[str, Any]] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            body = json.loads(answer.read(1_048_576 * 16))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    rows = body.get("budgets") if isinstance(body, dict) else None
+    return rows if isinstance(rows, list) else None

@@ -1,0 +1,226 @@
+"""One Redis connection pool per process: every call bounded, every outage logged once.
+
+Each call runs under `timeout_ms`, both as the sockets' own timeouts and as an asyncio
+deadline around the whole call (waiting for a pooled connection included), so no request
+waits on Redis longer than that. redis-py's own retries are off: a retry would spend the
+same budget twice.
+
+The first failed call starts an outage: one log line, the degraded flag up, and a probe
+that writes a short-lived key with backoff (a PING would pass on a Redis that refuses
+writes). While the outage lasts, calls fail at once without touching the network, so a
+dead Redis costs a request nothing and the pool is not churned; the probe's success ends
+the outage with one more line. The backoff is capped so that a returning Redis is used
+again within about a second.
+
+The URL is a `RedisURL`: logs, errors and the status show its host and database only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from skyproxy.cluster.errors import ClusterUnavailable
+from skyproxy.cluster.url import RedisURL
+
+__all__ = ["OnError", "RedisConnection", "ScriptArg"]
+
+log = logging.getLogger("skyproxy.cluster")
+
+T = TypeVar("T")
+OnError = Literal["closed", "open"]
+ScriptArg = bytes | str | int | float
+
+# What "Redis is unavailable" looks like: refused, reset, timed out, loading, read-only,
+# out of memory, wrong password. TimeoutError is an OSError.
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+MAX_CONNECTIONS = 128
+PROBE_FIRST_S = 0.05
+PROBE_MAX_S = 1.0
+_REASON_CHARS = 160
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(call: Awaitable[T], seconds: float) -> T:
+        async with asyncio.timeout(seconds):
+            return await call
+
+else:  # pragma: no cover
+
+    async def _bounded(call: Awaitable[T], seconds: float) -> T:
+        return await asyncio.wait_for(call, seconds)
+
+
+def _part(text: str) -> str:
+    """A key component that cannot be mistaken for a separator."""
+    if ":" in text or "%" in text:
+        return text.replace("%", "%25").replace(":", "%3A")
+    return text
+
+
+class RedisConnection:
+    """The process's Redis: a bounded pool, the outage state, and the error counter."""
+
+    def __init__(
+        self,
+        url: RedisURL,
+        *,
+        on_error: OnError,
+        timeout_ms: float,
+        prefix: str,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.url = url
+        self.on_error: OnError = on_error
+        self.prefix = prefix
+        self.timeout = timeout_ms / 1000
+        self.errors_total = 0  # skyproxy_cluster_errors_total: every call that failed
+        self.outages_total = 0
+        self._down_since: float | None = None
+        self._failed_in_outage = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._pool = BlockingConnectionPool.from_url(
+            url.reveal(),
+            max_connections=max_connections,
+            timeout=self.timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis = Redis(connection_pool=self._pool)
+
+    def __repr__(self) -> str:
+        state = "degraded" if self.degraded else "ok"
+        return f"RedisConnection({self.url.shown}, on_error={self.on_error}, {state})"
+
+    @property
+    def degraded(self) -> bool:
+        """True from the first failed call until Redis answers the probe again."""
+        return self._down_since is not None
+
+    @property
+    def fails_open(self) -> bool:
+        return self.on_error == "open"
+
+    def key(self, *parts: str) -> str:
+        """A namespaced key: the prefix, then the parts joined by ':' (escaped inside parts)."""
+        return self.prefix + ":".join(_part(p) for p in parts)
+
+    def script(self, source: str) -> AsyncScript:
+        """A Lua script run by its SHA, loaded again by redis-py after a Redis restart."""
+        return self._redis.register_script(source)
+
+    async def start(self) -> None:
+        """Checks Redis once. An unreachable Redis starts an outage instead of failing."""
+        with contextlib.suppress(ClusterUnavailable):
+            await self.call(self._write_probe)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    async def call(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+        """`operation(redis)` within the timeout, or `ClusterUnavailable`; counts failures."""
+        if self._down_since is not None:
+            self.errors_total += 1
+            self._failed_in_outage += 1
+            raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
+        try:
+            return await _bounded(operation(self._redis), self.timeout)
+        except _FAILURES as exc:
+            self.errors_total += 1
+            reason = self._reason(exc)
+            self._begin_outage(reason)
+            raise ClusterUnavailable(self.url.shown, reason) from None
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        """A script through `call`: bounded, counted, `ClusterUnavailable` on failure."""
+        return await self.call(lambda redis: script(keys, args, client=redis))
+
+    def status(self) -> dict[str, Any]:
+        """For /-/status: where Redis is (host and database), and whether it answers."""
+        down_for = None if self._down_since is None else round(time.monotonic() - self._down_since, 1)
+        return {
+            "redis": self.url.shown,
+            "on_error": self.on_error,
+            "degraded": self.degraded,
+            "down_for_s": down_for,
+            "errors_total": self.errors_total,
+            "outages_total": self.outages_total,
+        }
+
+    # -- outages --------------------------------------------------------------------
+    def _reason(self, exc: BaseException) -> str:
+        # The sockets' timeout and the deadline around the call are the same: either may fire.
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError | RedisTimeout):
+            return f"no answer within {self.timeout * 1000:g} ms"
+        text = self.url.scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        return text[:_REASON_CHARS]
+
+    def _begin_outage(self, reason: str) -> None:
+        if self._down_since is not None:
+            self._failed_in_outage += 1
+            return
+        self._down_since = time.monotonic()
+        self._failed_in_outage = 1
+        self.outages_total += 1
+        consequence = (
+            "serving without shared limits" if self.fails_open else "refusing limited requests with 503"
+        )
+        log.error(
+            "cluster: Redis %s is unavailable (%s); on_error=%s: %s until it returns",
+            self.url.shown,
+            reason,
+            self.on_error,
+            consequence,
+        )
+        self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
+
+    def _end_outage(self) -> None:
+        assert self._down_since is not None
+        lasted = time.monotonic() - self._down_since
+        log.warning(
+            "cluster: Redis %s is back after %.1f s; %d calls failed meanwhile",
+            self.url.shown,
+            lasted,
+            self._failed_in_outage,
+        )
+        self._down_since = None
+        self._probe = None
+
+    async def _probe_until_back(self) -> None:
+        # Idle connections were opened to the Redis that failed; the probe and the calls
+        # after it start on fresh ones.
+        with contextlib.suppress(*_FAILURES):
+            await self._pool.disconnect(inuse_connections=False)
+        delay = PROBE_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await _bounded(self._write_probe(self._redis), self.timeout)
+            except _FAILURES:
+                delay = min(delay * 2, PROBE_MAX_S)
+                continue
+            self._end_outage()
+            return
+
+    async def _write_probe(self, redis: Redis) -> None:
+        await redis.set(self.key("probe"), "1", px=10_000)

@@ -1,0 +1,138 @@
+"""Rate limits shared by replicas: `Limits`' answers, with the buckets on a `RateBackend`.
+
+Used instead of `Limits` when the config has `[cluster]`. A request's buckets (one per
+user and one per environment of every matching rule) are decided in one atomic call, so
+the same three phases hold across replicas: a user without room is refused at once,
+an environment may reserve a slot up to the rule's `max_wait`, and otherwise every bucket
+takes its unit. A reserved slot is waited for with one sleep of the exact delay the
+backend returned, never by asking again; a request cancelled during that sleep gives its
+units back.
+
+`ClusterUnavailable` passes through to the handler under `on_error = "closed"`; under
+`"open"` the request is allowed unchecked and carries no RateLimit headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+
+from skyproxy.cluster.backend import Bucket, RateBackend, RateDecision
+from skyproxy.config import EnvironmentSettings, RateRule
+from skyproxy.proxy.limits import LIMIT, REMAINING, RESET, RETRY_AFTER, Verdict
+
+__all__ = ["SharedLimits"]
+
+_EPS = 1e-9
+_UNCHECKED: Mapping[str, str] = {}
+
+
+def _seconds(wait: float) -> int:
+    """A wait as a Retry-After value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(wait - _EPS))
+
+
+def _user_message(rule: RateRule) -> str:
+    assert rule.per_user is not None
+    return f"Your generation limit ({rule.per_user.label}) has been reached. Please wait."
+
+
+def _environment_message(rule: RateRule) -> str:
+    assert rule.per_environment is not None
+    return f"The environment's request quota ({rule.per_environment.label}) has been reached. Please retry."
+
+
+class SharedLimits:
+    """Every environment's rate limits, on a shared backend; one per config generation."""
+
+    def __init__(self, environments: Mapping[str, EnvironmentSettings], backend: RateBackend) -> None:
+        self._backend = backend
+        self._rules = {
+            name: tuple(r for r in env.rules if r.per_user is not None or r.per_environment is not None)
+            for name, env in environments.items()
+        }
+
+    def is_limited(self, environment: str, method: str, path: str) -> bool:
+        return any(rule.matches(method, path) for rule in self._rules.get(environment, ()))
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Nothing to sweep: a bucket's key expires in Redis once it has drained."""
+        return 0
+
+    def bucket_count(self) -> int:
+        return 0
+
+    async def check(self, environment: str, method: str, path: str, user: str) -> Verdict | None:
+        """Takes this request's units, or says why not. None: the route is not limited."""
+        rules = [rule for rule in self._rules.get(environment, ()) if rule.matches(method, path)]
+        if not rules:
+            return None
+        buckets: list[Bucket] = []
+        owners: list[RateRule] = []
+        for rule in rules:
+            if rule.per_user is not None:
+                buckets.append(
+                    Bucket(environment, rule.name, user, rule.per_user.count, rule.per_user.period)
+                )
+                owners.append(rule)
+            if rule.per_environment is not None:
+                rate = rule.per_environment
+                buckets.append(Bucket(environment, rule.name, None, rate.count, rate.period, rule.max_wait))
+                owners.append(rule)
+        decision = await self._backend.check(buckets)
+        if decision.unchecked:
+            return Verdict(True, None, None, None, None, rules[0].name, _UNCHECKED)
+        if not decision.allowed:
+            refused = decision.refused_by
+            assert refused is not None
+            return _refusal(decision, refused, buckets[refused], owners[refused])
+        if decision.delay > 0:
+            try:
+                await asyncio.sleep(decision.delay)
+            except asyncio.CancelledError:
+                await self._backend.refund(buckets)
+                raise
+        after = decision.delay
+        shown = _shown(decision, buckets, after)
+        bucket = buckets[shown]
+        return Verdict(
+            True,
+            None,
+            None,
+            None,
+            None,
+            owners[shown].name,
+            {
+                LIMIT: str(bucket.max_rate),
+                REMAINING: str(decision.remaining(shown, bucket, after)),
+                RESET: str(decision.reset(shown, bucket, after)),
+            },
+        )
+
+
+def _shown(decision: RateDecision, buckets: list[Bucket], after: float) -> int:
+    """The bucket the headers describe, as `Limits` picks it: the user bucket with the
+    fewest units left, or the environment bucket with the fewest when no rule is per user."""
+    users = [i for i, b in enumerate(buckets) if b.user is not None]
+    candidates = users or list(range(len(buckets)))
+    return min(candidates, key=lambda i: decision.remaining(i, buckets[i], after))
+
+
+def _refusal(decision: RateDecision, index: int, bucket: Bucket, rule: RateRule) -> Verdict:
+    seconds = _seconds(decision.retry_after)
+    user = bucket.user is not None
+    return Verdict(
+        allowed=False,
+        code="rate_limited" if user else "environment_rate_limited",
+        message=_user_message(rule) if user else _environment_message(rule),
+        retry_after=seconds,
+        scope="user" if user else "environment",
+        rule=rule.name,
+        headers={
+            LIMIT: str(bucket.max_rate),
+            REMAINING: "0",
+            RESET: str(decision.reset(index, bucket)),
+            RETRY_AFTER: str(seconds),
+        },
+    )

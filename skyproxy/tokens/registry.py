@@ -1,0 +1,184 @@
+"""The tokens the daemon accepts: an index by hash, swapped whole when the file changes.
+
+`verify()` is on the hot path: one SHA-256, one dict lookup and one constant-time
+compare, whatever the outcome. An unknown, revoked (removed) or expired token takes the
+same steps and gets the same answer, so neither the reply nor its timing tells them
+apart. File work (reading on change, writing last-used times) happens in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from hashlib import sha256
+from pathlib import Path
+from types import MappingProxyType
+
+from skyproxy.tokens import store
+from skyproxy.tokens.token import MAX_LENGTH
+
+log = logging.getLogger("skyproxy.tokens")
+
+LAST_USED_EVERY = 60.0  # seconds: a token's last-used time is stored at most this often
+POLL_SECONDS = 0.5  # the file is checked this often, so a revoke applies within a second
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A token the daemon accepts, as the hot path needs it."""
+
+    name: str
+    digest: bytes
+    environments: frozenset[str]
+    user: str | None
+    trust_user_header: bool
+    expires_at: float  # seconds since the epoch; inf: never
+
+    def user_id(self, header: str | None) -> str | None:
+        """Who the request is for: the bound user, the header (if trusted), or the name."""
+        if self.user is not None:
+            return self.user
+        if self.trust_user_header:
+            return header
+        return self.name
+
+
+# Compared against when a hash is unknown, so every lookup does the same work.
+_NOBODY = Token("", bytes(32), frozenset(), None, False, -math.inf)
+
+
+def _entry(record: store.TokenRecord) -> Token:
+    return Token(
+        name=record.name,
+        digest=bytes.fromhex(record.digest_hex),
+        environments=record.environments,
+        user=record.user,
+        trust_user_header=record.trust_user_header,
+        expires_at=math.inf if record.expires is None else record.expires.timestamp(),
+    )
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+class Tokens:
+    """Every accepted token of one tokens file, by hash."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self.loaded_at: float | None = None
+        self._index: MappingProxyType[bytes, Token] = MappingProxyType({})
+        self._signature: tuple[int, int, int, int] | None = None
+        self._stale = True  # load at the next refresh, whatever the file's signature
+        self._used: dict[bytes, float] = {}  # last use, in memory
+        self._stored: dict[bytes, float] = {}  # last use as last written to the file
+        self.checks = 0  # looks at the file, for tests and status
+        self.problem: str | None = None  # why the last reload failed, if it did
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -- the hot path ---------------------------------------------------------------------
+    def verify(self, presented: str) -> Token | None:
+        """The token for a presented value, or None: unknown, revoked and expired alike."""
+        digest = sha256(presented[:MAX_LENGTH].encode("utf-8", "surrogateescape")).digest()  # digest_of()
+        entry = self._index.get(digest, _NOBODY)
+        now = self.clock()
+        same = hmac.compare_digest(entry.digest, digest)
+        fresh = now < entry.expires_at
+        if not (same and fresh):
+            return None
+        if now - self._used.get(digest, -math.inf) >= LAST_USED_EVERY:
+            self._used[digest] = now
+        return entry
+
+    # -- loading (blocking: call in a thread) ----------------------------------------------
+    def load(self) -> None:
+        """Reads the file now. Raises TokenFileError and keeps the old index."""
+        signature = _signature(self.path)
+        records = store.read(self.path)
+        index = {}
+        for record in records:
+            entry = _entry(record)
+            index[entry.digest] = entry
+            if record.last_used is not None:
+                self._stored.setdefault(entry.digest, record.last_used.timestamp())
+        self._index = MappingProxyType(index)
+        self._signature = signature
+        self._stale = False
+        self.loaded_at = self.clock()
+
+    def refresh(self) -> bool:
+        """Reloads if the file changed since the last load; True if it did."""
+        self.checks += 1
+        if not self._stale and _signature(self.path) == self._signature:
+            return False
+        self.load()
+        return True
+
+    def retarget(self, path: Path) -> None:
+        """Follows a config reload that names another tokens file: it is read at the next refresh."""
+        if path != self.path:
+            self.path = path
+            self._stale = True
+
+    def flush_last_used(self) -> bool:
+        """Stores last-used times that moved since the last write; True if the file changed."""
+        due = {d: t for d, t in self._used.items() if t > self._stored.get(d, -math.inf)}
+        if not due:
+            return False
+        moments = {d.hex(): datetime.fromtimestamp(t, timezone.utc) for d, t in due.items()}
+        changed = store.record_last_used(self.path, moments)
+        self._stored.update(due)
+        return changed
+
+
+async def watch(tokens: Tokens, stop: asyncio.Event, poll: float = POLL_SECONDS) -> None:
+    """Reloads the tokens file when it changes, and writes last-used times once a minute.
+
+    A cheap stat poll rather than a file watcher: the file is replaced by rename, which
+    changes its inode, so no change is missed between two looks.
+    """
+    next_flush = time.monotonic() + LAST_USED_EVERY
+    while not stop.is_set():
+        await _refresh(tokens)
+        if time.monotonic() >= next_flush:
+            next_flush = time.monotonic() + LAST_USED_EVERY
+            await flush(tokens)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    await flush(tokens)
+
+
+async def _refresh(tokens: Tokens) -> None:
+    try:
+        changed = await asyncio.to_thread(tokens.refresh)
+    except store.TokenFileError as exc:
+        if str(exc) != tokens.problem:  # once per distinct problem, not every poll
+            log.error("%s; still using the %d tokens loaded before", exc, len(tokens))
+        tokens.problem = str(exc)
+        return
+    if changed:
+        tokens.problem = None
+        log.info("tokens file %s loaded: %d tokens", tokens.path, len(tokens))
+
+
+async def flush(tokens: Tokens) -> None:
+    try:
+        await asyncio.to_thread(tokens.flush_last_used)
+    except (OSError, store.TokenFileError) as exc:
+        log.warning("cannot store token last-used times in %s: %s", tokens.path, exc)

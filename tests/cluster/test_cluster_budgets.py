@@ -1,0 +1,123 @@
+"""Shared budgets: exact under parallel reservations from several replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers.daemon import eventually
+from helpers.redis_server import RedisServer
+
+from skyproxy.cluster.backend import BudgetScope
+
+Make = Callable[..., Any]
+
+
+def scope(limit: float = 1.0, subject: str = "alice", budget: str = "daily") -> BudgetScope:
+    return BudgetScope(budget, subject, "2026-06-01", limit, time.time() + 3600)
+
+
+async def test_twenty_parallel_creates_of_030_against_1_admit_exactly_three(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    nodes = [await make_node(redis_server.url) for _ in range(3)]
+    daily = scope()
+    decisions = await asyncio.gather(*(nodes[i % 3].budgets.reserve([daily], 0.30) for i in range(20)))
+    admitted = [d for d in decisions if d.admitted]
+    assert len(admitted) == 3
+    refused = [d for d in decisions if not d.admitted]
+    assert {(d.refused_by, d.spent_usd, d.reserved_usd) for d in refused} == {(0, 0.0, 0.9)}
+    usage = await nodes[0].budgets.usage(daily)
+    assert (usage.spent_usd, usage.reserved_usd) == (0.0, 0.9)
+
+
+async def test_settle_replaces_the_estimate_and_release_frees_it(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    a, b = await make_node(redis_server.url), await make_node(redis_server.url)
+    daily = scope()
+    first = await a.budgets.reserve([daily], 0.30)
+    second = await b.budgets.reserve([daily], 0.30)
+    assert first.reservation is not None
+    assert second.reservation is not None
+    # The cost came in lower than the estimate: $0.10 spent, $0.30 still reserved.
+    assert await b.budgets.settle(first.reservation, 0.10)
+    assert (await a.budgets.usage(daily)).spent_usd == pytest.approx(0.10)
+    assert await a.budgets.release(second.reservation)
+    usage = await a.budgets.usage(daily)
+    assert (usage.spent_usd, usage.reserved_usd) == (0.1, 0.0)
+    # Settling twice does not count twice.
+    assert not await a.budgets.settle(first.reservation, 0.10)
+    assert (await a.budgets.usage(daily)).spent_usd == 0.1
+    # Exactly up to the limit: 0.1 + 0.9 = 1.0 is not over it; a cent more is.
+    assert (await a.budgets.reserve([daily], 0.90)).admitted
+    refused = await a.budgets.reserve([daily], 0.01)
+    assert not refused.admitted
+    assert (refused.spent_usd, refused.reserved_usd) == (0.1, 0.9)
+
+
+async def test_a_refusal_in_one_budget_reserves_nothing_in_the_others(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    user = scope(limit=0.50)
+    team = scope(limit=10.0, subject="dev", budget="team")
+    assert (await node.budgets.reserve([team, user], 0.40)).admitted
+    refused = await node.budgets.reserve([team, user], 0.40)
+    assert refused.refused_by == 1
+    assert (await node.budgets.usage(team)).reserved_usd == 0.4
+
+
+async def test_add_corrects_spent_after_a_settle(redis_server: RedisServer, make_node: Make) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    decision = await node.budgets.reserve([daily], 0.30)
+    assert decision.reservation is not None
+    assert await node.budgets.settle(decision.reservation, 0.30)  # the create's estimate
+    assert await node.budgets.add([daily], 0.45 - 0.30)  # the terminal cost, known later
+    assert (await node.budgets.usage(daily)).spent_usd == 0.45
+
+
+async def test_a_dead_replicas_reservation_counts_its_estimate_until_settled(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    dying = await make_node(redis_server.url, budget_lease_s=0.3)
+    survivor = await make_node(redis_server.url)
+    daily = scope()
+    decision = await dying.budgets.reserve([daily], 0.30)
+    assert decision.reservation is not None
+
+    async def converted() -> bool:
+        usage = await survivor.budgets.usage(daily)
+        return (usage.spent_usd, usage.reserved_usd) == (0.3, 0.0)
+
+    await eventually(converted, "the expired reservation counted as spent", deadline_s=5)
+    # A settle that arrives late still replaces the estimate by the cost.
+    assert await survivor.budgets.settle(decision.reservation, 0.05)
+    assert (await survivor.budgets.usage(daily)).spent_usd == 0.05
+
+
+async def test_the_keys_expire_after_the_period(redis_server: RedisServer, make_node: Make) -> None:
+    node = await make_node(redis_server.url)
+    ends = time.time() + 600
+    daily = BudgetScope("daily", "alice", "2026-06-01", 1.0, ends)
+    assert (await node.budgets.reserve([daily], 0.30)).admitted
+    for key in node.budgets.keys(daily)[:3]:
+        ttl = await node.connection.call(lambda redis, key=key: redis.ttl(key))
+        assert 600 <= ttl <= 600 + 61, key
+    # A scope whose period already ended starts empty.
+    old = BudgetScope("daily", "alice", "2026-05-31", 1.0, time.time() - 120)
+    assert (await node.budgets.reserve([old], 0.30)).admitted
+    old_keys = node.budgets.keys(old)
+    assert await node.connection.call(lambda redis: redis.exists(*old_keys)) == 0
+
+
+async def test_money_is_exact_in_cents(redis_server: RedisServer, make_node: Make) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    # Ten times 0.1 in floats is 0.9999999999999999; in micro-dollars it is exactly 1.
+    admitted = [(await node.budgets.reserve([daily], 0.1)).admitted for _ in range(11)]
+    assert admitted == [True] * 10 + [False]
