@@ -66,12 +66,16 @@ TARGET_AUDIT_LINES_PER_S = 50_000.0
 TARGET_AUDIT_STALL_P99_MS = 5.0
 TARGET_COLD_START_MS = 300.0
 TARGET_WEBHOOKS_COST = 1.05  # instructions per create and per get, [webhooks] on / off
+# The search for the key in success bodies, against the same proxy without it, same run.
+TARGET_SCAN_THROUGHPUT_RATIO = 0.97
+TARGET_SCAN_INSTRUCTIONS_RATIO = 1.03
 
 SKYPROXY_CONFIG = """\
 [server]
 max_body_bytes = 52428800
 upstream_timeout = {upstream_timeout}
 watch_config = false
+scan_success_bodies = {scan}
 
 [environments.bench]
 listen = ["127.0.0.1:{port}"]
@@ -446,6 +450,7 @@ def write_skyproxy_config(
     features: bool = True,
     access: bool = False,
     extra: str = "",
+    scan: bool = True,
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
@@ -467,6 +472,7 @@ def write_skyproxy_config(
             features="true" if features else "false",
             client_auth='client_auth = "required"' if access else "",
             access=ACCESS_CONFIG.format(tokens_file=tokens_file) if access else "",
+            scan="true" if scan else "false",
         )
         + extra
     )
@@ -483,18 +489,23 @@ def start_skyproxy(
     deadline_s: float = 30.0,
     access: bool = False,
     extra: str = "",
+    scan: bool = True,
     source: Path | None = None,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
     and audit off, for the same-run cost of those two features; `access=True` adds
-    client tokens and a budget. `wrap` prefixes the command (callgrind), which then runs
-    the console script through the interpreter. `extra` is appended to the config (the
-    redis scenario's `[cluster]`, the webhooks scenario's `[webhooks]`). `source` is
-    another skyproxy source tree to run instead of the installed one (`--reference`)."""
+    client tokens and a budget; `scan=False` stops the search for the key in success
+    bodies (`scan_success_bodies`, benchmark only). `wrap` prefixes the command
+    (callgrind), which then runs the console script through the interpreter. `extra` is
+    appended to the config (the redis scenario's `[cluster]`, the webhooks scenario's
+    `[webhooks]`). `source` is another skyproxy source tree to run instead of the
+    installed one (`--reference`)."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
-    config = write_skyproxy_config(env, name, port, upstream_port, upstream_timeout, features, access, extra)
+    config = write_skyproxy_config(
+        env, name, port, upstream_port, upstream_timeout, features, access, extra, scan
+    )
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
@@ -599,6 +610,8 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
         targets["skyproxy-access"] = (access_proc, access_port)
         tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
+        noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
+        targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
@@ -635,7 +648,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             )
             this_round[name] = {"c64": high, "c1": low}
             log(
-                f"round {r + 1}/{args.rounds} {name:<12} {high['rps']:9.0f} req/s @64  "
+                f"round {r + 1}/{args.rounds} {name:<15} {high['rps']:9.0f} req/s @64  "
                 f"p50 {low['latency_us']['p50']:6d} µs  p99 {low['latency_us']['p99']:6d} µs @1"
                 + (
                     f"  errors {high['error_total'] + low['error_total']}"
@@ -685,20 +698,22 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
             "p99_c1_per_round": spread(paired_p99),
         }
 
-    if "skyproxy" in targets and "skyproxy-off" in targets:
-        # What limits and audit cost, against the same proxy with them off, same run.
-        ratios["skyproxy-vs-off"] = {
-            "throughput": ratio(
-                summary["skyproxy"]["rps_c64"]["median"], summary["skyproxy-off"]["rps_c64"]["median"]
-            ),
-            "throughput_per_round": spread(
-                [rd["skyproxy"]["c64"]["rps"] / rd["skyproxy-off"]["c64"]["rps"] for rd in rounds]
-            ),
-            "cpu_per_request": ratio(
-                summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
-                summary["skyproxy-off"]["cpu_us_per_request_c64"]["median"],
-            ),
-        }
+    # What limits and audit cost, and what the key search in success bodies costs,
+    # each against the same proxy without it, same run.
+    for other in ("skyproxy-off", "skyproxy-noscan"):
+        if "skyproxy" in targets and other in targets:
+            ratios["skyproxy-vs-" + other.removeprefix("skyproxy-")] = {
+                "throughput": ratio(
+                    summary["skyproxy"]["rps_c64"]["median"], summary[other]["rps_c64"]["median"]
+                ),
+                "throughput_per_round": spread(
+                    [rd["skyproxy"]["c64"]["rps"] / rd[other]["c64"]["rps"] for rd in rounds]
+                ),
+                "cpu_per_request": ratio(
+                    summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
+                    summary[other]["cpu_us_per_request_c64"]["median"],
+                ),
+            }
 
     if "skyproxy" in targets and "skyproxy-access" in targets:
         # What client tokens plus a budget cost, against the same proxy with neither, same run.
@@ -856,9 +871,6 @@ def stream_one_target(env: Env, name: str) -> dict[str, Any]:
     ramp_budget = max(30.0, args.streams / 50)
     max_seconds = ramp_budget + args.stream_hold
     client_timeout = max_seconds + 20
-    # skyproxy's upstream_timeout bounds a whole exchange, streams included: raised here so
-    # a slow ramp is not cut by it (the first streams live for the whole ramp).
-    upstream_timeout = max(120.0, max_seconds + 60)
     env.check_time(f"streams ({name})", client_timeout + 60)
 
     _, hard = nofile_limits()
@@ -866,7 +878,8 @@ def stream_one_target(env: Env, name: str) -> dict[str, Any]:
     # how many streams fit, since it needs two sockets per stream.
     up_port = free_port()
     if name == "skyproxy":
-        proc, port, _ = start_skyproxy(env, f"{name}-streams", up_port, upstream_timeout)
+        # The default timeouts: a stream that keeps flowing is never cut, however long.
+        proc, port, _ = start_skyproxy(env, f"{name}-streams", up_port)
     else:
         proc, port = start_bare(env, f"{name}-streams", up_port)
     base_fds = open_fds(proc.pid)
@@ -955,7 +968,6 @@ def stream_one_target(env: Env, name: str) -> dict[str, Any]:
     out["rss_growth_kb_per_s_while_held"] = round(growth, 1) if growth is not None else None
     # Proxy CPU per forwarded SSE event (stream opens included): the cost of holding streams.
     out["proxy_cpu_us_per_event"] = round(out["proxy_cpu_seconds"] * 1e6 / events, 1) if events else None
-    out["upstream_timeout"] = upstream_timeout if name == "skyproxy" else None
     out["max_seconds"] = max_seconds
     c = out["client"]
     log(
@@ -1106,13 +1118,14 @@ INSTRUCTION_TARGETS = (
     "skyproxy",
     "skyproxy-access",
     "skyproxy-off",
+    "skyproxy-noscan",
     "skyproxy-webhooks",
     "reference",
 )
 
 
 def scenario_instructions(env: Env) -> dict[str, Any]:
-    """Instructions per create and per get, for bare and three skyproxy configs, under callgrind."""
+    """Instructions per create and per get, for bare and each skyproxy config, under callgrind."""
     from bench import instructions
 
     why_not = instructions.available()
@@ -1150,6 +1163,8 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     if "skyproxy" in creates and "skyproxy-access" in creates:
         # Tokens and budgets against neither, in the same run.
         out["access_cost"] = round(creates["skyproxy-access"] / creates["skyproxy"], 3)
+    if "skyproxy" in creates and "skyproxy-noscan" in creates:
+        out["scan_ratio"] = round(creates["skyproxy"] / creates["skyproxy-noscan"], 4)
     for key, name, base in (
         ("webhooks_cost", "skyproxy-webhooks", "skyproxy"),
         ("reference_cost", "skyproxy", "reference"),
@@ -1182,6 +1197,7 @@ def _count_instructions(
             deadline_s=120.0,
             access=name == "skyproxy-access",
             extra=webhooks_table(free_port()) if name == "skyproxy-webhooks" else "",
+            scan=name != "skyproxy-noscan",
             source=env.args.reference if name == "reference" else None,
         )
     try:
@@ -1438,6 +1454,38 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         out.append(Verdict("--version cold start", "PASS" if ok else "FAIL", f"{ms:.0f} ms", t_cs, note))
     else:
         skip("--version cold start", t_cs, _skip_reason(cs, "skyproxy not measured"))
+    out.extend(_scan_verdicts(results))
+    return out
+
+
+def _scan_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """The key search in success bodies against the same proxy without it (scan_success_bodies)."""
+    out: list[Verdict] = []
+    tp = results.get("throughput")
+    t_tp = f">= {TARGET_SCAN_THROUGHPUT_RATIO:.2f}x without"
+    r = tp.get("ratios", {}).get("skyproxy-vs-noscan") if isinstance(tp, dict) else None
+    if r is not None:
+        ok = r["throughput"] >= TARGET_SCAN_THROUGHPUT_RATIO
+        note = (
+            f"per round {r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}; "
+            f"proxy CPU per request {r['cpu_per_request']:.3f}x"
+        )
+        out.append(
+            Verdict("key scan, throughput", "PASS" if ok else "FAIL", f"{r['throughput']:.3f}x", t_tp, note)
+        )
+    else:
+        out.append(Verdict("key scan, throughput", "SKIP", "-", t_tp, _skip_reason(tp, "not measured")))
+    ins = results.get("instructions")
+    t_ins = f"<= {TARGET_SCAN_INSTRUCTIONS_RATIO:.2f}x without"
+    if isinstance(ins, dict) and "scan_ratio" in ins:
+        ok = ins["scan_ratio"] <= TARGET_SCAN_INSTRUCTIONS_RATIO
+        out.append(
+            Verdict(
+                "key scan, instructions", "PASS" if ok else "FAIL", f"{ins['scan_ratio']:.3f}x", t_ins, ""
+            )
+        )
+    else:
+        out.append(Verdict("key scan, instructions", "SKIP", "-", t_ins, _skip_reason(ins, "not measured")))
     return out
 
 
@@ -1561,22 +1609,23 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
     if isinstance(tp, dict) and "summary" in tp:
         p(f"\nupstream: {tp['upstream']} (canned 201 prediction)")
         p(
-            f"{'target':<13}{'req/s @64 conns':>26}{'proxy CPU µs/req @64':>24}"
+            f"{'target':<16}{'req/s @64 conns':>26}{'proxy CPU µs/req @64':>24}"
             f"{'p50 µs @1 conn':>20}{'p99 µs @1 conn':>24}  errors"
         )
         for name in tp["targets"]:
             s = tp["summary"][name]
             p(
-                f"{name:<13}{fmt_spread(s['rps_c64']):>26}{fmt_spread(s['cpu_us_per_request_c64']):>24}"
+                f"{name:<16}{fmt_spread(s['rps_c64']):>26}{fmt_spread(s['cpu_us_per_request_c64']):>24}"
                 f"{fmt_spread(s['p50_us_c1']):>20}{fmt_spread(s['p99_us_c1']):>24}  {s['errors']}"
             )
         p("  (median of rounds, min-max in brackets)")
         for name, r in tp["ratios"].items():
-            if name == "skyproxy-vs-off":
+            if name in ("skyproxy-vs-off", "skyproxy-vs-noscan"):
+                what = "limits+audit" if name == "skyproxy-vs-off" else "key scan of success bodies"
                 p(
-                    f"limits+audit on / off (same run): throughput {r['throughput']:.2f}x "
+                    f"{what} on / off (same run): throughput {r['throughput']:.3f}x "
                     f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
-                    f"CPU per request {r['cpu_per_request']:.2f}x"
+                    f"CPU per request {r['cpu_per_request']:.3f}x"
                 )
                 continue
             if name == "access-vs-skyproxy":

@@ -206,3 +206,11 @@ def test_main_module_runs_the_cli() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("skyproxy ")
+
+
+def test_test_module_names_are_unique_across_folders() -> None:
+    # pytest imports test modules by basename from pythonpath roots: two test_x.py in
+    # different folders collide at collection, which a merge can bring in unnoticed.
+    tests = Path(__file__).resolve().parent
+    names = [path.name for path in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

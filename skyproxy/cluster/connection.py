@@ -129,11 +129,11 @@ class RedisConnection:
             await self.call(self._write_probe)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            while not probe.done():  # see inflight.stop_task: one cancel may be swallowed
+                probe.cancel()
+                await asyncio.wait({probe}, timeout=0.5)
         await self._redis.aclose()
         await self._pool.disconnect()
 

@@ -84,11 +84,9 @@ class RedisInFlight:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        task, self._renewer = self._renewer, None
+        if task is not None:
+            await stop_task(task)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -96,3 +94,13 @@ class RedisInFlight:
             # An outage is already logged and counted by the connection.
             with contextlib.suppress(ClusterUnavailable):
                 await self.renew_all()
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancels `task` until it ends: Python 3.11's wait_for can swallow one cancellation
+    when the call it wraps completes at the same moment, and one cancel would then hang."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()

@@ -261,10 +261,14 @@ class _Parser:
             max_body_bytes=self.integer(data, "max_body_bytes", w, d.max_body_bytes, minimum=1),
             upstream_timeout=self.number(data, "upstream_timeout", w, d.upstream_timeout, minimum=0.001),
             connect_timeout=self.number(data, "connect_timeout", w, d.connect_timeout, minimum=0.001),
+            idle_timeout=self.number(data, "idle_timeout", w, d.idle_timeout, minimum=0.001),
             header_timeout=self.number(data, "header_timeout", w, d.header_timeout, minimum=0.001),
             keepalive_timeout=self.number(data, "keepalive_timeout", w, d.keepalive_timeout, minimum=0.001),
             max_connections=self.integer(data, "max_connections", w, d.max_connections, minimum=1),
             watch_config=self.get(data, "watch_config", w, bool, d.watch_config, "true or false"),
+            scan_success_bodies=self.get(
+                data, "scan_success_bodies", w, bool, d.scan_success_bodies, "true or false"
+            ),
             shutdown_timeout=self.number(data, "shutdown_timeout", w, d.shutdown_timeout),
             event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop"), d.event_loop),
             log_level=self.choice(data, "log_level", w, ("debug", "info", "warning", "error"), d.log_level),

@@ -136,12 +136,14 @@ class ServerSettings:
     allowed_origins: frozenset[str] = frozenset()
     allowed_networks: tuple[IPNetwork, ...] = ()
     max_body_bytes: int = 52_428_800
-    upstream_timeout: float = 120.0
+    upstream_timeout: float = 120.0  # until the upstream's answer head arrives
+    idle_timeout: float = 60.0  # the longest silence inside a body, either way, once it flows
     connect_timeout: float = 10.0
     header_timeout: float = 10.0  # a new client connection's first request head must arrive in this
     keepalive_timeout: float = 30.0  # an idle client connection is closed after this
     max_connections: int = 10_000  # client connections per listener, lowered to fit the fd limit
     watch_config: bool = True
+    scan_success_bodies: bool = True  # benchmark only: false leaves 2xx/3xx bodies unsearched
     shutdown_timeout: float = 30.0
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

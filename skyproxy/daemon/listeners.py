@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
-from skyproxy.config import Listen
+from skyproxy.config import Listen, ServerSettings
 from skyproxy.daemon.connections import ConnectionLimits, GuardedServer
 from skyproxy.http1 import Client, Timeouts
+from skyproxy.http1.settings import READ_TIMEOUT, WRITE_TIMEOUT
 from skyproxy.proxy.dispatch import create_handler
 from skyproxy.proxy.runtime import Runtime, State
 
@@ -76,8 +77,7 @@ class Listeners:
         for name, env_rt in runtime.environments.items():
             env = self._envs.get(name) or await self._create(name, runtime, state)
             # A reload may change these; keepalive_timeout is fixed for the server's life.
-            connect = runtime.settings.server.connect_timeout
-            env.client.timeouts = replace(env.client.timeouts, connect=connect)
+            env.client.timeouts = _client_timeouts(runtime.settings.server, env.client.timeouts)
             env.server.limits = self._limits(runtime)
             wanted = set(env_rt.settings.listen)
             for listen in set(env.sites) - wanted:
@@ -92,7 +92,7 @@ class Listeners:
 
     async def _create(self, name: str, runtime: Runtime, state: State) -> _Environment:
         server = runtime.settings.server
-        client = Client(Timeouts(connect=server.connect_timeout))
+        client = Client(_client_timeouts(server, Timeouts()))
         web_server = GuardedServer(
             create_handler(name, state, client),
             self._limits(runtime),
@@ -131,3 +131,14 @@ class Listeners:
         """Lets in-flight requests finish everywhere together, then closes every pool."""
         await asyncio.gather(*(env.close() for env in self._envs.values()), return_exceptions=True)
         self._envs.clear()
+
+
+def _client_timeouts(server: ServerSettings, timeouts: Timeouts) -> Timeouts:
+    """The client's clocks, kept behind the proxy's own deadlines (upstream_timeout until the
+    head, idle_timeout inside a body) so that those are what a client sees."""
+    return replace(
+        timeouts,
+        connect=server.connect_timeout,
+        read=max(READ_TIMEOUT, server.upstream_timeout + 10, server.idle_timeout + 10),
+        write=max(WRITE_TIMEOUT, server.idle_timeout + 10),
+    )

@@ -13,9 +13,11 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from skyproxy.proxy.exchange import CAPTURE_LIMIT, SMALL_BODY, Failure, Outcome
+from skyproxy.proxy.deadlines import Deadline, Phase
+from skyproxy.proxy.exchange import CAPTURE_LIMIT, SMALL_BODY, Failure, Outcome, Route
 
-Upload = tuple[bytes | AsyncIterator[bytes] | None, int | None]
+Body = bytes | AsyncIterator[bytes] | None
+Upload = tuple[Body, int | None]
 
 EXPECTATION_FAILED = Failure(417, "expectation_failed", "Only the expectation 100-continue is understood.")
 
@@ -55,12 +57,13 @@ async def read_whole(request: web.BaseRequest) -> bytes | None:
     return await request.read()
 
 
-async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Upload:
+async def upload(request: web.BaseRequest, route: Route, outcome: Outcome, deadline: Deadline) -> Upload:
     """The body to send on, and its length when it streams with a known one.
 
-    Called once the request is admitted. A small body is read whole; a larger one streams,
-    counted against `limit` as it goes (`BodyTooLarge`). The audit's share of it goes to
-    `outcome.request_prefix` when that is being kept."""
+    Called once the request is admitted, under `deadline` in its upload phase. A small body
+    is read whole within one `idle_timeout`; a larger one streams, counted against the
+    body limit as it goes (`BodyTooLarge`), each piece moving the deadline on. The audit's
+    share of it goes to `outcome.request_prefix` when that is being kept."""
     if not request.body_exists:
         return None, None
     if request.version == HttpVersion11 and "Expect" in request.headers:
@@ -71,7 +74,7 @@ async def upload(request: web.BaseRequest, limit: int, outcome: Outcome) -> Uplo
         if outcome.request_prefix is not None:
             outcome.request_prefix = body
         return body, None
-    return _limited(request.content, limit, outcome.request_prefix), length
+    return _limited(request.content, route, outcome.request_prefix, deadline), length
 
 
 async def _continue(request: web.BaseRequest) -> None:
@@ -87,14 +90,28 @@ async def _continue(request: web.BaseRequest) -> None:
 
 
 async def _limited(
-    content: aiohttp.StreamReader, limit: int, prefix: bytes | bytearray | None
+    content: aiohttp.StreamReader, route: Route, prefix: bytes | bytearray | None, deadline: Deadline
 ) -> AsyncIterator[bytes]:
-    """The body as it streams, counted; `prefix`, the outcome's bytearray, grows in place."""
+    """The body as it streams, counted; `prefix`, the outcome's bytearray, grows in place.
+
+    The upstream client pulls the next piece once it has written the last, so while the
+    generator waits at its `yield` it waits for the upstream (SEND), and while it waits
+    for a piece it waits for the client (UPLOAD). An answer that comes early, during the
+    upload, has moved the deadline to a later phase: that is left alone."""
+    limit = route.max_body_bytes
+    idle = route.idle_timeout
     total = 0
     async for chunk in content.iter_any():
+        deadline.extend(idle)
         total += len(chunk)
         if total > limit:
             raise BodyTooLarge
         if prefix is not None and len(prefix) < CAPTURE_LIMIT:
             prefix += chunk[: CAPTURE_LIMIT - len(prefix)]
+        if deadline.phase is Phase.UPLOAD:
+            deadline.phase = Phase.SEND
         yield chunk
+        if deadline.phase is Phase.SEND:
+            deadline.phase = Phase.UPLOAD
+    if deadline.phase is Phase.UPLOAD:  # not when the answer came early, during the upload
+        deadline.enter(Phase.HEAD, route.head_timeout)

@@ -34,9 +34,12 @@ class Route:
     client: Client
     origin: Origin
     key: Secret
+    mask: bytes  # what stands in for the key wherever the upstream echoes it (scrub.py)
+    scan_success: bool  # search 2xx/3xx bodies for the key too; false only to benchmark that
     user_header: bytes  # lower case, as raw header names are compared; never sent on
     max_body_bytes: int
-    timeout: float  # seconds for the whole exchange, upload to the answer's last byte
+    head_timeout: float  # seconds from the request's end until the answer's head arrives
+    idle_timeout: float  # seconds a body may stay silent, either way, once it flows
     deadlines: Deadlines
 
 

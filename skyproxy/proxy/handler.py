@@ -6,6 +6,7 @@ environment's listener can only ever be sent with that environment's key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -20,15 +21,20 @@ from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
-from skyproxy.proxy.forward import forward
+from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
 from skyproxy.proxy.inflight import TooMany
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
+from skyproxy.proxy.scrub import mask_of
 
 log = logging.getLogger("skyproxy")
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+_COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
+# TRACE (and IIS's TRACK) asks the upstream to echo the request, key included; CONNECT
+# asks for a tunnel, which would carry bytes no relay looks at. Neither is ever sent on.
+_NEVER_FORWARDED = frozenset(("TRACE", "TRACK", "CONNECT"))
 
 
 def _forwardable(request: web.BaseRequest) -> bool:
@@ -64,18 +70,22 @@ class ProxyHandler:
         if refusal is not None:
             return self._refuse(refusal, request, request_id)
         path = request.path
+        method = request.method
+        if method not in _COMMON_METHODS and method.upper() in _NEVER_FORWARDED:
+            message = f"{method.upper()} is never forwarded."
+            return self._count(error_response(501, "method_not_supported", message, request_id), path)
         if not _forwardable(request):
             return self._count(
                 error_response(404, "not_found", "Only /v1/ paths are forwarded.", request_id),
                 path,
             )
         origin = env.guard.allowed_origin(request.headers)
-        if request.method == "OPTIONS":
+        if method == "OPTIONS":
             return preflight(request, origin, request_id)
         reply = CIMultiDict({"X-Request-Id": request_id})
         if origin is not None:
             reply.extend(cors_headers(origin))
-        kind = events.kind_of(request.method, path) if runtime.settings.audit.enabled else None
+        kind = events.kind_of(method, path) if runtime.settings.audit.enabled else None
         call = Call(request, runtime, env, request_id, reply, kind)
         try:
             # admit: awaited to its end before the exchange starts, so the exchange runs a
@@ -91,9 +101,14 @@ class ProxyHandler:
             book = self.state.webhooks
             if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
                 limit = runtime.settings.server.max_body_bytes
-                prepared = await creates.prepare(
-                    request, book, env.name, call.user, request_id, limit, reply, read
-                )
+                try:
+                    # Read whole before the exchange, so its deadline is not yet there to bound it.
+                    prepared = await asyncio.wait_for(
+                        creates.prepare(request, book, env.name, call.user, request_id, limit, reply, read),
+                        route.idle_timeout,
+                    )
+                except asyncio.TimeoutError:
+                    prepared = _failed(call, BODY_TIMED_OUT)
                 if isinstance(prepared, web.Response):
                     return self._count(prepared, path)
                 read = prepared
@@ -230,9 +245,12 @@ class ProxyHandler:
             client=self.client,
             origin=call.env.origin,
             key=call.env.key,
+            mask=mask_of(call.env.key.reveal(), call.env.key.fingerprint).encode(),
+            scan_success=server.scan_success_bodies,
             user_header=call.env.user_header_raw,
             max_body_bytes=server.max_body_bytes,
-            timeout=server.upstream_timeout,
+            head_timeout=server.upstream_timeout,
+            idle_timeout=server.idle_timeout,
             deadlines=self.state.deadlines,
         )
         self._routed = call.env

@@ -3,11 +3,14 @@
 The outbound head is built from the client's raw header lines, byte for byte, less the
 hop-by-hop ones (RFC 9110 7.6.1), the client's own credentials and the framing, which
 the upstream client writes itself. The environment's key goes on in their place.
+
+The upstream is asked for identity bodies whatever the client accepts: the relay looks
+for the key in every body, and in an identity body that is one search of the bytes as
+they pass, while a coded body must be decoded first (several times the search's cost
+on a small JSON answer). A body coded anyway is decoded, searched and relayed decoded.
 """
 
 from __future__ import annotations
-
-from skyproxy import codings
 
 _DROP_REQUEST = frozenset(
     (
@@ -46,9 +49,6 @@ DROP_RESPONSE = frozenset(
         b"x-request-id",
     )
 )
-# Only codings the relay can undo, so an error body can always be scrubbed of the key.
-_ACCEPTABLE = frozenset(c.encode() for c in codings.DECODABLE) | {b"identity"}
-
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
@@ -57,20 +57,15 @@ def outbound_head(raw: RawHeaders, key: bytes, request_id: str, user_header: byt
     dropped ones. `user_header` is lower case."""
     connection_named = _connection_tokens(raw)
     out = bytearray()
-    accept: list[bytes] = []
     for name, value in raw:
         lower = name.lower()
         if lower in _DROP_REQUEST or lower == user_header or lower in connection_named:
-            if lower == b"accept-encoding":
-                accept.append(value)
             continue
         out += b"%s: %s\r\n" % (name, value)
-    if accept:
-        tokens = (t.strip() for v in accept for t in v.split(b","))
-        safe = [t for t in tokens if t.split(b";")[0].strip().lower() in _ACCEPTABLE]
-        if safe:
-            out += b"Accept-Encoding: %s\r\n" % b", ".join(safe)
-    out += b"x-api-key: %s\r\nX-Request-Id: %s\r\n" % (key, request_id.encode())
+    out += b"Accept-Encoding: identity\r\nx-api-key: %s\r\nX-Request-Id: %s\r\n" % (
+        key,
+        request_id.encode(),
+    )
     return out
 
 

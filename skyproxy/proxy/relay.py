@@ -1,11 +1,18 @@
-"""The upstream's answer, relayed to the client as it arrives.
+"""The upstream's answer, relayed to the client as it arrives, with the key kept out of it.
 
 The status line's reason and the upstream's header lines go on as the bytes they came as
-(see rawhead.py); the framing is the proxy's own. A small answer of known length goes
-out in one write; anything else streams. An error answer (4xx, 5xx) is decoded and
-scrubbed of the key on its way, in case the upstream echoes it. Each relay records on
-the exchange's `Outcome` when the status line went out and whether the client left
-before the end.
+(see rawhead.py), less the hop-by-hop ones and any whose name holds the key, with the
+key masked in values and in the reason; the framing is the proxy's own, and trailers
+are never relayed. Every body is searched for the key, on every status, and the key is
+masked where found (scrub.py):
+- a small identity answer of known length is read whole, searched once, sent in one write;
+- any other identity answer streams, searched piece by piece as it passes;
+- a coded answer is decoded (decoded.py), an error one whole and under a bound before
+  anything is sent, a success one as it streams, and goes on decoded.
+While a body moves, each piece from the upstream and each write the client takes moves
+the deadline on by `idle_timeout`: a body is cut only when it stays silent that long,
+either way. Each relay records on the exchange's `Outcome` when the status line went out
+and whether the client left before the end.
 """
 
 from __future__ import annotations
@@ -14,92 +21,88 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from skyproxy import codings
-from skyproxy.codings import Decoder
+from skyproxy.codings import Undecodable
 from skyproxy.http1 import ProtocolError, Response
-from skyproxy.proxy import links
-from skyproxy.proxy.exchange import CAPTURE_LIMIT, EVENT_STREAM_CAPTURE, SMALL_BODY, Outcome
+from skyproxy.proxy import decoded, links
+from skyproxy.proxy.deadlines import Deadline
+from skyproxy.proxy.decoded import UNDECODABLE, Unrelayable
+from skyproxy.proxy.exchange import CAPTURE_LIMIT, EVENT_STREAM_CAPTURE, SMALL_BODY, Call, Outcome, Route
 from skyproxy.proxy.headers import DROP_RESPONSE
 from skyproxy.proxy.rawhead import RawHeadResponse, UnsafeHead
 from skyproxy.proxy.scrub import Scrubber
 
 # Framing is the proxy's to write: aiohttp sets Content-Length or chunks itself.
 _NOT_RELAYED = DROP_RESPONSE | {b"content-length"}
+_BODILESS = frozenset((204, 304))
 
 
 async def relay(
-    request: web.BaseRequest,
+    call: Call,
     upstream: Response,
-    reply_headers: CIMultiDict[str],
-    key: str,
-    fingerprint: str,
+    route: Route,
+    key: bytes,
     outcome: Outcome,
+    deadline: Deadline,
     rewrite: links.Rewrite | None = None,
 ) -> web.StreamResponse:
+    """Relays the answer; raises Unrelayable, before anything is sent, for one that cannot be."""
+    request = call.request
+    status = upstream.status
+    # scan_success_bodies = false (benchmark only) leaves success bodies as they come.
+    scan = status >= 400 or route.scan_success
+    names: tuple[str, ...] | None = ()
+    if scan and upstream.content_encoding is not None and not _bodiless(request, status):
+        names = codings.parse(upstream.content_encoding)
+        if names is None:
+            raise Unrelayable(UNDECODABLE)
+    if names:
+        outcome.content_encoding = None  # what the audit reads is decoded
+        response = _response(upstream, key, route.mask, decoded=True, at_once=False, rewrite=rewrite)
+        response.headers.extend(call.reply)
+        if status >= 400:
+            body = await decoded.whole(upstream, names, deadline, route.idle_timeout)
+            return await _send(request, response, _masked(body, key, route.mask), outcome)
+        return await _relay_decoding(request, upstream, response, names, key, route, outcome, deadline)
     outcome.content_encoding = upstream.content_encoding
-    scrubbed = upstream.status >= 400
-    decoder = codings.decoder(upstream.content_encoding) if scrubbed else None
     length = upstream.content_length
-    small = not scrubbed and length is not None and length <= SMALL_BODY and request.method != "HEAD"
-    response = _response(
-        upstream, key.encode(), fingerprint.encode(), decoder is not None, at_once=not small, rewrite=rewrite
-    )
-    response.headers.extend(reply_headers)
-    if scrubbed:
-        return await _relay_scrubbed(request, upstream, response, decoder, key, fingerprint, outcome)
+    small = length is not None and length <= SMALL_BODY and not _bodiless(request, status)
+    response = _response(upstream, key, route.mask, decoded=False, at_once=not small, rewrite=rewrite)
+    response.headers.extend(call.reply)
     if small:
         body = await upstream.read()
-        if rewrite is not None and upstream.status < 300:
+        if rewrite is not None and status < 300:
             body = rewrite.body(body)
-        response.content_length = len(body)
-        if outcome.response_prefix is not None:
-            outcome.response_prefix = body
-        # Sent here, not by aiohttp after the handler returns: the client must not wait
-        # for the audit and metrics work that follows the exchange.
-        try:
-            await response.prepare(request)  # raises too when the client left while we waited
-            outcome.sent = True
-            await response.write_eof(body)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
-        return response
+        return await _send(request, response, _masked(body, key, route.mask) if scan else body, outcome)
     response.content_length = length  # a HEAD's too: it says what a GET would get
-    try:
-        await response.prepare(request)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True
-        return response
-    outcome.sent = True
-    prefix = outcome.response_prefix
-    limit = CAPTURE_LIMIT
-    if upstream.content_type == "text/event-stream":
-        limit = EVENT_STREAM_CAPTURE
-    try:
-        async for chunk in upstream.iter_any():
-            if prefix is not None and len(prefix) < limit:
-                prefix += chunk[: limit - len(prefix)]
-            await response.write(chunk)
-        await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True  # the client left; the upstream connection is closed on release
-    return response
+    scrubber = Scrubber(key, route.mask) if scan else None
+    return await _relay_stream(request, upstream, response, scrubber, outcome, deadline, route.idle_timeout)
+
+
+def _bodiless(request: web.BaseRequest, status: int) -> bool:
+    return status in _BODILESS or request.method == "HEAD"
+
+
+def _masked(body: bytes, key: bytes, mask: bytes) -> bytes:
+    return body.replace(key, mask)  # the same object back when the key is absent
 
 
 def _response(
     upstream: Response,
     key: bytes,
-    fingerprint: bytes,
+    mask: bytes,
     decoded: bool,
     at_once: bool,
     rewrite: links.Rewrite | None = None,
 ) -> RawHeadResponse:
     """The client's response, carrying the upstream's header lines byte for byte, less
-    the hop-by-hop ones, the framing, CORS and, when the body is decoded, its coding."""
+    the hop-by-hop ones, the framing, CORS, any named by the key and, when the body is
+    decoded, its coding. The key is masked in values and in the reason phrase."""
     lines = bytearray()
     count = 0
     for name, value in upstream.headers:
@@ -108,45 +111,118 @@ def _response(
         # (say `Access-Control-Allow-Origin: *`) would contradict or widen that.
         if lower in _NOT_RELAYED or lower.startswith(b"access-control-"):
             continue
-        if decoded and lower == b"content-encoding":
-            continue
+        if (decoded and lower == b"content-encoding") or name.find(key) >= 0:
+            continue  # a name cannot be masked into anything the client could use
         if rewrite is not None and lower == b"location":
             value = rewrite.location(value.decode("latin-1")).encode("latin-1")
         # replace(), not `key in value` first: `in` on bytes tries the key as an int
         # before searching, and formats (then drops) a TypeError every time.
-        lines += b"%s: %s\r\n" % (name, value.replace(key, fingerprint))
+        lines += b"%s: %s\r\n" % (name, value.replace(key, mask))
         count += 1
-    reason = upstream.reason.replace(key, fingerprint)
+    reason = upstream.reason.replace(key, mask)
     try:
         return RawHeadResponse(upstream.status, reason, lines, count, at_once=at_once)
     except UnsafeHead as exc:
         raise ProtocolError(f"upstream answer unsafe to relay: {exc}") from None
 
 
-async def _relay_scrubbed(
+async def _send(
+    request: web.BaseRequest, response: web.StreamResponse, body: bytes, outcome: Outcome
+) -> web.StreamResponse:
+    """A whole body in one write, with its length."""
+    response.content_length = len(body)
+    if outcome.response_prefix is not None:
+        outcome.response_prefix = body
+    # Sent here, not by aiohttp after the handler returns: the client must not wait
+    # for the audit and metrics work that follows the exchange.
+    try:
+        await response.prepare(request)  # raises too when the client left while we waited
+        outcome.sent = True
+        await response.write_eof(body)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
+    return response
+
+
+async def _relay_stream(
     request: web.BaseRequest,
     upstream: Response,
     response: web.StreamResponse,
-    decoder: Decoder | None,
-    key: str,
-    fingerprint: str,
+    scrubber: Scrubber | None,
     outcome: Outcome,
+    deadline: Deadline,
+    idle: float,
 ) -> web.StreamResponse:
-    # No Content-Length: scrubbing and decoding change the length.
-    scrubber = Scrubber(key.encode(), fingerprint.encode())
-    prefix = outcome.response_prefix
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True  # the client left while the answer was awaited
+        return response
     outcome.sent = True
-    async for chunk in upstream.iter_any():
-        plain = decoder.decompress(chunk) if decoder else chunk
-        if prefix is not None and len(prefix) < CAPTURE_LIMIT:
-            prefix += plain[: CAPTURE_LIMIT - len(prefix)]
-        await response.write(scrubber.feed(plain))
-    if decoder:
-        await response.write(scrubber.feed(decoder.flush()))
-        outcome.content_encoding = None
-    await response.write(scrubber.finish())
-    await response.write_eof()
+    prefix = outcome.response_prefix
+    limit = EVENT_STREAM_CAPTURE if upstream.content_type == "text/event-stream" else CAPTURE_LIMIT
+    try:
+        async for chunk in upstream.iter_any():
+            deadline.extend(idle)
+            out = scrubber.feed(chunk) if scrubber is not None else chunk
+            if prefix is not None and len(prefix) < limit:
+                prefix += out[: limit - len(prefix)]
+            if out:
+                await response.write(out)
+                deadline.extend(idle)
+        rest = scrubber.finish() if scrubber is not None else b""
+        if rest:
+            await response.write(rest)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True  # the client left; the upstream connection is closed on release
+    return response
+
+
+async def _relay_decoding(
+    request: web.BaseRequest,
+    upstream: Response,
+    response: web.StreamResponse,
+    names: Sequence[str],
+    key: bytes,
+    route: Route,
+    outcome: Outcome,
+    deadline: Deadline,
+) -> web.StreamResponse:
+    """A coded success answer, streamed decoded. Its first decoded bytes are in hand before
+    the status line goes out, so a body that is not what it says is a clean 502; one that
+    goes bad later is cut."""
+    idle = route.idle_timeout
+    scrubber = Scrubber(key, route.mask)
+    prefix = outcome.response_prefix
+    pieces = decoded.pieces(upstream, names, deadline, idle)
+    async with contextlib.aclosing(pieces):
+        try:
+            first = await anext(pieces, b"")
+        except Undecodable:
+            raise Unrelayable(UNDECODABLE) from None
+        await response.prepare(request)
+        outcome.sent = True
+        try:
+            out = scrubber.feed(first)
+            while True:
+                if prefix is not None and len(prefix) < CAPTURE_LIMIT:
+                    prefix += out[: CAPTURE_LIMIT - len(prefix)]
+                if out:
+                    await response.write(out)
+                    deadline.extend(idle)
+                piece = await anext(pieces, None)
+                if piece is None:
+                    break
+                out = scrubber.feed(piece)
+            rest = scrubber.finish()
+            if rest:
+                await response.write(rest)
+            await response.write_eof()
+        except Undecodable:
+            raise Unrelayable(UNDECODABLE) from None  # after the status: the client is cut
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.broken = True
     return response
 
 

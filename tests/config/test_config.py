@@ -568,6 +568,7 @@ def test_an_omitted_field_takes_the_dataclass_default(tmp_path: Path) -> None:
     [
         ("[server]\n{setting}\n" + DEV, "upstream_timeout", "server.upstream_timeout"),
         ("[server]\n{setting}\n" + DEV, "connect_timeout", "server.connect_timeout"),
+        ("[server]\n{setting}\n" + DEV, "idle_timeout", "server.idle_timeout"),
         ("[server]\n{setting}\n" + DEV, "shutdown_timeout", "server.shutdown_timeout"),
         (DEV + "[mock]\n{setting}\n", "delay", "mock.delay"),
         (DEV + '[pricing]\n"truefusion-pro" = 1\n{setting}\n', "lumo", "pricing.lumo"),
