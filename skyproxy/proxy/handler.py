@@ -20,6 +20,7 @@ from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
+from skyproxy.proxy.deadlines import Phase
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
@@ -101,14 +102,21 @@ class ProxyHandler:
             book = self.state.webhooks
             if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
                 limit = runtime.settings.server.max_body_bytes
+                # Read whole before the exchange, under a deadline of its own: the exchange's
+                # is not there yet. The sweeper's, not a task and a timer per create.
+                idle = route.idle_timeout
+                deadline = route.deadlines.arm(idle, Phase.UPLOAD)
                 try:
-                    # Read whole before the exchange, so its deadline is not yet there to bound it.
-                    prepared = await asyncio.wait_for(
-                        creates.prepare(request, book, env.name, call.user, request_id, limit, reply, read),
-                        route.idle_timeout,
+                    prepared = await creates.prepare(
+                        request, book, env.name, call.user, request_id, limit, reply, read, deadline, idle
                     )
-                except asyncio.TimeoutError:
+                except asyncio.CancelledError:
+                    if not deadline.fired:
+                        raise
+                    deadline.absorb()
                     prepared = _failed(call, BODY_TIMED_OUT)
+                finally:
+                    deadline.finish()
                 if isinstance(prepared, web.Response):
                     return self._count(prepared, path)
                 read = prepared
