@@ -16,7 +16,7 @@ from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.proxy import body
 from skyproxy.proxy.deadlines import Deadline
 from skyproxy.proxy.responses import error_response
-from skyproxy.webhooks.routes import RouteBook, TargetNotAllowed
+from skyproxy.webhooks.routes import MARKER, RouteBook, TargetNotAllowed
 
 CREATE_PATHS = frozenset({"/v1/predictions", "/v1/predict"})
 
@@ -46,7 +46,9 @@ async def prepare(
         read = streamed
     if deadline is not None:
         deadline.finish()
-    return await _rewritten(read or b"", book, environment, user, request_id, reply)
+    if not read or read.find(MARKER) < 0:
+        return read or b""  # no webhook asked for: the bytes as they came, at no more cost
+    return await _rewritten(read, book, environment, user, request_id, reply)
 
 
 async def _read(
