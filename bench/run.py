@@ -9,6 +9,7 @@ See bench/README.md for what each scenario measures and how to read the verdicts
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -39,7 +40,18 @@ POST_LUA = BENCH_DIR / "post.lua"
 PYTHON = sys.executable
 KEY_ENV = "SKYPROXY_BENCH_KEY"
 BENCH_KEY = "sk-bench-dummy-key-0000000000000000"
-SCENARIOS = ("throughput", "idle", "streams", "limiter", "audit", "coldstart", "instructions", "redis")
+SECRET_ENV = "SKYPROXY_BENCH_WHSEC"  # the relay's whsec_ secret, made anew for each run
+SCENARIOS = (
+    "throughput",
+    "idle",
+    "streams",
+    "limiter",
+    "audit",
+    "webhooks",
+    "coldstart",
+    "instructions",
+    "redis",
+)
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
 # The targets of the issue; every verdict line prints its threshold.
@@ -53,6 +65,7 @@ TARGET_LIMITER_STALL_P999_MS = 20.0
 TARGET_AUDIT_LINES_PER_S = 50_000.0
 TARGET_AUDIT_STALL_P99_MS = 5.0
 TARGET_COLD_START_MS = 300.0
+TARGET_WEBHOOKS_COST = 1.05  # instructions per create and per get, [webhooks] on / off
 # The search for the key in success bodies, against the same proxy without it, same run.
 TARGET_SCAN_THROUGHPUT_RATIO = 0.97
 TARGET_SCAN_INSTRUCTIONS_RATIO = 1.03
@@ -103,6 +116,19 @@ usd = 1000000000
 period = "month"
 """
 TOKEN_ENV = "SKYPROXY_BENCH_TOKEN"  # the client token the load generators present
+
+# The receiver's store sits beside the config, in the run's temp dir: on disk, not tmpfs,
+# where the bench checks (`store_filesystem` in the results).
+WEBHOOKS_CONFIG = """
+[webhooks]
+listen = ["127.0.0.1:{port}"]
+store = "state/webhooks.sqlite3"
+signing_secret = "env:{secret_env}"
+"""
+
+
+def webhooks_table(port: int) -> str:
+    return WEBHOOKS_CONFIG.format(port=port, secret_env=SECRET_ENV)
 
 
 class BenchError(RuntimeError):
@@ -464,13 +490,16 @@ def start_skyproxy(
     access: bool = False,
     extra: str = "",
     scan: bool = True,
+    source: Path | None = None,
 ) -> tuple[Proc, int, Path]:
     """skyproxy with guard, limits, audit and metrics on; `features=False` turns limits
     and audit off, for the same-run cost of those two features; `access=True` adds
     client tokens and a budget; `scan=False` stops the search for the key in success
-    bodies (`scan_success_bodies`, benchmark only), for the cost of that. `wrap` prefixes
-    the command (callgrind), which then runs the console script through the interpreter.
-    `extra` is appended to the config (the redis scenario's `[cluster]`)."""
+    bodies (`scan_success_bodies`, benchmark only). `wrap` prefixes the command
+    (callgrind), which then runs the console script through the interpreter. `extra` is
+    appended to the config (the redis scenario's `[cluster]`, the webhooks scenario's
+    `[webhooks]`). `source` is another skyproxy source tree to run instead of the
+    installed one (`--reference`)."""
     if not env.skyproxy:
         raise BenchError("skyproxy is not available")
     port = free_port()
@@ -480,7 +509,11 @@ def start_skyproxy(
     cmd = [env.skyproxy, "serve", "-c", str(config)]
     if wrap:
         cmd = [*wrap, PYTHON, *cmd]
-    proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, env.child_env)
+    child_env = env.child_env
+    if source is not None:
+        # First on the path, ahead of the installed package and of the bench's own tree.
+        child_env = {**child_env, "PYTHONPATH": str(source) + os.pathsep + child_env["PYTHONPATH"]}
+    proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, child_env)
     wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=deadline_s)
     return proc, port, config.parent / "audit"
 
@@ -994,8 +1027,105 @@ def scenario_audit(env: Env) -> dict[str, Any]:
     return run_python_snippet(env, "audit_throughput", env.args.module_timeout)
 
 
+def scenario_webhooks(env: Env) -> dict[str, Any]:
+    """The receiver's events/s (verified, committed) and the relay's latency, via a real daemon."""
+    args = env.args
+    env.check_time("webhooks", 90 + args.rounds * (args.duration + 20))
+    _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-webhooks")
+    hook_port, target_port = free_port(), free_port()
+    proc, port, audit_dir = start_skyproxy(
+        env, "skyproxy-webhooks", upstream_port, extra=webhooks_table(hook_port)
+    )
+    receiver = f"http://127.0.0.1:{hook_port}"
+    wait_http(receiver + "/-/health", proc)
+    store = audit_dir.parent / "state" / "webhooks.sqlite3"
+    out: dict[str, Any] = {
+        "upstream": upstream_kind,
+        "store_filesystem": filesystem_type(store.parent),
+        "routes": args.webhook_routes,
+    }
+    target = ["--target-port", str(target_port)]
+    made = _webhook_client(
+        env, ["routes", "--proxy", f"http://127.0.0.1:{port}", "--count", str(args.webhook_routes), *target]
+    )
+    if made["failed"]:
+        raise BenchError(f"{made['failed']} of {args.webhook_routes} creates with a webhook failed")
+    hooks = ["--receiver", receiver, "--store", str(store), *target]
+    out["latency"] = _webhook_client(env, ["latency", *hooks, "--events", str(args.webhook_events)])
+    log(
+        f"webhooks latency: receiver p50 {out['latency']['receiver_ms']['p50']:.2f} ms, "
+        f"relay p50 {out['latency']['relay_ms']['p50']:.2f} ms p99 {out['latency']['relay_ms']['p99']:.2f} ms"
+    )
+    rounds = []
+    for _ in range(args.rounds):
+        cpu = cpu_seconds(proc.pid)
+        result = _webhook_client(
+            env,
+            [
+                "throughput",
+                *hooks,
+                "--seconds",
+                f"{args.duration:g}",
+                "--concurrency",
+                str(args.webhook_concurrency),
+            ],
+        )
+        cpu = cpu_seconds(proc.pid) - cpu  # receiving and relaying, the drain included
+        accepted = result["accepted"]
+        result["proxy_cpu_us_per_event"] = round(cpu * 1e6 / accepted, 1) if accepted else None
+        rounds.append(result)
+        log(
+            f"webhooks throughput: {result['events_per_second']:,.0f} events/s, "
+            f"{result['committed']:,} committed, {result['relayed']:,} relayed"
+        )
+    env.procs.stop(proc)
+    out["rounds"] = rounds
+    out["summary"] = {
+        "events_per_second": spread([r["events_per_second"] for r in rounds]),
+        "proxy_cpu_us_per_event": spread([r["proxy_cpu_us_per_event"] or 0.0 for r in rounds]),
+    }
+    out["store_bytes"] = sum(f.stat().st_size for f in store.parent.glob(store.name + "*"))
+    return out
+
+
+def filesystem_type(path: Path) -> str:
+    try:
+        done = subprocess.run(
+            ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
+
+
+def _webhook_client(env: Env, argv: list[str]) -> dict[str, Any]:
+    """One `bench.webhooks` command on the load core; its JSON result."""
+    from bench.webhooks import DRAIN_TIMEOUT
+
+    cmd = [*env.cpus.prefix(env.cpus.load), PYTHON, "-m", "bench.webhooks", *argv]
+    timeout = min(env.args.duration + DRAIN_TIMEOUT + 120, env.remaining())
+    done = subprocess.run(cmd, cwd=ROOT, env=env.child_env, capture_output=True, timeout=timeout)
+    text = done.stdout.decode(errors="replace")
+    line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"bench.webhooks {argv[0]} failed: {(text + done.stderr.decode())[-500:]}")
+    result: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
+    return result
+
+
+INSTRUCTION_TARGETS = (
+    "bare",
+    "skyproxy",
+    "skyproxy-access",
+    "skyproxy-off",
+    "skyproxy-noscan",
+    "skyproxy-webhooks",
+    "reference",
+)
+
+
 def scenario_instructions(env: Env) -> dict[str, Any]:
-    """Instructions per request for bare, skyproxy, skyproxy-off and skyproxy-noscan, under callgrind."""
+    """Instructions per create and per get, for bare and each skyproxy config, under callgrind."""
     from bench import instructions
 
     why_not = instructions.available()
@@ -1004,54 +1134,96 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     requests, concurrency = env.args.instructions_requests, 16
     _, upstream_port, upstream_kind = start_upstream_fast(env, "upstream-fast")
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
-    counts: dict[str, float] = {}
-    for name in ("bare", "skyproxy", "skyproxy-access", "skyproxy-off", "skyproxy-noscan"):
-        if name != "bare" and not env.skyproxy:
+    creates: dict[str, float] = {}
+    gets: dict[str, float] = {}
+    for name in INSTRUCTION_TARGETS:
+        if (name != "bare" and not env.skyproxy) or (name == "reference" and not env.args.reference):
             continue
-        env.check_time(f"instructions {name}", 120)
-        out_file = env.workdir / f"callgrind-{name}.out"
-        wrap = instructions.wrap(out_file)
-        if name == "bare":
-            proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
-        else:
-            features = name != "skyproxy-off"
-            proc, port, _ = start_skyproxy(
-                env,
-                name,
-                upstream_port,
-                features=features,
-                wrap=wrap,
-                deadline_s=120.0,
-                access=name == "skyproxy-access",
-                scan=name != "skyproxy-noscan",
-            )
-        url = f"http://127.0.0.1:{port}/v1/predictions"
-        _instruction_load(env, url, max(requests // 5, 100), concurrency)  # warm up, not counted
-        instructions.control(proc.pid, "-i", "on")
-        _instruction_load(env, url, requests, concurrency)
-        instructions.control(proc.pid, "-d")
-        instructions.control(proc.pid, "-i", "off")
-        env.procs.stop(proc)
+        env.check_time(f"instructions {name}", 180)
         try:
-            counts[name] = instructions.dumped_total(out_file) / requests
-        except RuntimeError as exc:
-            raise BenchError(str(exc)) from exc
-        env.child_env.pop(TOKEN_ENV, None)
-        log(f"instructions {name}: {counts[name] / 1000:,.0f}k per request")
-    out["per_request"] = {name: round(count) for name, count in counts.items()}
-    if "bare" in counts:
-        out["ratios"] = {
-            name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
-        }
-    if "skyproxy" in counts and "skyproxy-access" in counts:
+            creates[name], gets[name] = _count_instructions(env, name, upstream_port, requests, concurrency)
+        except BenchError as exc:
+            # One target that cannot run (say an older skyproxy without [webhooks]) leaves
+            # the others' counts standing.
+            log(f"instructions {name} failed: {exc}")
+            out.setdefault("errors", {})[name] = str(exc).splitlines()[0][:300]
+            continue
+        finally:
+            env.child_env.pop(TOKEN_ENV, None)
+        log(
+            f"instructions {name}: {creates[name] / 1000:,.0f}k per create, {gets[name] / 1000:,.0f}k per get"
+        )
+    out["per_request"] = {name: round(count) for name, count in creates.items()}
+    out["per_get"] = {name: round(count) for name, count in gets.items()}
+    for key, counts in (("ratios", creates), ("get_ratios", gets)):
+        if "bare" in counts:
+            out[key] = {
+                name: round(count / counts["bare"], 3) for name, count in counts.items() if name != "bare"
+            }
+    if "skyproxy" in creates and "skyproxy-access" in creates:
         # Tokens and budgets against neither, in the same run.
-        out["access_cost"] = round(counts["skyproxy-access"] / counts["skyproxy"], 3)
-    if "skyproxy" in counts and "skyproxy-noscan" in counts:
-        out["scan_ratio"] = round(counts["skyproxy"] / counts["skyproxy-noscan"], 4)
+        out["access_cost"] = round(creates["skyproxy-access"] / creates["skyproxy"], 3)
+    if "skyproxy" in creates and "skyproxy-noscan" in creates:
+        out["scan_ratio"] = round(creates["skyproxy"] / creates["skyproxy-noscan"], 4)
+    for key, name, base in (
+        ("webhooks_cost", "skyproxy-webhooks", "skyproxy"),
+        ("reference_cost", "skyproxy", "reference"),
+    ):
+        if name in creates and base in creates:
+            out[key] = {
+                "create": round(creates[name] / creates[base], 3),
+                "get": round(gets[name] / gets[base], 3),
+            }
     return out
 
 
-def _instruction_load(env: Env, url: str, requests: int, concurrency: int) -> None:
+def _count_instructions(
+    env: Env, name: str, upstream_port: int, requests: int, concurrency: int
+) -> tuple[float, float]:
+    """Instructions per create and per get for one target, started under callgrind."""
+    from bench import instructions
+
+    out_file = env.workdir / f"callgrind-{name}.out"
+    wrap = instructions.wrap(out_file)
+    if name == "bare":
+        proc, port = start_bare(env, name, upstream_port, wrap=wrap, deadline_s=120.0)
+    else:
+        proc, port, _ = start_skyproxy(
+            env,
+            name,
+            upstream_port,
+            features=name != "skyproxy-off",
+            wrap=wrap,
+            deadline_s=120.0,
+            access=name == "skyproxy-access",
+            extra=webhooks_table(free_port()) if name == "skyproxy-webhooks" else "",
+            scan=name != "skyproxy-noscan",
+            source=env.args.reference if name == "reference" else None,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        warm = max(requests // 5, 100)
+        for kind in ("create", "get"):  # warm up, not counted
+            _instruction_load(env, url, warm, concurrency, kind)
+        # Each dump holds what ran since the one before: the first the creates, the second the gets.
+        instructions.control(proc.pid, "-i", "on")
+        _instruction_load(env, url, requests, concurrency, "create")
+        instructions.control(proc.pid, "-d")
+        _instruction_load(env, url, requests, concurrency, "get")
+        instructions.control(proc.pid, "-d")
+        instructions.control(proc.pid, "-i", "off")
+    finally:
+        env.procs.stop(proc)
+    try:
+        return (
+            instructions.dumped_total(out_file, 0) / requests,
+            instructions.dumped_total(out_file, 1) / requests,
+        )
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
+
+
+def _instruction_load(env: Env, url: str, requests: int, concurrency: int, kind: str) -> None:
     cmd = [
         *env.cpus.prefix(env.cpus.load),
         PYTHON,
@@ -1060,6 +1232,8 @@ def _instruction_load(env: Env, url: str, requests: int, concurrency: int) -> No
         "load",
         "--url",
         url,
+        "--kind",
+        kind,
         "--requests",
         str(requests),
         "--concurrency",
@@ -1266,6 +1440,8 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     else:
         skip("audit writer", t_au, _skip_reason(au, "no lines/s or stall figure in run()"))
 
+    out.extend(_webhook_verdicts(results))
+
     cs = results.get("coldstart")
     t_cs = f"<= {TARGET_COLD_START_MS:.0f} ms"
     if isinstance(cs, dict) and "skyproxy --version" in cs:
@@ -1313,12 +1489,98 @@ def _scan_verdicts(results: dict[str, Any]) -> list[Verdict]:
     return out
 
 
+def _webhook_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    out = []
+    wh = results.get("webhooks")
+    t_wh = "every 2xx committed and relayed once, signatures valid"
+    if isinstance(wh, dict) and wh.get("rounds"):
+        lat = wh["latency"]
+        lost = [
+            r
+            for r in wh["rounds"]
+            if r["refused"] or r["committed"] != r["accepted"] or r["relayed"] != r["accepted"]
+        ]
+        bad = lat["bad_signatures"] + sum(r["bad_signatures"] for r in wh["rounds"])
+        ok = not lost and not bad and not lat["failed"]
+        eps = wh["summary"]["events_per_second"]["median"]
+        value = f"{eps:,.0f} events/s, relay p99 {lat['relay_ms']['p99']:.1f} ms"
+        note = (
+            f"receiver p50 {lat['receiver_ms']['p50']:.1f} ms p99 {lat['receiver_ms']['p99']:.1f} ms, "
+            f"relay p50 {lat['relay_ms']['p50']:.1f} ms; store on {wh['store_filesystem'] or '?'}"
+        )
+        if lost:
+            note += f"; {len(lost)} round(s) with refused, uncommitted or unrelayed events"
+        if bad:
+            note += f"; {bad} bad relay signatures"
+        out.append(Verdict("webhooks receiver and relay", "PASS" if ok else "FAIL", value, t_wh, note))
+    else:
+        out.append(
+            Verdict("webhooks receiver and relay", "SKIP", "-", t_wh, _skip_reason(wh, "not measured"))
+        )
+    ins = results.get("instructions")
+    t_cost = f"<= {TARGET_WEBHOOKS_COST:.2f}x without [webhooks]"
+    cost = ins.get("webhooks_cost") if isinstance(ins, dict) else None
+    if cost:
+        ok = max(cost.values()) <= TARGET_WEBHOOKS_COST
+        value = f"create {cost['create']:.3f}x, get {cost['get']:.3f}x"
+        out.append(Verdict("[webhooks] cost, instructions", "PASS" if ok else "FAIL", value, t_cost))
+    else:
+        why = (
+            ins["skipped"]
+            if isinstance(ins, dict) and "skipped" in ins
+            else _skip_reason(ins, "not measured")
+        )
+        out.append(Verdict("[webhooks] cost, instructions", "SKIP", "-", t_cost, why))
+    ref = ins.get("reference_cost") if isinstance(ins, dict) else None
+    if ref:
+        # The tree under test against --reference (say main before a change), same run.
+        t_ref = f"<= {TARGET_WEBHOOKS_COST:.2f}x --reference"
+        ok = max(ref.values()) <= TARGET_WEBHOOKS_COST
+        value = f"create {ref['create']:.3f}x, get {ref['get']:.3f}x"
+        out.append(Verdict("skyproxy against --reference", "PASS" if ok else "FAIL", value, t_ref))
+    return out
+
+
 def _skip_reason(section: Any, default: str) -> str:
     if section is None:
         return "scenario not run"
     if isinstance(section, dict) and "error" in section:
         return str(section["error"]).splitlines()[0][:120]
     return default
+
+
+def _print_webhooks(wh: Any) -> None:
+    if not isinstance(wh, dict) or not wh.get("rounds"):
+        return
+    lat = wh["latency"]
+    s = wh["summary"]
+    print(
+        f"\nwebhooks through a daemon (store on {wh['store_filesystem'] or '?'}, {wh['routes']} routes, "
+        f"one local app target)"
+    )
+    print(
+        f"  receiver: {fmt_spread(s['events_per_second'])} events/s verified and committed "
+        f"at {wh['rounds'][0]['concurrency']} in flight; proxy CPU "
+        f"{fmt_spread(s['proxy_cpu_us_per_event'])} µs/event, relay included"
+    )
+    print(
+        "  one at a time ("
+        + f"{lat['events']} events): "
+        + "; ".join(
+            f"{name} p50 {lat[key]['p50']:.2f} ms p99 {lat[key]['p99']:.2f} ms"
+            for name, key in (
+                ("receiver 2xx", "receiver_ms"),
+                ("2xx to app", "relay_ms"),
+                ("end to end", "end_to_end_ms"),
+            )
+        )
+    )
+    for r in wh["rounds"]:
+        print(
+            f"  round: {r['accepted']:,} accepted, {r['committed']:,} committed, {r['relayed_by_end']:,} "
+            f"relayed by the end, all {r['relayed']:,} after {r['drain_seconds']} s more; "
+            f"refused {r['refused'] or 0}"
+        )
 
 
 def fmt_spread(s: dict[str, float], unit: str = "", digits: int = 0) -> str:
@@ -1406,7 +1668,8 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                 f"proxy CPU {cpu if cpu is not None else '-'} µs/event; "
                 f"RSS growth while held {x.get('rss_growth_kb_per_s_while_held', '-')} kB/s"
             )
-    for key in ("idle", "streams", "limiter", "audit", "coldstart", "instructions"):
+    _print_webhooks(results.get("webhooks"))
+    for key in ("idle", "streams", "limiter", "audit", "webhooks", "coldstart", "instructions"):
         section = results.get(key)
         if isinstance(section, dict) and "error" in section:
             p(f"{key}: ERROR {section['error'].splitlines()[0]}")
@@ -1418,18 +1681,24 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
         )
     ins = results.get("instructions")
     if isinstance(ins, dict) and "per_request" in ins:
-        counts = ins["per_request"]
-        ratios = ins.get("ratios", {})
         p(
-            f"\nCPU instructions per request (callgrind, {ins['requests']:,} POSTs at concurrency "
-            f"{ins['concurrency']}, deterministic): "
-            + ", ".join(
-                f"{name} {count / 1000:,.0f}k" + (f" ({ratios[name]:.2f}x bare)" if name in ratios else "")
-                for name, count in counts.items()
-            )
+            f"\nCPU instructions per request (callgrind, {ins['requests']:,} of each at concurrency "
+            f"{ins['concurrency']}, deterministic):"
         )
+        for what, key, ratio_key in (("create", "per_request", "ratios"), ("get", "per_get", "get_ratios")):
+            ratios = ins.get(ratio_key, {})
+            p(
+                f"  {what:<7}"
+                + ", ".join(
+                    f"{name} {count / 1000:,.0f}k"
+                    + (f" ({ratios[name]:.2f}x bare)" if name in ratios else "")
+                    for name, count in ins.get(key, {}).items()
+                )
+            )
+        for name, error in ins.get("errors", {}).items():
+            p(f"  {name}: not counted, {error}")
         if "access_cost" in ins:
-            p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per request")
+            p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per create")
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
     from bench import cluster
@@ -1485,12 +1754,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--instructions-requests", type=int, help="requests counted under callgrind per target (default 2000)"
     )
+    parser.add_argument("--webhook-routes", type=int, default=100, help="routes the callbacks spread over")
+    parser.add_argument("--webhook-events", type=int, help="callbacks timed one at a time (default 500)")
+    parser.add_argument(
+        "--webhook-concurrency", type=int, default=32, help="callbacks in flight in the throughput rounds"
+    )
     parser.add_argument("--idle-settle", type=float, default=2.0, help="seconds before reading idle RSS")
     parser.add_argument("--module-timeout", type=float, default=300.0, help="bound on limiter/audit run()")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}"
     )
     parser.add_argument("--skyproxy", help="the skyproxy executable (default: the venv's console script)")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="another skyproxy source tree (say `git archive main`), counted in the instructions "
+        "scenario as `reference` beside this one",
+    )
     parser.add_argument(
         "--max-time", type=float, default=1800.0, help="seconds before the run gives up (default 1800)"
     )
@@ -1507,6 +1787,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "stream_hold": 6.0 if quick else 20.0,
         "coldstart_runs": 5 if quick else 10,
         "instructions_requests": 500 if quick else 2000,
+        "webhook_events": 100 if quick else 500,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1554,6 +1835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="skyproxy-bench-"))
     child_env = dict(os.environ)
     child_env[KEY_ENV] = BENCH_KEY
+    child_env[SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
     child_env.pop("PYTHONDONTWRITEBYTECODE", None)
     skyproxy = find_skyproxy(args.skyproxy)
@@ -1594,6 +1876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "limiter": scenario_limiter,
         "audit": scenario_audit,
         "coldstart": scenario_coldstart,
+        "webhooks": scenario_webhooks,
         "instructions": scenario_instructions,
         "redis": _scenario_redis,
     }

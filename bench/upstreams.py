@@ -1,8 +1,10 @@
 """Upstreams for the benchmark: nginx config generation and two aiohttp servers.
 
 * ``nginx_upstream_conf`` writes an nginx.conf answering ``POST /v1/predictions`` with a
-  canned 201 prediction object (401 when the ``x-api-key`` header is missing, so a proxy
-  that forgets the key shows up as errors in wrk's output).
+  canned 201 prediction object and ``GET /v1/predictions/ID`` with a 200 "processing"
+  one (401 when the ``x-api-key`` header is missing, so a proxy that forgets the key
+  shows up as errors in wrk's output). Their ``urls`` name the upstream's own origin,
+  as the real API's do, so a proxy that rewrites links has work to do.
 * ``nginx_proxy_conf`` writes an nginx.conf that proxies to an upstream and only sets
   ``x-api-key``: the "what a C proxy costs" reference.
 * ``fast`` is the same canned upstream in aiohttp, used when nginx is not installed.
@@ -36,10 +38,11 @@ from aiohttp import web
 MODEL = "truefusion-pro"
 PREDICTION_PATHS = ("/v1/predictions", "/v1/predict")
 
-# A realistic "just created" prediction object. nginx fills the id from $request_id.
+# A realistic prediction object. nginx fills the id from $request_id (create) or the path
+# (get), and the origin from the Host header the proxy sent.
 _PREDICTION_TEMPLATE = {
     "id": "ID",
-    "status": "starting",
+    "status": "STATUS",
     "model": MODEL,
     "version": "2025-01",
     "input": {"prompt": "test"},
@@ -51,15 +54,16 @@ _PREDICTION_TEMPLATE = {
     "started_at": None,
     "completed_at": None,
     "urls": {
-        "get": "https://api.skytells.ai/v1/predictions/ID",
-        "cancel": "https://api.skytells.ai/v1/predictions/ID/cancel",
+        "get": "ORIGIN/v1/predictions/ID",
+        "cancel": "ORIGIN/v1/predictions/ID/cancel",
     },
 }
 
 
-def prediction_json(prediction_id: str) -> str:
-    """The canned prediction object with ``prediction_id`` filled in."""
-    return json.dumps(_PREDICTION_TEMPLATE, separators=(",", ":")).replace("ID", prediction_id)
+def prediction_json(prediction_id: str, origin: str, status: str = "starting") -> str:
+    """The canned prediction object, its links at ``origin`` (``http://host:port``)."""
+    text = json.dumps(_PREDICTION_TEMPLATE, separators=(",", ":"))
+    return text.replace("STATUS", status).replace("ORIGIN", origin).replace("ID", prediction_id)
 
 
 def _nginx_common(workdir: Path, worker_connections: int) -> str:
@@ -96,7 +100,8 @@ def nginx_upstream_conf(workdir: Path, port: int, worker_connections: int = 4096
     """Write an nginx.conf for the fast canned upstream; returns its path."""
     workdir.mkdir(parents=True, exist_ok=True)
     # nginx needs '$request_id' left alone and the JSON quotes escaped for its string syntax.
-    body = prediction_json("$prediction_id").replace('"', '\\"')
+    body = prediction_json("$prediction_id", "http://$http_host").replace('"', '\\"')
+    polled = prediction_json("$polled_id", "http://$http_host", "processing").replace('"', '\\"')
     conf = (
         _nginx_common(workdir, worker_connections)
         + "http {\n"
@@ -120,6 +125,15 @@ def nginx_upstream_conf(workdir: Path, port: int, worker_connections: int = 4096
                 return 401 "{{\\"error\\":\\"missing x-api-key\\"}}";
             }}
             return 201 "{body}";
+        }}
+        location ~ ^/v1/predictions/(?<polled_id>[A-Za-z0-9-]+)$ {{
+            if ($request_method != GET) {{
+                return 405 "{{\\"error\\":\\"method_not_allowed\\"}}";
+            }}
+            if ($http_x_api_key = "") {{
+                return 401 "{{\\"error\\":\\"missing x-api-key\\"}}";
+            }}
+            return 200 "{polled}";
         }}
         location / {{
             return 404 "{{\\"error\\":\\"not_found\\"}}";
@@ -191,14 +205,20 @@ def fast_app() -> web.Application:
         await request.read()
         if not request.headers.get("x-api-key"):
             return web.json_response({"error": "missing x-api-key"}, status=401)
-        return web.Response(
-            status=201, text=prediction_json(str(uuid.uuid4())), content_type="application/json"
-        )
+        body = prediction_json(str(uuid.uuid4()), f"http://{request.host}")
+        return web.Response(status=201, text=body, content_type="application/json")
+
+    async def prediction(request: web.Request) -> web.Response:
+        if not request.headers.get("x-api-key"):
+            return web.json_response({"error": "missing x-api-key"}, status=401)
+        body = prediction_json(request.match_info["pid"], f"http://{request.host}", "processing")
+        return web.Response(status=200, text=body, content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/-/health", health)
     for path in PREDICTION_PATHS:
         app.router.add_post(path, predictions)
+    app.router.add_get("/v1/predictions/{pid}", prediction)
     return app
 
 

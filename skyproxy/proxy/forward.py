@@ -73,7 +73,7 @@ async def forward(route: Route, call: Call, read_body: bytes | None = None) -> O
         # Links in answers on prediction paths come back through the proxy.
         path = request.path
         rewrite = (
-            (call.env.base_url, "http://" + request.host)
+            links.rewrite_for(call.env.base_url, request.host)
             if path.startswith(links.PREDICTIONS) or path == links.PREDICT
             else None
         )

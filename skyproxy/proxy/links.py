@@ -17,7 +17,6 @@ link without a path, a proxy origin that would need escaping) is parsed.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -26,41 +25,60 @@ MAX_BODY = 1_048_576  # larger answers pass unchanged
 PREDICTIONS = "/v1/predictions"  # the prediction paths: this one and every path under it,
 PREDICT = "/v1/predict"  # and this one
 _FORMS = ((b'"urls":{', b':"'), (b'"urls": {', b': "'))  # compact, then with a space
+_KEPT = 256  # rewrites remembered, one per upstream and Host header
 
 
-def rewrite_location(value: str, upstream: str, proxy: str) -> str:
-    return proxy + value[len(upstream) :] if _names(value, upstream) else value
+class Rewrite:
+    """Moves links from one upstream to the proxy as one Host header names it."""
+
+    __slots__ = ("_forms", "_origin", "proxy", "upstream")
+
+    def __init__(self, upstream: str, proxy: str) -> None:
+        self.upstream = upstream
+        self.proxy = proxy
+        self._origin = upstream.encode()
+        # None when the proxy origin would need escaping in a JSON string: the parse
+        # writes it correctly.
+        safe = proxy.isprintable() and '"' not in proxy and "\\" not in proxy
+        self._forms = (
+            tuple((key, sep + self._origin + b"/", sep + proxy.encode() + b"/") for key, sep in _FORMS)
+            if safe
+            else None
+        )
+
+    def location(self, value: str) -> str:
+        upstream = self.upstream
+        return self.proxy + value[len(upstream) :] if _names(value, upstream) else value
+
+    def body(self, body: bytes) -> bytes:
+        """The answer with every upstream `urls.*` value moved; unchanged if none."""
+        if len(body) > MAX_BODY:
+            return body
+        mentions = body.count(self._origin)
+        if not mentions:
+            return body
+        forms = self._forms
+        if forms is not None and body.startswith(b"{") and body.endswith(b"}"):
+            for key, theirs, ours in forms:
+                at = body.find(key)
+                if at != -1:
+                    if body.count(theirs, at, body.find(b"}", at)) == mentions:
+                        return body.replace(theirs, ours)
+                    break
+        return _rewrite_parsed(body, self.upstream, self.proxy)
 
 
-def rewrite_body(body: bytes, upstream: str, proxy: str) -> bytes:
-    """The answer with every upstream `urls.*` value moved to `proxy`; unchanged if none."""
-    if len(body) > MAX_BODY:
-        return body
-    origin, forms = _needles(upstream, proxy)
-    mentions = body.count(origin)
-    if not mentions:
-        return body
-    if body.startswith(b"{") and body.endswith(b"}"):
-        for key, theirs, ours in forms:
-            at = body.find(key)
-            if at != -1:
-                if body.count(theirs, at, body.find(b"}", at)) == mentions:
-                    return body.replace(theirs, ours)
-                break
-    return _rewrite_parsed(body, upstream, proxy)
+_rewrites: dict[tuple[str, str], Rewrite] = {}
 
 
-@lru_cache(maxsize=256)
-def _needles(upstream: str, proxy: str) -> tuple[bytes, tuple[tuple[bytes, bytes, bytes], ...]]:
-    """The upstream's origin; per form, the `urls` key, a value naming the upstream, ours.
-
-    No form when the proxy origin (the client's Host header) would need escaping in a
-    JSON string: the parse writes it correctly."""
-    origin = upstream.encode()
-    if not proxy.isprintable() or '"' in proxy or "\\" in proxy:
-        return origin, ()
-    ours = proxy.encode()
-    return origin, tuple((key, sep + origin + b"/", sep + ours + b"/") for key, sep in _FORMS)
+def rewrite_for(upstream: str, host: str) -> Rewrite:
+    """The rewrite for answers from `upstream` to a client that sent `host`."""
+    found = _rewrites.get((upstream, host))
+    if found is None:
+        if len(_rewrites) >= _KEPT:
+            _rewrites.clear()  # Host headers are the client's: the memory stays bounded
+        found = _rewrites[(upstream, host)] = Rewrite(upstream, "http://" + host)
+    return found
 
 
 def _rewrite_parsed(body: bytes, upstream: str, proxy: str) -> bytes:

@@ -49,7 +49,7 @@ async def relay(
     key: bytes,
     outcome: Outcome,
     deadline: Deadline,
-    rewrite: tuple[str, str] | None = None,
+    rewrite: links.Rewrite | None = None,
 ) -> web.StreamResponse:
     """Relays the answer; raises Unrelayable, before anything is sent, for one that cannot be."""
     request = call.request
@@ -72,7 +72,7 @@ async def relay(
         response.headers.extend(call.reply)
         body = await upstream.read()
         if rewrite is not None and status < 300:
-            body = links.rewrite_body(body, *rewrite)
+            body = rewrite.body(body)
         if scan:
             # replace(), not `key in body` first: `in` on bytes tries the key as an int
             # before it searches, and formats (then drops) a TypeError every time; a
@@ -106,7 +106,7 @@ async def _relay_decoded(
     names: Sequence[str],
     outcome: Outcome,
     deadline: Deadline,
-    rewrite: tuple[str, str] | None,
+    rewrite: links.Rewrite | None,
 ) -> web.StreamResponse:
     """A coded answer, relayed decoded: an error one whole, a success one as it streams."""
     outcome.content_encoding = None  # what the audit reads is decoded
@@ -124,7 +124,7 @@ def _response(
     mask: bytes,
     decoded: bool,
     at_once: bool,
-    rewrite: tuple[str, str] | None = None,
+    rewrite: links.Rewrite | None = None,
 ) -> RawHeadResponse:
     """The client's response, carrying the upstream's header lines byte for byte, less
     the hop-by-hop ones, the framing, CORS, any named by the key and, when the body is
@@ -140,7 +140,7 @@ def _response(
         if (decoded and lower == b"content-encoding") or name.find(key) >= 0:
             continue  # a name cannot be masked into anything the client could use
         if rewrite is not None and lower == b"location":
-            value = links.rewrite_location(value.decode("latin-1"), *rewrite).encode("latin-1")
+            value = rewrite.location(value.decode("latin-1")).encode("latin-1")
         lines += b"%s: %s\r\n" % (name, value.replace(key, mask))  # replace(): see relay()
         count += 1
     reason = upstream.reason.replace(key, mask)

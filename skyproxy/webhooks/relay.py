@@ -5,6 +5,11 @@ once to one origin and `max_in_flight` in all, so a slow or dead app never holds
 another one or the proxy. The store is the only queue: a delivery's outcome is written
 after its attempt, so a crash mid-attempt leaves it pending, and it is sent again, with
 the same webhook-id, after the restart.
+
+Attempts go out through skyproxy's own HTTP/1.1 client: no redirects followed, a bound
+on the whole attempt, and of the app's answer only the status and `Retry-After` matter.
+A short answer of announced length is read so its connection can carry the next
+delivery; any other is left unread and its connection closed.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-import aiohttp
+from urllib.parse import quote, urlsplit
 
 from skyproxy import __version__
 from skyproxy.config import TargetPattern
+from skyproxy.http1 import Client, Limits, Origin, Response, Timeouts, UpstreamError
 from skyproxy.webhooks import schedule, targets
 from skyproxy.webhooks.queue import DeliveryQueue, StoreQueue
 from skyproxy.webhooks.signing import SigningKeys, signature_header
@@ -30,6 +35,12 @@ from skyproxy.webhooks.store import Due, Outbox, StoreThread
 
 log = logging.getLogger("skyproxy")
 ATTEMPT_TIMEOUT = 15.0  # seconds for one whole attempt: connect, send, answer head
+ANSWER_READ = 65_536  # an app's answer up to this long (and announced) is read, to keep its connection
+_KEPT_TARGETS = 1024  # parsed target URLs remembered
+# Characters left as they are in a target's path and query: reserved ones and `%`, so
+# an escape the app wrote stays one; anything else (spaces cannot pass allowed_targets,
+# non-ASCII can) is percent-encoded.
+_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +71,7 @@ class Relay:
         self._per_origin = per_origin
         self._max_in_flight = max_in_flight
         self._poll = poll_interval  # how soon a replay written by another process is seen
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._clock = clock
         self._jitter = jitter
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -68,18 +79,19 @@ class Relay:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
+        self._targets: dict[str, tuple[Origin, str]] = {}
 
     def wake(self) -> None:
         """Looks at the outbox now: a new event or a freed slot may have work for it."""
         self._wakeup.set()
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_in_flight),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=self._timeout,
+        timeout = self._timeout
+        self._client = Client(
+            Timeouts(connect=timeout, read=timeout, write=timeout, pool=timeout),
+            # The dispatch sends at most per_origin at once to an origin; the pool agrees.
+            Limits(max_connections=self._per_origin, max_idle=self._per_origin),
         )
         self._loop_task = asyncio.create_task(self._run(), name="skyproxy-webhook-relay")
 
@@ -95,8 +107,8 @@ class Relay:
             for task in late:
                 task.cancel()  # left pending in the store: sent again after the restart
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     # -- the loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -171,26 +183,48 @@ class Relay:
         await self._record(due, attempts, decision, schedule.describe(status, error))
 
     async def _post(self, due: Due, config: RelayConfig) -> tuple[int | None, str | None, str | None]:
-        assert self._session is not None
-        timestamp = int(self._clock())
-        headers = {
-            "Content-Type": due.content_type,
-            "User-Agent": f"skyproxy/{__version__}",
-            "webhook-id": due.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature_header(
-                due.event_id, timestamp, due.body, config.signing.active(timestamp)
-            ),
-        }
+        """One attempt: the app's status and Retry-After, or what went wrong."""
+        assert self._client is not None
         try:
-            async with self._session.post(
-                due.target, data=due.body, headers=headers, allow_redirects=False
-            ) as answer:
-                return answer.status, answer.headers.get("Retry-After"), None
+            origin, target = self._where(due.target)
+        except ValueError:
+            return None, None, "connection failed: not an http(s) URL"
+        timestamp = int(self._clock())
+        signature = signature_header(due.event_id, timestamp, due.body, config.signing.active(timestamp))
+        head = b"Content-Type: %s\r\nUser-Agent: skyproxy/%s\r\n" % (
+            _content_type(due.content_type),
+            __version__.encode(),
+        )
+        head += b"webhook-id: %s\r\nwebhook-timestamp: %d\r\nwebhook-signature: %s\r\n" % (
+            due.event_id.encode(),
+            timestamp,
+            signature.encode(),
+        )
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        try:
+            async with _deadline(deadline):
+                answer = await self._client.request("POST", origin, target, head, due.body)
         except (TimeoutError, asyncio.TimeoutError):
-            return None, None, f"no answer within {self._timeout.total:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return None, None, f"no answer within {self._timeout:g} s"
+        except (UpstreamError, OSError) as exc:
             return None, None, f"connection failed: {type(exc).__name__}"
+        async with answer:
+            retry_after = _retry_after(answer)
+            await _read_short(answer, deadline)
+        return answer.status, retry_after, None
+
+    def _where(self, url: str) -> tuple[Origin, str]:
+        """The target's origin and request target (path and query), parsed once per URL."""
+        found = self._targets.get(url)
+        if found is None:
+            parts = urlsplit(url)
+            target = quote(parts.path or "/", safe=_SAFE)
+            if parts.query:
+                target += "?" + quote(parts.query, safe=_SAFE)
+            if len(self._targets) >= _KEPT_TARGETS:
+                self._targets.clear()
+            found = self._targets[url] = (Origin.parse(url), target)
+        return found
 
     async def _record(self, due: Due, attempts: int, decision: schedule.Decision, error: str) -> None:
         event_id = due.event_id
@@ -214,3 +248,53 @@ class Relay:
             await self._queue.retry(event_id, attempts, next_at, error)
             self.stats.retried += 1
             log.info("webhook %s to %s: %s; retry in %.1f s", event_id, due.origin, error, decision.delay)
+
+
+def _content_type(value: str) -> bytes:
+    # As received from Skytells; a value that could break the header line is replaced.
+    return value.encode() if value.isascii() and value.isprintable() else b"application/json"
+
+
+def _retry_after(answer: Response) -> str | None:
+    for name, value in answer.headers:
+        if name.lower() == b"retry-after":
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_short(answer: Response, deadline: float) -> None:
+    """Reads a short answer of announced length, so its connection can be kept; the status
+    is known already, so a body that never comes only costs the connection."""
+    length = answer.content_length
+    if length is None or length > ANSWER_READ:
+        return
+    with contextlib.suppress(UpstreamError, OSError, TimeoutError, asyncio.TimeoutError):
+        async with _deadline(deadline):
+            await answer.read()
+
+
+@contextlib.asynccontextmanager
+async def _deadline(when: float) -> AsyncIterator[None]:
+    """`asyncio.timeout_at` for Python 3.10 too: the task is cancelled at `when` (loop time),
+    and that cancellation, only that one, comes out of the block as TimeoutError."""
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_at(when, fire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not fired:
+            raise  # a stop's, not ours
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+ counts cancellations
+        if uncancel is not None:
+            uncancel()
+        raise TimeoutError from None
+    finally:
+        handle.cancel()

@@ -103,3 +103,12 @@ def file_bytes(path: Path) -> bytes:
         if candidate.exists():
             found += candidate.read_bytes()
     return found
+
+
+def statuses(path: Path) -> dict[str, tuple[str, int, str | None]]:
+    """Each stored event's delivery: status, attempts, last error."""
+    store = Store(path)
+    try:
+        return {x.id: (x.status, x.attempts, x.last_error) for x in store.listing()}
+    finally:
+        store.close()

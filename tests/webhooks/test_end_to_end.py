@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import CANARY, Proxy, assert_no_canary, env_config, free_port, write_config
 from helpers.daemon import Spawn, audit_lines, eventually
-from helpers.http import assert_error, fetch
+from helpers.http import assert_error, fetch, host_of, http_head, read_response
 from helpers.webhooks import Target, file_bytes, start_target
 from standardwebhooks import Webhook
+from yarl import URL
 
 from skyproxy.mock.app import MockState
 from skyproxy.webhooks.signing import new_secret
@@ -329,3 +332,54 @@ async def test_pending_deliveries_survive_sigkill_and_resume(
     delivered = [h for h in target.hits if h.headers["webhook-id"] in pending]
     for hit in delivered:
         Webhook(secret).verify(hit.body, dict(hit.headers))
+
+
+@pytest.mark.parametrize("declared", [1_000, 1_000_000])  # read in one go, and streamed
+async def test_a_webhook_create_whose_body_stops_arriving_is_408_after_idle_timeout(
+    declared: int,
+    tmp_path: Path,
+    canary_env: str,
+    mock_upstream: tuple[str, MockState],
+    start_proxy: StartProxy,
+) -> None:
+    upstream, mock = mock_upstream
+    table, _ = hooks_table(tmp_path)
+    config = env_config(upstream, server="idle_timeout = 0.5\n", extra=table)
+    proxy: Proxy = await start_proxy(config)  # type: ignore[assignment]
+    target = URL(proxy.url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = [("Host", host_of(proxy.url)), ("Content-Length", str(declared)), ("X-User-Id", "a")]
+        writer.write(http_head("POST", "/v1/predictions", head) + b'{"webhook": "ht')  # then silence
+        answer = await asyncio.wait_for(read_response(reader), 30)
+        assert_error(408, "body_timeout", answer)
+    finally:
+        writer.close()
+    assert not [seen for seen in mock.seen if seen.method == "POST"]
+
+
+async def test_a_webhook_create_that_keeps_arriving_outlasts_idle_timeout(
+    tmp_path: Path, canary_env: str, mock_upstream: tuple[str, MockState], start_proxy: StartProxy
+) -> None:
+    upstream, _ = mock_upstream
+    table, _ = hooks_table(tmp_path)
+    config = env_config(upstream, server="idle_timeout = 2\n", extra=table)
+    proxy: Proxy = await start_proxy(config)  # type: ignore[assignment]
+    body = json.dumps(create_body("http://127.0.0.1:3000/hooks", "string")).encode() + b" " * 210_000
+    pieces = [body[i : i + 7_000] for i in range(0, len(body), 7_000)]  # 31 pieces
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            await asyncio.sleep(0.1)  # each gap well inside idle_timeout, the whole well beyond it
+            yield piece
+
+    started = time.monotonic()
+    status, _, raw = await fetch(
+        proxy.session,
+        "POST",
+        f"{proxy.url}/v1/predictions",
+        data=trickle(),
+        headers={"X-User-Id": "a", "Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    assert status == 201, raw
+    assert time.monotonic() - started > 2

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import CANARY, assert_no_canary
 from helpers.daemon import eventually
-from helpers.webhooks import Hooks, Target, add_route, file_bytes, signed, start_target
+from helpers.webhooks import Hooks, Target, add_route, file_bytes, signed, start_target, statuses
 from standardwebhooks import Webhook
 
 from skyproxy import __version__
@@ -23,14 +23,6 @@ from skyproxy.webhooks.stats import WebhookStats
 from skyproxy.webhooks.store import Store, StoreThread
 
 BODY = b'{"type":"prediction.succeeded","created_at":"2026-01-01T00:00:00Z","data":{"id":"p-9"}}'
-
-
-def statuses(path: Path) -> dict[str, tuple[str, int, str | None]]:
-    store = Store(path)
-    try:
-        return {x.id: (x.status, x.attempts, x.last_error) for x in store.listing()}
-    finally:
-        store.close()
 
 
 async def post(hooks: Hooks, route: str, body: bytes = BODY) -> int:
