@@ -61,9 +61,10 @@ async def test_a_per_user_limit_of_10_a_minute_admits_10_of_30_across_replicas(
             assert 1 <= retry <= 6
             assert retry == int(headers["RateLimit-Reset"]) - 54
             assert body["error"]["retry_after"] == retry
-        # Every replica refused some: the limit was not multiplied by three.
-        refusing = {i % 3 for i, (status, _, _) in enumerate(answers) if status == 429}
-        assert refusing == {0, 1, 2}
+        # Exactly 10 in all, each replica having been sent 10: per-replica buckets would
+        # have admitted all 30. (Which replica refused is up to the race, so not asserted.)
+        admitted = {i % 3 for i, (status, _, _) in enumerate(answers) if status == 201}
+        assert admitted, "no replica admitted any"
         # Retry-After is honest: after waiting it, exactly one more request fits.
         wait = max(int(headers["Retry-After"]) for status, headers, _ in answers if status == 429)
         await asyncio.sleep(wait)  # the wait is what is under test
