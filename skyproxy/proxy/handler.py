@@ -102,11 +102,10 @@ class ProxyHandler:
                 route = self._new_route(call)
             read = call.body  # read whole in admission to price a create, or None
             book = self.state.webhooks
-            if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
+            # By method, not call.kind: that is None while the audit is off.
+            if book is not None and method == "POST" and path in creates.CREATE_PATHS:
                 limit = runtime.settings.server.max_body_bytes
-                prepared = await _before_exchange(
-                    call, creates.prepare(request, book, env.name, call.user, request_id, limit, reply, read)
-                )
+                prepared = await creates.prepared(call, route, book, limit, read)
                 if isinstance(prepared, web.Response):
                     return self._count(prepared, path)
                 read = prepared
