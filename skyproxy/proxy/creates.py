@@ -111,9 +111,10 @@ async def _coded(
     request_id: str,
     reply: Mapping[str, str] | None,
 ) -> bytes | web.Response:
-    """A coded body: as it came when it asks for no webhook, else rewritten and coded again."""
+    """A coded body: as it came when it asks for no webhook, else rewritten and coded again.
+    Decoding and coding run in a thread: a body of up to max_body_bytes must not hold the loop."""
     try:
-        plain = codings.decode_within(read, names, limit)
+        plain = await asyncio.to_thread(codings.decode_within, read, names, limit)
     except codings.Undecodable:
         message = "The create's body is not what its Content-Encoding says."
         return error_response(400, "body_undecodable", message, request_id, headers=reply)
@@ -125,7 +126,9 @@ async def _coded(
     rewritten = await _rewritten(plain, book, environment, user, request_id, reply)
     if isinstance(rewritten, web.Response):
         return rewritten
-    return read if rewritten is plain else codings.encode(rewritten, names)  # unchanged: as it came
+    if rewritten is plain:
+        return read  # unchanged: as it came
+    return await asyncio.to_thread(codings.encode, rewritten, names)
 
 
 async def _read(
