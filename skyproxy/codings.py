@@ -3,11 +3,13 @@
 The relay decodes any coded answer so that it can look for the key in it, and the audit
 decodes an answer to read its fields: both ask here, so both undo exactly the same codings.
 Decoding is incremental and bounded: each step yields at most about `STEP` bytes, so a
-small body that decodes to gigabytes never sits in memory whole.
+small body that decodes to gigabytes never sits in memory whole. A coded create that asks
+for a webhook is decoded, rewritten and coded again (`encode`) in the same codings.
 """
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -25,6 +27,10 @@ DECODABLE = _GZIP | {_DEFLATE, _BROTLI}
 
 class Undecodable(Exception):
     """The body is not what its Content-Encoding says: corrupt, truncated, or followed by junk."""
+
+
+class TooLarge(Exception):
+    """The body decodes to more than the bound it was decoded under."""
 
 
 def parse(header: str | None) -> tuple[str, ...] | None:
@@ -168,14 +174,34 @@ def decode(data: bytes | bytearray, coding: str | None, limit: int) -> bytes | b
         return None
     if not names:
         return data
+    try:
+        return decode_within(data, names, limit)
+    except (Undecodable, TooLarge):
+        return None
+
+
+def decode_within(data: bytes | bytearray, names: Sequence[str], limit: int) -> bytes:
+    """A whole body in the codings `names` (as parse() gives them) decoded; raises
+    Undecodable, or TooLarge as soon as more than `limit` bytes have come out."""
     decoding = Decoding(names)
     plain = bytearray()
-    try:
-        for piece in decoding.feed(bytes(data)):
-            plain += piece
-            if len(plain) > limit:
-                return None
-        decoding.end()
-    except Undecodable:
-        return None
+    for piece in decoding.feed(bytes(data)):
+        plain += piece
+        if len(plain) > limit:
+            raise TooLarge
+    decoding.end()
     return bytes(plain)
+
+
+def encode(data: bytes, names: Sequence[str]) -> bytes:
+    """`data` coded in `names`, applied in the order given (as parse() gives them)."""
+    for name in names:
+        if name in _GZIP:
+            data = gzip.compress(data, mtime=0)
+        elif name == _DEFLATE:
+            data = zlib.compress(data)
+        elif name == _BROTLI:
+            data = brotli.compress(data)
+        else:
+            raise ValueError(f"not a coding we undo: {name!r}")
+    return data

@@ -141,3 +141,22 @@ def test_whole_body_decode_of_identity_and_unknown_codings() -> None:
 def test_decodable_names_what_parse_accepts() -> None:
     assert {"gzip", "x-gzip", "deflate", "br"} == codings.DECODABLE
     assert all(codings.parse(name) == (name,) for name in codings.DECODABLE)
+
+
+@pytest.mark.parametrize("header", ["gzip", "x-gzip", "deflate", "br", "gzip, br", "deflate, gzip"])
+def test_encode_is_what_decode_undoes(header: str) -> None:
+    names = codings.parse(header)
+    assert names
+    coded = codings.encode(PLAIN, names)
+    assert coded != PLAIN
+    assert codings.decode_within(coded, names, len(PLAIN)) == PLAIN
+    assert codings.decode_within(encode(PLAIN, names), names, len(PLAIN)) == PLAIN  # others' coders
+
+
+def test_decode_within_says_why_it_stopped() -> None:
+    with pytest.raises(codings.TooLarge):
+        codings.decode_within(gzip.compress(b"\0" * 50_000_000), ("gzip",), 65_536)
+    with pytest.raises(Undecodable):
+        codings.decode_within(b"not gzip", ("gzip",), 65_536)
+    with pytest.raises(Undecodable):
+        codings.decode_within(gzip.compress(PLAIN)[:-4], ("gzip",), 65_536)

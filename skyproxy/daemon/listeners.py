@@ -98,6 +98,9 @@ class Listeners:
             self._limits(runtime),
             on_close=state.metrics.client_closed,
             access_log=None,
+            # A coded request body goes upstream as the bytes its Content-Encoding describes;
+            # a create's webhook is read by decoding it in proxy/creates.py.
+            auto_decompress=False,
         )
         runner = web.ServerRunner(web_server, handle_signals=False, shutdown_timeout=server.shutdown_timeout)
         await runner.setup()

@@ -3,22 +3,62 @@
 The body is read before the exchange (within max_body_bytes) so that the webhook URL can
 be checked against `allowed_targets` and replaced by a route of the receiver before the
 upstream is contacted. Without [webhooks] no create comes here.
+
+A body sent with a Content-Encoding is decoded (to at most max_body_bytes) to look for
+the webhook; one that asks for a webhook is rewritten and coded again in the same codings,
+so the head the app sent still describes it. A coding the proxy cannot undo, or a body
+that is not what its coding says, is refused: its webhook can be neither seen nor moved,
+and the upstream must never be handed the app's own URL.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
+from skyproxy import codings
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.proxy import body
-from skyproxy.proxy.deadlines import Deadline
+from skyproxy.proxy.deadlines import Deadline, Phase
+from skyproxy.proxy.exchange import Call, Route
+from skyproxy.proxy.forward import BODY_TIMED_OUT
 from skyproxy.proxy.responses import error_response
 from skyproxy.webhooks.routes import MARKER, RouteBook, TargetNotAllowed
 
 CREATE_PATHS = frozenset({"/v1/predictions", "/v1/predict"})
+
+
+async def prepared(
+    call: Call, route: Route, book: RouteBook, limit: int, read: bytes | None
+) -> bytes | web.Response:
+    """prepare() for the handler: a body still arriving is read under a deadline of its
+    own (the exchange's is not there yet), moved on by each piece, and a client that goes
+    quiet for idle_timeout gets 408. A body that is in already needs none."""
+    request = call.request
+    user = call.user
+    if request.content.is_eof():
+        return await prepare(request, book, call.env.name, user, call.request_id, limit, call.reply, read)
+    idle = route.idle_timeout
+    deadline = route.deadlines.arm(idle, Phase.UPLOAD)  # the sweeper's: no task or timer per create
+    try:
+        return await prepare(
+            request, book, call.env.name, user, call.request_id, limit, call.reply, read, deadline, idle
+        )
+    except asyncio.CancelledError:
+        if not deadline.fired:
+            raise
+        deadline.absorb()
+        failure = BODY_TIMED_OUT
+        refused = error_response(
+            failure.status, failure.code, failure.message, call.request_id, headers=call.reply
+        )
+        refused.force_close()
+        return refused
+    finally:
+        deadline.finish()
 
 
 async def prepare(
@@ -46,9 +86,49 @@ async def prepare(
         read = streamed
     if deadline is not None:
         deadline.finish()
-    if not read or read.find(MARKER) < 0:
-        return read or b""  # no webhook asked for: the bytes as they came, at no more cost
+    if not read:
+        return b""
+    coding = request.headers.get("Content-Encoding")
+    if coding is not None:
+        names = codings.parse(coding)
+        if names is None:
+            message = "A create's body can be read for its webhook only as identity, gzip, deflate or br."
+            return error_response(415, "unsupported_content_encoding", message, request_id, headers=reply)
+        if names:
+            return await _coded(read, names, limit, book, environment, user, request_id, reply)
+    if read.find(MARKER) < 0:
+        return read  # no webhook asked for: the bytes as they came, at no more cost
     return await _rewritten(read, book, environment, user, request_id, reply)
+
+
+async def _coded(
+    read: bytes,
+    names: tuple[str, ...],
+    limit: int,
+    book: RouteBook,
+    environment: str,
+    user: str | None,
+    request_id: str,
+    reply: Mapping[str, str] | None,
+) -> bytes | web.Response:
+    """A coded body: as it came when it asks for no webhook, else rewritten and coded again.
+    Decoding and coding run in a thread: a body of up to max_body_bytes must not hold the loop."""
+    try:
+        plain = await asyncio.to_thread(codings.decode_within, read, names, limit)
+    except codings.Undecodable:
+        message = "The create's body is not what its Content-Encoding says."
+        return error_response(400, "body_undecodable", message, request_id, headers=reply)
+    except codings.TooLarge:
+        message = f"Request body exceeds {limit} bytes once decoded."
+        return error_response(413, "body_too_large", message, request_id, headers=reply)
+    if plain.find(MARKER) < 0:
+        return read
+    rewritten = await _rewritten(plain, book, environment, user, request_id, reply)
+    if isinstance(rewritten, web.Response):
+        return rewritten
+    if rewritten is plain:
+        return read  # unchanged: as it came
+    return await asyncio.to_thread(codings.encode, rewritten, names)
 
 
 async def _read(

@@ -22,7 +22,6 @@ from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
-from skyproxy.proxy.deadlines import Phase
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
@@ -30,7 +29,6 @@ from skyproxy.proxy.inflight import TooMany
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
 from skyproxy.proxy.scrub import mask_of
-from skyproxy.webhooks.routes import RouteBook
 
 log = logging.getLogger("skyproxy")
 _T = TypeVar("_T")
@@ -104,8 +102,10 @@ class ProxyHandler:
                 route = self._new_route(call)
             read = call.body  # read whole in admission to price a create, or None
             book = self.state.webhooks
-            if book is not None and call.kind == "create" and path in creates.CREATE_PATHS:
-                prepared = await _create_read(call, route, book, read)
+            # By method, not call.kind: that is None while the audit is off.
+            if book is not None and method == "POST" and path in creates.CREATE_PATHS:
+                limit = runtime.settings.server.max_body_bytes
+                prepared = await creates.prepared(call, route, book, limit, read)
                 if isinstance(prepared, web.Response):
                     return self._count(prepared, path)
                 read = prepared
@@ -278,28 +278,6 @@ async def _before_exchange(call: Call, reading: Coroutine[Any, Any, _T]) -> _T |
         return await asyncio.wait_for(reading, call.runtime.settings.server.idle_timeout)
     except asyncio.TimeoutError:
         return _failed(call, BODY_TIMED_OUT)
-
-
-async def _create_read(call: Call, route: Route, book: RouteBook, read: bytes | None) -> bytes | web.Response:
-    """A webhook create's body, read whole to be rewritten before the exchange. A body
-    that streams is read under the sweeper's deadline, each piece moving it on: a large
-    create that keeps arriving is not cut, one that goes quiet is 408."""
-    request = call.request
-    limit = call.runtime.settings.server.max_body_bytes
-    args = (request, book, call.env.name, call.user, call.request_id, limit, call.reply, read)
-    if read is not None or request.content.is_eof():
-        return await creates.prepare(*args)
-    idle = route.idle_timeout
-    deadline = route.deadlines.arm(idle, Phase.UPLOAD)
-    try:
-        return await creates.prepare(*args, deadline, idle)
-    except asyncio.CancelledError:
-        if not deadline.fired:
-            raise
-        deadline.absorb()
-        return _failed(call, BODY_TIMED_OUT)
-    finally:
-        deadline.finish()
 
 
 def _failed(call: Call, failure: Failure) -> web.Response:

@@ -9,6 +9,10 @@ masked where found (scrub.py):
 - any other identity answer streams, searched piece by piece as it passes;
 - a coded answer is decoded (decoded.py), an error one whole and under a bound before
   anything is sent, a success one as it streams, and goes on decoded.
+On prediction paths, a JSON success answer's links are moved to the proxy (links.py):
+a small identity one as it is read whole; any other (longer, without a length, coded)
+is gathered, decoded, up to `links.MAX_BODY` and sent whole, rewritten, when it ends
+within that; one that goes on past it streams on from there as it comes, unrewritten.
 While a body moves, each piece from the upstream and each write the client takes moves
 the deadline on by `idle_timeout`: a body is cut only when it stays silent that long,
 either way. Each relay records on the exchange's `Outcome` when the status line went out
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -91,11 +95,26 @@ async def relay(
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.broken = True  # the upstream's answer is whole all the same: the audit keeps it
         return response
-    response = _response(upstream, key, mask, decoded=False, at_once=True, rewrite=rewrite)
+    # A JSON answer is gathered to move its links; anything else streams at once.
+    gather = rewrite is not None and status < 300 and not bodiless and _gathers(upstream, length)
+    response = _response(upstream, key, mask, decoded=False, at_once=not gather, rewrite=rewrite)
     response.headers.extend(call.reply)
     response.content_length = length  # a HEAD's too: it says what a GET would get
     scrubber = Scrubber(key, mask) if scan else None
+    if gather:
+        assert rewrite is not None  # for mypy: `gather` holds only with one
+        pieces = upstream.iter_any()
+        return await _relay_gathered(request, pieces, response, rewrite, scrubber, outcome, deadline, route)
     return await _relay_stream(request, upstream, response, scrubber, outcome, deadline, route.idle_timeout)
+
+
+def _gathers(upstream: Response, length: int | None) -> bool:
+    """A JSON answer that may be read whole to move its links: an event stream, or any
+    other media type, streams as it comes, and one announced over the bound cannot be."""
+    kind = upstream.content_type
+    return (kind == "application/json" or kind.endswith("+json")) and (
+        length is None or length <= links.MAX_BODY
+    )
 
 
 async def _relay_decoded(
@@ -108,13 +127,20 @@ async def _relay_decoded(
     deadline: Deadline,
     rewrite: links.Rewrite | None,
 ) -> web.StreamResponse:
-    """A coded answer, relayed decoded: an error one whole, a success one as it streams."""
+    """A coded answer, relayed decoded: an error one whole; a JSON success one on a
+    prediction path gathered to move its links; any other success one as it streams."""
     outcome.content_encoding = None  # what the audit reads is decoded
     response = _response(upstream, key, route.mask, decoded=True, at_once=False, rewrite=rewrite)
     response.headers.extend(call.reply)
     if upstream.status >= 400:
         body = await decoded.whole(upstream, names, deadline, route.idle_timeout)
         return await _send(call.request, response, body.replace(key, route.mask), outcome)
+    if rewrite is not None and upstream.status < 300 and _gathers(upstream, None):
+        pieces = decoded.pieces(upstream, names, deadline, route.idle_timeout)
+        scrubber = Scrubber(key, route.mask)
+        return await _relay_gathered(
+            call.request, pieces, response, rewrite, scrubber, outcome, deadline, route
+        )
     return await _relay_decoding(call.request, upstream, response, names, key, route, outcome, deadline)
 
 
@@ -249,6 +275,79 @@ async def _relay_decoding(
             raise Unrelayable(UNDECODABLE) from None  # after the status: the client is cut
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.broken = True
+    return response
+
+
+async def _relay_gathered(
+    request: web.BaseRequest,
+    pieces: AsyncIterator[bytes],
+    response: web.StreamResponse,
+    rewrite: links.Rewrite,
+    scrubber: Scrubber | None,
+    outcome: Outcome,
+    deadline: Deadline,
+    route: Route,
+) -> web.StreamResponse:
+    """A JSON success answer on a prediction path: read up to `links.MAX_BODY` (decoded,
+    when `pieces` decode), then sent whole with its links moved; or, past the bound,
+    streamed on as it comes with its links as they are. Nothing is sent before the
+    bound or the end, so an undecodable body found by then is a clean 502."""
+    idle = route.idle_timeout
+    held = bytearray()
+    try:
+        async for piece in pieces:
+            deadline.extend(idle)
+            held += piece
+            if len(held) > links.MAX_BODY:
+                break
+        else:
+            body = rewrite.body(bytes(held))
+            if scrubber is not None:
+                body = scrubber.feed(body) + scrubber.finish()
+            return await _send(request, response, body, outcome)
+        return await _stream_on(request, bytes(held), pieces, response, scrubber, outcome, deadline, idle)
+    except Undecodable:
+        raise Unrelayable(UNDECODABLE) from None  # after the status, if sent: the client is cut
+    finally:
+        if isinstance(pieces, AsyncGenerator):  # decoding's generator ends with the relay
+            await pieces.aclose()
+
+
+async def _stream_on(
+    request: web.BaseRequest,
+    first: bytes,
+    pieces: AsyncIterator[bytes],
+    response: web.StreamResponse,
+    scrubber: Scrubber | None,
+    outcome: Outcome,
+    deadline: Deadline,
+    idle: float,
+) -> web.StreamResponse:
+    """`first`, then the rest of `pieces`, streamed and searched as they come."""
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True
+        return response
+    outcome.sent = True
+    prefix = outcome.response_prefix
+    piece: bytes | None = first
+    try:
+        while piece is not None:
+            out = scrubber.feed(piece) if scrubber is not None else piece
+            if prefix is not None and len(prefix) < CAPTURE_LIMIT:
+                prefix += out[: CAPTURE_LIMIT - len(prefix)]
+            if out:
+                await response.write(out)
+                deadline.extend(idle)
+            piece = await anext(pieces, None)
+            deadline.extend(idle)
+        rest = scrubber.finish() if scrubber is not None else b""
+        if rest:
+            await response.write(rest)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.broken = True
     return response
 
 
