@@ -8,6 +8,14 @@ loop, so a create is never counted twice or not at all. Parallel creates each re
 synchronously, so together they cannot overshoot.
 
 With no budget configured nothing is ever refused, and `admit()` costs one dict lookup.
+
+With [cluster], `shared` is the cluster's `BudgetBackend` and the handler awaits
+`admit_shared()` instead: spend and reservations then live on Redis, so a budget holds
+across replicas. A reservation is taken there atomically against every budget; each
+spend change an audit line makes is queued to Redis ahead of the release of the
+reservation it replaces, and both reach Redis in one transaction (cluster/batch.py).
+The local ledger still follows this replica's own lines, for its warnings and
+`/-/budgets`.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from skyproxy.budgets.ledger import NANOS, Ledger, nanos
+from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
+from skyproxy.cluster.backend import BudgetBackend, BudgetScope, Reservation
 from skyproxy.config import Budget
 
 log = logging.getLogger("skyproxy.budgets")
@@ -76,6 +85,22 @@ class Hold:
 NO_HOLD = Hold({}, [], 0)
 
 
+class SharedHold(Hold):
+    """A reservation on the cluster's Redis; `release()` queues its release, once."""
+
+    __slots__ = ("_backend", "_reservation")
+
+    def __init__(self, backend: BudgetBackend, reservation: Reservation) -> None:
+        super().__init__({}, [], 0)
+        self._backend = backend
+        self._reservation: Reservation | None = reservation
+
+    def release(self) -> None:
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            self._backend.settle_soon(reservation, 0.0)
+
+
 def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
     if budget.per == "user":
         return user
@@ -117,6 +142,7 @@ class Budgets:
         self._rules: tuple[_Rule, ...] = ()
         self._by_env: dict[str, tuple[_Rule, ...]] = {}
         self._epoch = -1
+        self.shared: BudgetBackend | None = None  # with [cluster]: spend and reservations on Redis
         self.reconfigure(budgets)
 
     @property
@@ -211,6 +237,47 @@ class Budgets:
             reserved[key] = reserved.get(key, 0) + estimate
         return Hold(reserved, keys, estimate)
 
+    async def admit_shared(
+        self, environment: str, user: str | None, client: str | None, estimate_usd: float
+    ) -> Hold | Exceeded:
+        """`admit()` across replicas, on `shared`; raises `ClusterUnavailable` under
+        on_error = "closed" when Redis does not answer, and admits under "open"."""
+        backend = self.shared
+        assert backend is not None
+        rules = self._for(environment)
+        if not rules:
+            return NO_HOLD
+        now = self.clock()
+        self._sync(now)
+        scopes = [self._scope(rule, rule.subject(environment, user, client)) for rule in rules]
+        decision = await backend.reserve(scopes, estimate_usd if estimate_usd > 0 else 0.0)
+        if decision.admitted:
+            reservation = decision.reservation
+            return NO_HOLD if reservation is None else SharedHold(backend, reservation)
+        assert decision.refused_by is not None
+        rule = rules[decision.refused_by]
+        spent, reserved = nanos(decision.spent_usd), nanos(decision.reserved_usd)
+        return self._exceeded(rule, spent, reserved, self.clock())
+
+    def _scope(self, rule: _Rule, subject: Subject) -> BudgetScope:
+        """Where Redis keeps a rule's subject's spend in the rule's current window."""
+        current = self.ledger.windows[rule.period]
+        label = f"{rule.period}-{iso(current.start)[:10]}"
+        # A prefix, so that no user name can be mistaken for "no user".
+        who = "none" if subject is None else "=" + subject
+        return BudgetScope(rule.name, who, label, rule.budget.usd, current.end)
+
+    def _share(self, backend: BudgetBackend, place: Place, amount: int) -> None:
+        """Queues one spend change to Redis, under every budget whose current window holds it."""
+        moment, where, who, client = place
+        windows = self.ledger.windows
+        scopes = [
+            self._scope(rule, rule.subject(where, who, client))
+            for rule in self._for(where)
+            if rule.start <= moment < windows[rule.period].end
+        ]
+        backend.add_soon(scopes, amount / NANOS)
+
     def record(
         self,
         timestamp: float,
@@ -249,6 +316,10 @@ class Budgets:
                         and subject not in rule.warned
                     ):
                         self._warn(rule, subject, spent)
+        shared = self.shared
+        if shared is not None:
+            for place, amount in changes:
+                self._share(shared, place, amount)
 
     def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
         rule.warned.add(subject)  # once per subject and period: a new window starts a new set

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 from skyproxy.cluster.backend import BudgetDecision, BudgetScope, Reservation, Usage
+from skyproxy.cluster.batch import Batch
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.scripts import BUDGET_ADD, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_USAGE
@@ -38,6 +39,13 @@ class RedisBudgets:
         self._settle = connection.script(BUDGET_SETTLE)
         self._add = connection.script(BUDGET_ADD)
         self._usage = connection.script(BUDGET_USAGE)
+        self._later = Batch(connection)
+
+    def start(self) -> None:
+        self._later.start()
+
+    async def stop(self) -> None:
+        await self._later.stop()
 
     def keys(self, scope: BudgetScope) -> list[str]:
         """The state, reservations, lease expiries and expired reservations of one scope."""
@@ -80,13 +88,22 @@ class RedisBudgets:
     async def release(self, reservation: Reservation) -> bool:
         return await self.settle(reservation, 0.0)
 
+    def settle_soon(self, reservation: Reservation, cost_usd: float) -> None:
+        """`settle` for a caller that cannot await: queued, and sent after what was queued before."""
+        if reservation.scopes:
+            args: list[ScriptArg] = [reservation.id, _micro(cost_usd)]
+            self._later.put(self._settle, self._all_keys(reservation.scopes), args)
+
+    def add_soon(self, scopes: Sequence[BudgetScope], usd: float) -> None:
+        """`add` for a caller that cannot await, in order with `settle_soon`."""
+        if scopes:
+            self._later.put(self._add, self._all_keys(scopes), _add_args(scopes, usd))
+
     async def add(self, scopes: Sequence[BudgetScope], usd: float) -> bool:
         if not scopes:
             return True
-        keys = self._all_keys(scopes)
-        args: list[ScriptArg] = [_micro(usd), *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes)]
         try:
-            await self._connection.run(self._add, keys, args)
+            await self._connection.run(self._add, self._all_keys(scopes), _add_args(scopes, usd))
         except ClusterUnavailable:
             return False
         return True
@@ -95,3 +112,7 @@ class RedisBudgets:
         keys = self.keys(scope)
         spent, reserved = await self._connection.run(self._usage, keys, [])
         return Usage(int(spent) / MICRO_USD, int(reserved) / MICRO_USD)
+
+
+def _add_args(scopes: Sequence[BudgetScope], usd: float) -> list[ScriptArg]:
+    return [_micro(usd), *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes)]

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 from skyproxy.cluster.backend import InFlightDecision, Lease, Slot
+from skyproxy.cluster.batch import Batch
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.scripts import INFLIGHT_ACQUIRE, INFLIGHT_RELEASE, INFLIGHT_RENEW
@@ -35,6 +36,7 @@ class RedisInFlight:
         self._acquire = connection.script(INFLIGHT_ACQUIRE)
         self._release = connection.script(INFLIGHT_RELEASE)
         self._renew = connection.script(INFLIGHT_RENEW)
+        self._later = Batch(connection)
 
     def key(self, slot: Slot) -> str:
         return self._connection.key("inflight", slot.environment, slot.rule, "user", slot.user)
@@ -68,6 +70,11 @@ class RedisInFlight:
         with contextlib.suppress(ClusterUnavailable):
             await self._connection.run(self._release, lease.keys, [lease.id])
 
+    def release_soon(self, lease: Lease) -> None:
+        """`release` for a caller that cannot await: queued and sent in order with others."""
+        self._held.pop(lease.id, None)
+        self._later.put(self._release, lease.keys, [lease.id])
+
     async def renew_all(self) -> int:
         """Extends every lease this replica holds; returns how many were extended."""
         pairs = [(key, lease.id) for lease in list(self._held.values()) for key in lease.keys]
@@ -80,6 +87,7 @@ class RedisInFlight:
         return renewed
 
     def start(self) -> None:
+        self._later.start()
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
@@ -87,6 +95,7 @@ class RedisInFlight:
         task, self._renewer = self._renewer, None
         if task is not None:
             await stop_task(task)
+        await self._later.stop()
 
     async def _renew_forever(self) -> None:
         while True:

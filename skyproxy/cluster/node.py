@@ -68,7 +68,9 @@ class ClusterNode:
     async def start(self) -> None:
         await self.connection.start()
         self.inflight.start()
+        self.budgets.start()
 
     async def close(self) -> None:
         await self.inflight.stop()
+        await self.budgets.stop()
         await self.connection.close()
