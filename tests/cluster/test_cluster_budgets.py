@@ -121,3 +121,36 @@ async def test_money_is_exact_in_cents(redis_server: RedisServer, make_node: Mak
     # Ten times 0.1 in floats is 0.9999999999999999; in micro-dollars it is exactly 1.
     admitted = [(await node.budgets.reserve([daily], 0.1)).admitted for _ in range(11)]
     assert admitted == [True] * 10 + [False]
+
+
+async def test_queued_calls_reach_redis_in_the_order_they_were_queued(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    decision = await node.budgets.reserve([daily], 0.30)
+    assert decision.reservation is not None
+    node.budgets.add_soon([daily], 0.25)  # a create's spend, from its audit line
+    node.budgets.settle_soon(decision.reservation, 0.0)  # then its reservation released
+    node.budgets.settle_soon(decision.reservation, 0.5)  # settled already: changes nothing
+
+    async def landed() -> bool:
+        usage = await node.budgets.usage(daily)
+        return (usage.spent_usd, usage.reserved_usd) == (0.25, 0.0)
+
+    await eventually(landed, "the spend in and the reservation gone")
+    assert (await node.budgets.usage(daily)).spent_usd == 0.25
+
+
+async def test_stopping_sends_what_is_queued_and_an_outage_drops_it_without_raising(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    node.budgets.add_soon([daily], 0.10)
+    await node.budgets.stop()
+    assert (await node.budgets.usage(daily)).spent_usd == 0.1
+    redis_server.stop()
+    node.budgets.add_soon([daily], 0.10)
+    await node.budgets.stop()
+    assert node.connection.errors_total >= 1

@@ -81,3 +81,21 @@ async def test_renewal_keeps_a_long_requests_slot(redis_server: RedisServer, mak
         await holder.inflight.release(decision.lease)
     assert holder.inflight.held == 0
     assert (await other.inflight.acquire([SLOT])).allowed
+
+
+async def test_a_release_queued_without_waiting_frees_the_slot(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    a, b = await make_node(redis_server.url), await make_node(redis_server.url)
+    one = Slot("dev", "predictions", "carol", 1)
+    held = await a.inflight.acquire([one])
+    assert held.lease is not None
+    assert not (await b.inflight.acquire([one])).allowed
+    a.inflight.release_soon(held.lease)
+    assert a.inflight.held == 0  # no longer renewed
+
+    async def free() -> bool:
+        decision = await b.inflight.acquire([one])
+        return decision.allowed
+
+    await eventually(free, "the slot released")
