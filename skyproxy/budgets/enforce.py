@@ -14,8 +14,9 @@ With [cluster], `shared` is the cluster's `BudgetBackend` and the handler awaits
 across replicas. A reservation is taken there atomically against every budget; each
 spend change an audit line makes is queued to Redis ahead of the release of the
 reservation it replaces, and both reach Redis in one transaction (cluster/batch.py).
-The local ledger still follows this replica's own lines, for its warnings and
-`/-/budgets`.
+A prediction's terminal cost replaces its estimate on Redis even when another replica
+took the estimate. The local ledger still follows this replica's own lines, for its
+warnings and `/-/budgets`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from skyproxy.audit.record import TERMINAL
 from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
 from skyproxy.cluster.backend import BudgetBackend, BudgetScope, Reservation
@@ -267,16 +269,31 @@ class Budgets:
         who = "none" if subject is None else "=" + subject
         return BudgetScope(rule.name, who, label, rule.budget.usd, current.end)
 
-    def _share(self, backend: BudgetBackend, place: Place, amount: int) -> None:
-        """Queues one spend change to Redis, under every budget whose current window holds it."""
+    def _share(
+        self, backend: BudgetBackend, place: Place, status: str, prediction_id: str | None, cost: float
+    ) -> None:
+        """Queues one audit line's spend to Redis, by the spend rule of `audit.costs`: a
+        prediction's terminal cost replaces its estimate there, whichever replica took it."""
         moment, where, who, client = place
+        rules = self._for(where)
+        if not rules:
+            return
         windows = self.ledger.windows
         scopes = [
             self._scope(rule, rule.subject(where, who, client))
-            for rule in self._for(where)
+            for rule in rules
             if rule.start <= moment < windows[rule.period].end
         ]
-        backend.add_soon(scopes, amount / NANOS)
+        if prediction_id is None:
+            if cost:
+                backend.add_soon(scopes, cost)
+        elif status == "created" or status in TERMINAL:
+            final = status in TERMINAL
+            keep_until = max(w.end for w in windows.values())
+            # A terminal line with no user bills the creator, as the local tracker does;
+            # another replica's tracker does not know the creator, Redis does.
+            inherit = final and who is None
+            backend.prediction_soon(prediction_id, final, scopes, cost, keep_until, where_estimated=inherit)
 
     def record(
         self,
@@ -317,9 +334,8 @@ class Budgets:
                     ):
                         self._warn(rule, subject, spent)
         shared = self.shared
-        if shared is not None:
-            for place, amount in changes:
-                self._share(shared, place, amount)
+        if shared is not None and cost is not None:
+            self._share(shared, (timestamp, environment, user, client), status, prediction_id, cost)
 
     def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
         rule.warned.add(subject)  # once per subject and period: a new window starts a new set

@@ -197,6 +197,21 @@ class BudgetBackend(Protocol):
         """`add` without waiting, in order with `settle_soon`."""
         ...
 
+    def prediction_soon(
+        self,
+        prediction_id: str,
+        final: bool,
+        scopes: Sequence[BudgetScope],
+        usd: float,
+        keep_until: float,
+        *,
+        where_estimated: bool = False,
+    ) -> None:
+        """A prediction's estimate, or its final cost replacing whatever was counted for it
+        before, by any replica (`where_estimated`: in the estimate's budgets, not `scopes`);
+        queued in order with `settle_soon`."""
+        ...
+
     async def usage(self, scope: BudgetScope) -> Usage: ...
 
 

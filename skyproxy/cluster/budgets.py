@@ -16,7 +16,13 @@ from skyproxy.cluster.backend import BudgetDecision, BudgetScope, Reservation, U
 from skyproxy.cluster.batch import Batch
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
 from skyproxy.cluster.errors import ClusterUnavailable
-from skyproxy.cluster.scripts import BUDGET_ADD, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_USAGE
+from skyproxy.cluster.scripts import (
+    BUDGET_ADD,
+    BUDGET_PREDICTION,
+    BUDGET_RESERVE,
+    BUDGET_SETTLE,
+    BUDGET_USAGE,
+)
 
 __all__ = ["DEFAULT_LEASE_S", "MICRO_USD", "RedisBudgets"]
 
@@ -39,6 +45,7 @@ class RedisBudgets:
         self._settle = connection.script(BUDGET_SETTLE)
         self._add = connection.script(BUDGET_ADD)
         self._usage = connection.script(BUDGET_USAGE)
+        self._prediction = connection.script(BUDGET_PREDICTION)
         self._later = Batch(connection)
 
     def start(self) -> None:
@@ -107,6 +114,31 @@ class RedisBudgets:
         except ClusterUnavailable:
             return False
         return True
+
+    def prediction_soon(
+        self,
+        prediction_id: str,
+        final: bool,
+        scopes: Sequence[BudgetScope],
+        usd: float,
+        keep_until: float,
+        *,
+        where_estimated: bool = False,
+    ) -> None:
+        """Counts a prediction's estimate, or its final cost in place of what was counted
+        for it before (on any replica); queued like `add_soon`. `keep_until`: the Unix
+        time after which no line of it can count any more (the longest period's end).
+        `where_estimated`: the final cost counts where the estimate did, if one did."""
+        keys = [self._connection.key("budget-prediction", prediction_id)]
+        keys += [self.keys(scope)[0] for scope in scopes]
+        kind = "estimate" if not final else "final-where-estimated" if where_estimated else "final"
+        args: list[ScriptArg] = [
+            kind,
+            _micro(usd),
+            math.ceil(keep_until + EXPIRY_GRACE_S),
+            *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes),
+        ]
+        self._later.put(self._prediction, keys, args)
 
     async def usage(self, scope: BudgetScope) -> Usage:
         keys = self.keys(scope)

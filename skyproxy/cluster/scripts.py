@@ -242,6 +242,49 @@ end
 return #KEYS / 4
 """
 
+# A prediction's cost, counted once whichever replica writes its lines: its "created"
+# line's estimate, then its terminal line's cost in place of the estimate. The replica
+# that writes the terminal line may not be the one that took the estimate, so the
+# amount counted and the state keys it went to are remembered with the prediction.
+# KEYS[1]: the prediction's record (hash: kind, amount, keys as JSON); KEYS[2..]: the
+# state keys of the budgets the line counts in (possibly none).
+# ARGV[1]: "estimate", "final", or "final-where-estimated" (a terminal line that names no
+# user: its cost goes where the estimate went, as a single replica bills the creator),
+# ARGV[2]: amount, ARGV[3]: when the record expires (Unix time), ARGV[3 + i]: when state
+# key i + 1 expires. An estimate after a final changes nothing; an amount taken back
+# leaves a state key that is gone (a past period) alone. Returns 1 when counted, else 0.
+BUDGET_PREDICTION = """
+local kind, amount = ARGV[1], tonumber(ARGV[2])
+local held = redis.call('HMGET', KEYS[1], 'kind', 'amount', 'keys')
+if kind == 'estimate' and held[1] == 'final' then return 0 end
+local before = {}
+if held[2] then
+  before = cjson.decode(held[3])
+  for _, key in ipairs(before) do
+    if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'spent', -tonumber(held[2])) end
+  end
+end
+local counted = {}
+if kind == 'final-where-estimated' and held[2] then
+  for _, key in ipairs(before) do
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'spent', amount)
+      counted[#counted + 1] = key
+    end
+  end
+else
+  for i = 2, #KEYS do
+    redis.call('HINCRBY', KEYS[i], 'spent', amount)
+    redis.call('EXPIREAT', KEYS[i], tonumber(ARGV[2 + i]))
+    counted[#counted + 1] = KEYS[i]
+  end
+end
+if kind ~= 'estimate' then kind = 'final' end
+redis.call('HSET', KEYS[1], 'kind', kind, 'amount', amount, 'keys', cjson.encode(counted))
+redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
 # One budget's spent and reserved, after pruning expired reservations. KEYS: its four keys.
 BUDGET_USAGE = (
     _NOW_MS

@@ -154,3 +154,44 @@ async def test_stopping_sends_what_is_queued_and_an_outage_drops_it_without_rais
     node.budgets.add_soon([daily], 0.10)
     await node.budgets.stop()
     assert node.connection.errors_total >= 1
+
+
+async def test_a_final_cost_replaces_the_estimate_another_replica_counted(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    a, b = await make_node(redis_server.url), await make_node(redis_server.url)
+    daily, team = scope(), scope(limit=10.0, subject="dev", budget="team")
+    until = time.time() + 3600
+    a.budgets.prediction_soon("pred_1", False, [daily, team], 0.30, until)  # the create, on a
+    await a.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.3
+    b.budgets.prediction_soon("pred_1", True, [daily], 0.10, until)  # its terminal line, on b
+    b.budgets.prediction_soon("pred_1", False, [daily], 0.30, until)  # a late estimate: ignored
+    await b.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.1
+    assert (await b.budgets.usage(team)).spent_usd == 0.0
+    # A final that replaces a final counts once; a state key that is gone stays gone.
+    gone = BudgetScope("daily", "alice", "2026-05-31", 1.0, time.time() + 3600)
+    b.budgets.prediction_soon("pred_2", False, [gone], 0.30, until)
+    await b.budgets.stop()
+    await b.connection.call(lambda redis: redis.delete(*b.budgets.keys(gone)))
+    b.budgets.prediction_soon("pred_2", True, [daily], 0.20, until)
+    b.budgets.prediction_soon("pred_2", True, [daily], 0.25, until)
+    await b.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.35
+    assert await b.connection.call(lambda redis: redis.exists(*b.budgets.keys(gone))) == 0
+
+
+async def test_a_final_cost_without_a_user_counts_where_the_estimate_did(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    alice, nobody = scope(), scope(subject="none")
+    until = time.time() + 3600
+    node.budgets.prediction_soon("pred_1", False, [alice], 0.30, until)
+    node.budgets.prediction_soon("pred_1", True, [nobody], 0.10, until, where_estimated=True)
+    # Without an estimate to follow, it counts where the line says.
+    node.budgets.prediction_soon("pred_2", True, [nobody], 0.05, until, where_estimated=True)
+    await node.budgets.stop()
+    assert (await node.budgets.usage(alice)).spent_usd == 0.1
+    assert (await node.budgets.usage(nobody)).spent_usd == 0.05

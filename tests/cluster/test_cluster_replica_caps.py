@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from helpers import Daemon
 from helpers.access import Recorder
 from helpers.daemon import CREATE, eventually
@@ -130,4 +131,54 @@ async def test_a_cap_of_2_holds_across_replicas_and_a_killed_holder_frees_it_at_
             return status == 201
 
         await eventually(admitted, "a slot freed once the dead replica's lease ran out")
+    assert_password_hidden(replicas, captured)
+
+
+def billed_upstream(final_usd: float) -> web.Application:
+    """Creates answered like Skytells; a poll finds the prediction succeeded, billed `final_usd`."""
+    created: list[str] = []
+
+    async def create(request: web.Request) -> web.Response:
+        created.append(f"pred_{len(created) + 1:04d}")
+        return web.json_response(
+            {"id": created[-1], "status": "starting", "model": "truefusion-pro"}, status=201
+        )
+
+    async def poll(request: web.Request) -> web.Response:
+        body = {
+            "id": request.match_info["id"],
+            "status": "succeeded",
+            "model": "truefusion-pro",
+            "metadata": {"billing": {"credits_used": final_usd}},
+        }
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_post("/v1/predictions", create)
+    app.router.add_get("/v1/predictions/{id}", poll)
+    return app
+
+
+async def test_a_final_cost_seen_through_another_replica_replaces_the_estimate(
+    start_redis: Callable[..., RedisServer], start_replicas: Replicas, raw_upstream: Callable[..., Any]
+) -> None:
+    server = start_redis(password=PASSWORD)
+    url = await raw_upstream(billed_upstream(0.10))
+    replicas = start_replicas(server.url, rules=BUDGET.replace("usd = 1.0", "usd = 0.35"), upstream=url)
+    captured: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, replicas[0])
+        assert status == 201
+        # Polled through another replica, which writes the terminal line: $0.10 in place
+        # of the $0.30 estimate, not on top of it, and billed to alice though the poll
+        # names no user, as one replica would bill her.
+        async with session.get(f"{replicas[1].url}/v1/predictions/{body['id']}") as r:
+            assert r.status == 200
+
+        async def spent_is_the_final_cost() -> bool:
+            status, _, body = await post(session, replicas[2])
+            captured.append(repr(body))
+            return status == 402 and body["error"]["spent_usd"] == 0.1
+
+        await eventually(spent_is_the_final_cost, "$0.10 spent: $0.30 more would pass $0.35")
     assert_password_hidden(replicas, captured)
