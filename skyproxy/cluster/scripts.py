@@ -393,3 +393,24 @@ if queued[2] then oldest = math.max(0, now - tonumber(queued[2])) end
 return {depth, next_due, oldest}
 """
 )
+
+# The outbox as `webhooks list` shows it, newest first: {now (ms), then per event: id,
+# payload, when queued (ms), when next due (ms; -1: not due), the claiming replica ('':
+# none)}. An event whose claim ran out still names its last claimer until it is taken.
+# ARGV[1]: the most events to list.
+OUTBOX_LIST = (
+    _NOW_MS
+    + """
+local queued = redis.call('ZREVRANGE', KEYS[4], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local out = {now}
+for i = 1, #queued, 2 do
+  local id = queued[i]
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+  out[#out + 1] = queued[i + 1]
+  out[#out + 1] = redis.call('ZSCORE', KEYS[1], id) or '-1'
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+end
+return out
+"""
+)
