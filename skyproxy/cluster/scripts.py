@@ -253,6 +253,8 @@ return #KEYS / 4
 # ARGV[2]: amount, ARGV[3]: when the record expires (Unix time), ARGV[3 + i]: when state
 # key i + 1 expires. An estimate after a final changes nothing; an amount taken back
 # leaves a state key that is gone (a past period) alone. Returns 1 when counted, else 0.
+# The remembered keys are not in KEYS, which one Redis allows; like every script here
+# that spans several keys, it is not meant for Redis Cluster.
 BUDGET_PREDICTION = """
 local kind, amount = ARGV[1], tonumber(ARGV[2])
 local held = redis.call('HMGET', KEYS[1], 'kind', 'amount', 'keys')
