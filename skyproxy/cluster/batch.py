@@ -78,6 +78,10 @@ class Batch:
         except ClusterUnavailable:  # logged once per outage and counted by the connection
             self.lost += len(batch)
             return
+        except Exception:  # a bug must not end the task: every later release would be lost
+            self.lost += len(batch)
+            log.exception("cluster: %d queued Redis script calls could not be sent", len(batch))
+            return
         if failed:
             self.lost += failed
             log.error("cluster: %d of %d queued Redis script calls failed", failed, len(batch))
