@@ -15,8 +15,9 @@ across replicas. A reservation is taken there atomically against every budget; e
 spend change an audit line makes is queued to Redis ahead of the release of the
 reservation it replaces, and both reach Redis in one transaction (cluster/batch.py).
 A prediction's terminal cost replaces its estimate on Redis even when another replica
-took the estimate. The local ledger still follows this replica's own lines, for its
-warnings and `/-/budgets`.
+took the estimate. warn_at is also checked on the shared spend Redis reports as a
+create is admitted. The local ledger still follows this replica's own lines, for
+`/-/budgets`.
 """
 
 from __future__ import annotations
@@ -254,12 +255,30 @@ class Budgets:
         scopes = [self._scope(rule, rule.subject(environment, user, client)) for rule in rules]
         decision = await backend.reserve(scopes, estimate_usd if estimate_usd > 0 else 0.0)
         if decision.admitted:
+            self._warn_shared(rules, decision.spent_by_scope, environment, user, client)
             reservation = decision.reservation
             return NO_HOLD if reservation is None else SharedHold(backend, reservation)
         assert decision.refused_by is not None
         rule = rules[decision.refused_by]
         spent, reserved = nanos(decision.spent_usd), nanos(decision.reserved_usd)
         return self._exceeded(rule, spent, reserved, self.clock())
+
+    def _warn_shared(
+        self,
+        rules: tuple[_Rule, ...],
+        spent_by_scope: tuple[float, ...],
+        environment: str,
+        user: str | None,
+        client: str | None,
+    ) -> None:
+        """warn_at on the spend of every replica: once per subject and period on this one."""
+        for rule, spent_usd in zip(rules, spent_by_scope, strict=False):
+            if rule.warn is None:
+                continue
+            subject = rule.subject(environment, user, client)
+            spent = nanos(spent_usd)
+            if spent >= rule.warn and subject not in rule.warned:
+                self._warn(rule, subject, spent)
 
     def _scope(self, rule: _Rule, subject: Subject) -> BudgetScope:
         """Where Redis keeps a rule's subject's spend in the rule's current window."""

@@ -164,6 +164,7 @@ class BudgetDecision:
     spent_usd: float = 0.0  # of the refusing scope
     reserved_usd: float = 0.0
     unchecked: bool = False
+    spent_by_scope: tuple[float, ...] = ()  # when admitted: each scope's spend before it
 
 
 @dataclass(frozen=True, slots=True)

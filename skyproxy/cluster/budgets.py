@@ -78,7 +78,8 @@ class RedisBudgets:
                 return BudgetDecision(True, None, None, unchecked=True)
             raise
         if raw[0] == 1:
-            return BudgetDecision(True, reservation, None)
+            spent = tuple(int(amount) / MICRO_USD for amount in raw[4:])
+            return BudgetDecision(True, reservation, None, spent_by_scope=spent)
         return BudgetDecision(False, None, int(raw[1]) - 1, int(raw[2]) / MICRO_USD, int(raw[3]) / MICRO_USD)
 
     async def settle(self, reservation: Reservation, cost_usd: float) -> bool:

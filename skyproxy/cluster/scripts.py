@@ -174,12 +174,14 @@ end
 # ARGV[1]: reservation id, ARGV[2]: estimate, ARGV[3]: lease (ms); then per budget:
 # limit, and the Unix time its keys expire (after the period ends).
 # Refused when spent + reserved + estimate > limit in any budget; then nothing is reserved.
-# Returns {1, 0, 0, 0} or {0, refusing budget (1-based), spent, reserved}.
+# Returns {1, 0, 0, 0, spent in budget 1, spent in budget 2, ...} (for warn_at), or
+# {0, refusing budget (1-based), spent, reserved}.
 BUDGET_RESERVE = (
     _NOW_MS
     + _BUDGET_PRUNE
     + """
 local estimate = tonumber(ARGV[2])
+local out = {1, 0, 0, 0}
 for b = 1, #KEYS / 4 do
   local k = (b - 1) * 4
   prune(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])
@@ -188,6 +190,7 @@ for b = 1, #KEYS / 4 do
   if spent + reserved + estimate > tonumber(ARGV[2 + b * 2]) then
     return {0, b, spent, reserved}
   end
+  out[4 + b] = spent
 end
 for b = 1, #KEYS / 4 do
   local k = (b - 1) * 4
@@ -196,7 +199,7 @@ for b = 1, #KEYS / 4 do
   redis.call('ZADD', KEYS[k + 3], now + tonumber(ARGV[3]), ARGV[1])
   expire_at(k + 1, tonumber(ARGV[3 + b * 2]))
 end
-return {1, 0, 0, 0}
+return out
 """
 )
 
