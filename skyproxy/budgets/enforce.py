@@ -104,6 +104,20 @@ class SharedHold(Hold):
             self._backend.settle_soon(reservation, 0.0)
 
 
+def period_label(period: str, start: float) -> str:
+    """A window as Redis keys name it: its kind and first day, such as "week-2026-11-30"."""
+    return f"{period}-{iso(start)[:10]}"
+
+
+def subject_key(subject: Subject) -> str:
+    """A subject as Redis keys name it; a prefix, so no user name reads as "no user"."""
+    return "none" if subject is None else "=" + subject
+
+
+def subject_from_key(key: str) -> Subject:
+    return None if key == "none" else key[1:]
+
+
 def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
     if budget.per == "user":
         return user
@@ -283,10 +297,8 @@ class Budgets:
     def _scope(self, rule: _Rule, subject: Subject) -> BudgetScope:
         """Where Redis keeps a rule's subject's spend in the rule's current window."""
         current = self.ledger.windows[rule.period]
-        label = f"{rule.period}-{iso(current.start)[:10]}"
-        # A prefix, so that no user name can be mistaken for "no user".
-        who = "none" if subject is None else "=" + subject
-        return BudgetScope(rule.name, who, label, rule.budget.usd, current.end)
+        label = period_label(rule.period, current.start)
+        return BudgetScope(rule.name, subject_key(subject), label, rule.budget.usd, current.end)
 
     def _share(
         self, backend: BudgetBackend, place: Place, status: str, prediction_id: str | None, cost: float
