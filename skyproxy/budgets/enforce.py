@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from skyproxy.audit.record import TERMINAL
+from skyproxy.budgets.hold import NO_HOLD, Hold, Subject
 from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
-from skyproxy.cluster.backend import BudgetBackend, BudgetScope, Reservation
+from skyproxy.budgets.shared import SharedHold, period_label, subject_key
+from skyproxy.cluster.backend import BudgetBackend, BudgetScope
 from skyproxy.config import Budget
 
 log = logging.getLogger("skyproxy.budgets")
-
-Subject = str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,62 +60,6 @@ class Exceeded:
             "reserved_usd": self.reserved_usd,
             "resets_at": self.resets_at,
         }
-
-
-class Hold:
-    """Reserved nano-dollars against some budgets; `release()` gives them back, once."""
-
-    __slots__ = ("_amount", "_keys", "_reserved")
-
-    def __init__(
-        self, reserved: dict[tuple[str, Subject], int], keys: list[tuple[str, Subject]], amount: int
-    ):
-        self._reserved = reserved
-        self._keys = keys if amount else []
-        self._amount = amount
-
-    def release(self) -> None:
-        keys, self._keys = self._keys, []
-        reserved = self._reserved
-        for key in keys:
-            left = reserved[key] - self._amount
-            if left:
-                reserved[key] = left
-            else:
-                del reserved[key]
-
-
-NO_HOLD = Hold({}, [], 0)
-
-
-class SharedHold(Hold):
-    """A reservation on the cluster's Redis; `release()` queues its release, once."""
-
-    __slots__ = ("_backend", "_reservation")
-
-    def __init__(self, backend: BudgetBackend, reservation: Reservation) -> None:
-        super().__init__({}, [], 0)
-        self._backend = backend
-        self._reservation: Reservation | None = reservation
-
-    def release(self) -> None:
-        reservation, self._reservation = self._reservation, None
-        if reservation is not None:
-            self._backend.settle_soon(reservation, 0.0)
-
-
-def period_label(period: str, start: float) -> str:
-    """A window as Redis keys name it: its kind and first day, such as "week-2026-11-30"."""
-    return f"{period}-{iso(start)[:10]}"
-
-
-def subject_key(subject: Subject) -> str:
-    """A subject as Redis keys name it; a prefix, so no user name reads as "no user"."""
-    return "none" if subject is None else "=" + subject
-
-
-def subject_from_key(key: str) -> Subject:
-    return None if key == "none" else key[1:]
 
 
 def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:

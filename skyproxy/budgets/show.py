@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from skyproxy.budgets.enforce import Budgets, period_label, subject_from_key
+from skyproxy.budgets.enforce import Budgets
 from skyproxy.budgets.periods import iso, window
+from skyproxy.budgets.shared import period_label, subject_from_key
 from skyproxy.config import Settings
 
 ENDPOINT = "/-/budgets"

@@ -17,7 +17,8 @@ from helpers import skyproxy_command, write_config
 from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
 
-from skyproxy.budgets.enforce import NO_HOLD, Budgets, Exceeded, SharedHold
+from skyproxy.budgets.enforce import NO_HOLD, Budgets, Exceeded
+from skyproxy.budgets.shared import SharedHold
 from skyproxy.config import Budget
 
 Make = Callable[..., Any]
