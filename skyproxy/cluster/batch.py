@@ -28,6 +28,10 @@ __all__ = ["Batch"]
 log = logging.getLogger("skyproxy.cluster")
 
 _Queued = tuple[AsyncScript, Sequence[str], Sequence[ScriptArg]]
+# Calls per transaction, so one stays well inside timeout_ms under a burst. A split
+# keeps the order: a spend sent in one transaction still lands before its release in the
+# next, so no replica can see room that is not there.
+MAX_BATCH = 256
 
 
 class Batch:
@@ -66,11 +70,12 @@ class Batch:
             while not task.done():  # see inflight.stop_task: one cancel may be swallowed
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.5)
-        await self.flush()
+        while self._queue:
+            await self.flush()
 
     async def flush(self) -> None:
-        """Sends everything queued now as one transaction."""
-        batch, self._queue = self._queue, []
+        """Sends the oldest `MAX_BATCH` calls queued as one transaction."""
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         if not batch:
             return
         try:
@@ -91,7 +96,8 @@ class Batch:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            while self._queue:
+                await self.flush()
 
 
 async def _send(redis: Redis, batch: list[_Queued]) -> int:

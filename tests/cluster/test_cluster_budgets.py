@@ -195,3 +195,18 @@ async def test_a_final_cost_without_a_user_counts_where_the_estimate_did(
     await node.budgets.stop()
     assert (await node.budgets.usage(alice)).spent_usd == 0.1
     assert (await node.budgets.usage(nobody)).spent_usd == 0.05
+
+
+async def test_a_burst_larger_than_one_transaction_is_sent_whole_and_in_order(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope(limit=10_000.0)
+    decisions = [await node.budgets.reserve([daily], 1.0) for _ in range(300)]
+    for decision in decisions:
+        assert decision.reservation is not None
+        node.budgets.add_soon([daily], 1.0)
+        node.budgets.settle_soon(decision.reservation, 0.0)
+    await node.budgets.stop()
+    usage = await node.budgets.usage(daily)
+    assert (usage.spent_usd, usage.reserved_usd) == (300.0, 0.0)
