@@ -2,13 +2,15 @@
 
 Releasing an in-flight lease or settling a budget reservation happens in the handler's
 `finally`, which cannot await. The call is queued here instead, and one task sends
-everything queued as a single MULTI/EXEC pipeline, in the order it was queued. So a
-create's spend (queued when its audit line is written) and the release of its
-reservation (queued just after, in the same step on the event loop) reach Redis
-together: no other replica ever sees the reservation gone before the spend is in.
+what is queued as MULTI/EXEC pipelines, in the order it was queued. So a create's spend
+(queued when its audit line is written) and the release of its reservation (queued just
+after, in the same step on the event loop) reach Redis together: no other replica ever
+sees the reservation gone before the spend is in.
 
-A batch that cannot be sent is counted by the connection and dropped: leases and
-reservations then run out on their own.
+While Redis is away the calls wait, in order, and go out once it answers again, so the
+spend of creates served meanwhile is not lost. The queue is bounded: past `MAX_PENDING`
+the oldest calls are dropped and counted, and their leases and reservations run out on
+their own, as a dead replica's do.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _Queued = tuple[AsyncScript, Sequence[str], Sequence[ScriptArg]]
 # keeps the order: a spend sent in one transaction still lands before its release in the
 # next, so no replica can see room that is not there.
 MAX_BATCH = 256
+MAX_PENDING = 100_000
+RETRY_S = 0.25  # while Redis is away; its return is noticed by the connection's probe
 
 
 class Batch:
@@ -50,7 +54,11 @@ class Batch:
         return len(self._queue)
 
     def put(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> None:
-        self._queue.append((script, keys, args))
+        queue = self._queue
+        queue.append((script, keys, args))
+        if len(queue) > MAX_PENDING:
+            del queue[0]
+            self.lost += 1
         if self._wake is not None:
             self._wake.set()
 
@@ -70,34 +78,44 @@ class Batch:
             while not task.done():  # see inflight.stop_task: one cancel may be swallowed
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.5)
-        while self._queue:
-            await self.flush()
+        while self._queue and await self.flush():
+            pass
+        self.lost += len(self._queue)  # Redis is away: their leases and reservations run out
+        self._queue.clear()
 
-    async def flush(self) -> None:
-        """Sends the oldest `MAX_BATCH` calls queued as one transaction."""
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+    async def flush(self) -> bool:
+        """Sends the oldest `MAX_BATCH` calls queued as one transaction; False, keeping
+        them queued, while Redis is unavailable."""
+        queue = self._queue
+        batch = queue[:MAX_BATCH]
         if not batch:
-            return
+            return True
+        if self._connection.degraded:
+            return False  # not even tried: the outage is counted once, not per retry
         try:
             failed = await self._connection.call(lambda redis: _send(redis, batch))
         except ClusterUnavailable:  # logged once per outage and counted by the connection
-            self.lost += len(batch)
-            return
+            return False
         except Exception:  # a bug must not end the task: every later release would be lost
+            del queue[: len(batch)]
             self.lost += len(batch)
             log.exception("cluster: %d queued Redis script calls could not be sent", len(batch))
-            return
+            return True
+        # Calls queued meanwhile went to the end; the front is still this batch.
+        del queue[: len(batch)]
         if failed:
             self.lost += failed
             log.error("cluster: %d of %d queued Redis script calls failed", failed, len(batch))
+        return True
 
     async def _send_forever(self) -> None:
         assert self._wake is not None
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                await self.flush()
+            while self._queue and not self._closing:
+                if not await self.flush():
+                    await asyncio.sleep(RETRY_S)
 
 
 async def _send(redis: Redis, batch: list[_Queued]) -> int:

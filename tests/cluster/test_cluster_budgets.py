@@ -12,6 +12,7 @@ from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
 
 from skyproxy.cluster.backend import BudgetScope
+from skyproxy.cluster.errors import ClusterUnavailable
 
 Make = Callable[..., Any]
 
@@ -210,3 +211,23 @@ async def test_a_burst_larger_than_one_transaction_is_sent_whole_and_in_order(
     await node.budgets.stop()
     usage = await node.budgets.usage(daily)
     assert (usage.spent_usd, usage.reserved_usd) == (300.0, 0.0)
+
+
+async def test_calls_queued_while_redis_is_away_are_sent_once_it_is_back(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    redis_server.stop()
+    with pytest.raises(ClusterUnavailable):
+        await node.budgets.usage(daily)  # the outage begins
+    node.budgets.add_soon([daily], 0.30)  # a create served under on_error = "open"
+    redis_server.start()
+    await eventually(lambda: not node.degraded, "the probe found Redis back", deadline_s=5)
+    # Waiting for Redis, the queue made no calls to fail: the outage counted one error.
+    assert node.connection.errors_total == 1
+
+    async def landed() -> bool:
+        return (await node.budgets.usage(daily)).spent_usd == 0.3
+
+    await eventually(landed, "the spend sent once Redis answered again", deadline_s=5)

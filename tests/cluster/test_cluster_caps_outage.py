@@ -35,7 +35,9 @@ async def post(proxy: Any) -> tuple[int, Any]:
         return r.status, await r.json(content_type=None)
 
 
-@pytest.mark.parametrize("rules", [CAPPED, BUDGET], ids=["in_flight", "budget"])
+@pytest.mark.parametrize(
+    "rules", [CAPPED, BUDGET.replace("usd = 1.0", "usd = 100.0")], ids=["in_flight", "budget"]
+)
 @pytest.mark.parametrize("on_error", ["closed", "open"])
 async def test_redis_down_refuses_or_serves_as_on_error_says(
     canary_env: str,
