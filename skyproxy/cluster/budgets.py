@@ -8,6 +8,7 @@ replaces the estimate by the cost. Keys expire a little after their period ends.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Sequence
@@ -71,11 +72,17 @@ class RedisBudgets:
         for scope in scopes:
             args += (_micro(scope.limit_usd), math.ceil(scope.resets_at + EXPIRY_GRACE_S))
         keys = self._all_keys(scopes)
+        tried = not self._connection.degraded
         try:
             raw = await self._connection.run(self._reserve, keys, args)
         except ClusterUnavailable:
+            if tried:  # a timeout, say: the script may have run, and its reservation be held
+                self.settle_soon(reservation, 0.0)
             if self._connection.fails_open:
                 return BudgetDecision(True, None, None, unchecked=True)
+            raise
+        except asyncio.CancelledError:  # the client left: its answer may never be read
+            self.settle_soon(reservation, 0.0)
             raise
         if raw[0] == 1:
             spent = tuple(int(amount) / MICRO_USD for amount in raw[4:])

@@ -51,11 +51,17 @@ class RedisInFlight:
         lease_id = os.urandom(12).hex()
         keys = tuple(self.key(s) for s in slots)
         args: list[ScriptArg] = [lease_id, self._lease_ms, *(s.cap for s in slots)]
+        tried = not self._connection.degraded
         try:
             raw = await self._connection.run(self._acquire, keys, args)
         except ClusterUnavailable:
+            if tried:  # a timeout, say: the script may have run, and the slots be held
+                self._later.put(self._release, keys, [lease_id])
             if self._connection.fails_open:
                 return InFlightDecision(True, None, None, 0, unchecked=True)
+            raise
+        except asyncio.CancelledError:  # the client left: the answer may never be read
+            self._later.put(self._release, keys, [lease_id])
             raise
         if raw[0] != 1:
             return InFlightDecision(False, None, int(raw[1]) - 1, int(raw[2]))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
+from helpers.slow_relay import SlowRelay
 
 from skyproxy.cluster.backend import BudgetScope
 from skyproxy.cluster.errors import ClusterUnavailable
@@ -231,3 +232,27 @@ async def test_calls_queued_while_redis_is_away_are_sent_once_it_is_back(
         return (await node.budgets.usage(daily)).spent_usd == 0.3
 
     await eventually(landed, "the spend sent once Redis answered again", deadline_s=5)
+
+
+async def test_a_reservation_taken_by_a_call_that_timed_out_is_released(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    relay = SlowRelay(redis_server.port)
+    await relay.start()
+    try:
+        node = await make_node(f"redis://127.0.0.1:{relay.port}/0", timeout_ms=200)
+        daily = scope()
+        assert (await node.budgets.reserve([scope(subject="erin")], 0.1)).admitted  # script loaded
+        relay.hold.set()  # the script runs on Redis; its answer comes too late
+        with pytest.raises(ClusterUnavailable):
+            await node.budgets.reserve([daily], 0.30)
+        relay.hold.clear()
+        await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+
+        async def released() -> bool:
+            usage = await node.budgets.usage(daily)
+            return (usage.spent_usd, usage.reserved_usd) == (0.0, 0.0)
+
+        await eventually(released, "nothing held for a create that was refused")
+    finally:
+        await relay.stop()

@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
+from helpers.slow_relay import SlowRelay
 
 from skyproxy.cluster.backend import Slot
+from skyproxy.cluster.errors import ClusterUnavailable
 
 Make = Callable[..., Any]
 SLOT = Slot("dev", "predictions", "alice", 2)
@@ -99,3 +102,31 @@ async def test_a_release_queued_without_waiting_frees_the_slot(
         return decision.allowed
 
     await eventually(free, "the slot released")
+
+
+async def test_a_slot_taken_by_a_call_that_timed_out_is_given_back(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    relay = SlowRelay(redis_server.port)
+    await relay.start()
+    try:
+        node = await make_node(f"redis://127.0.0.1:{relay.port}/0", timeout_ms=200)
+        one = Slot("dev", "predictions", "dave", 1)
+        warm = await node.inflight.acquire([Slot("dev", "predictions", "erin", 1)])  # script loaded
+        await node.inflight.release(warm.lease)
+        relay.hold.set()  # the script runs on Redis; its answer comes too late
+        with pytest.raises(ClusterUnavailable):
+            await node.inflight.acquire([one])
+        relay.hold.clear()
+        await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+
+        async def free() -> bool:
+            decision = await node.inflight.acquire([one])
+            if decision.lease is not None:
+                await node.inflight.release(decision.lease)
+            return decision.allowed
+
+        # Well within the 10 s lease: the slot was released, not left to run out.
+        await eventually(free, "the slot free again", deadline_s=5)
+    finally:
+        await relay.stop()
