@@ -49,6 +49,11 @@ class RedisBudgets:
         self._prediction = connection.script(BUDGET_PREDICTION)
         self._later = Batch(connection)
 
+    @property
+    def queued(self) -> Batch:
+        """Spend, settles and releases not yet sent."""
+        return self._later
+
     def start(self) -> None:
         self._later.start()
 

@@ -45,6 +45,11 @@ class RedisInFlight:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def queued(self) -> Batch:
+        """Releases not yet sent."""
+        return self._later
+
     async def acquire(self, slots: Sequence[Slot]) -> InFlightDecision:
         if not slots:
             return InFlightDecision(True, None, None, 0)

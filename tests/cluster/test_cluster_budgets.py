@@ -156,6 +156,7 @@ async def test_stopping_sends_what_is_queued_and_an_outage_drops_it_without_rais
     node.budgets.add_soon([daily], 0.10)
     await node.budgets.stop()
     assert node.connection.errors_total >= 1
+    assert (node.status()["queued_calls"], node.status()["queued_calls_lost"]) == (0, 1)
 
 
 async def test_a_final_cost_replaces_the_estimate_another_replica_counted(
@@ -223,6 +224,7 @@ async def test_calls_queued_while_redis_is_away_are_sent_once_it_is_back(
     with pytest.raises(ClusterUnavailable):
         await node.budgets.usage(daily)  # the outage begins
     node.budgets.add_soon([daily], 0.30)  # a create served under on_error = "open"
+    assert node.status()["queued_calls"] == 1
     redis_server.start()
     await eventually(lambda: not node.degraded, "the probe found Redis back", deadline_s=5)
     # Waiting for Redis, the queue made no calls to fail: the outage counted one error.
@@ -232,6 +234,7 @@ async def test_calls_queued_while_redis_is_away_are_sent_once_it_is_back(
         return (await node.budgets.usage(daily)).spent_usd == 0.3
 
     await eventually(landed, "the spend sent once Redis answered again", deadline_s=5)
+    assert (node.status()["queued_calls"], node.status()["queued_calls_lost"]) == (0, 0)
 
 
 async def test_a_reservation_taken_by_a_call_that_timed_out_is_released(
