@@ -48,6 +48,8 @@ async def test_a_per_user_limit_of_10_a_minute_admits_10_of_30_across_replicas(
     replicas = start_replicas(redis_server.url, rules=RULES.format(per_user="10/minute"))
     async with aiohttp.ClientSession() as session:
         answers = await asyncio.gather(*(post(session, replicas[i % 3], "alice") for i in range(30)))
+        # Exactly 10 in all, not 10 per replica. (Which replica's requests come first is up to
+        # the scheduler: one replica may see only admissions.)
         statuses = Counter(status for status, _, _ in answers)
         assert statuses == {201: 10, 429: 20}
         for status, headers, body in answers:
@@ -61,9 +63,6 @@ async def test_a_per_user_limit_of_10_a_minute_admits_10_of_30_across_replicas(
             assert 1 <= retry <= 6
             assert retry == int(headers["RateLimit-Reset"]) - 54
             assert body["error"]["retry_after"] == retry
-        # Every replica refused some: the limit was not multiplied by three.
-        refusing = {i % 3 for i, (status, _, _) in enumerate(answers) if status == 429}
-        assert refusing == {0, 1, 2}
         # Retry-After is honest: after waiting it, exactly one more request fits.
         wait = max(int(headers["Retry-After"]) for status, headers, _ in answers if status == 429)
         await asyncio.sleep(wait)  # the wait is what is under test
