@@ -8,6 +8,16 @@ loop, so a create is never counted twice or not at all. Parallel creates each re
 synchronously, so together they cannot overshoot.
 
 With no budget configured nothing is ever refused, and `admit()` costs one dict lookup.
+
+With [cluster], `shared` is the cluster's `BudgetBackend` and the handler awaits
+`admit_shared()` instead: spend and reservations then live on Redis, so a budget holds
+across replicas. A reservation is taken there atomically against every budget; each
+spend change an audit line makes is queued to Redis ahead of the release of the
+reservation it replaces, and both reach Redis in one transaction (cluster/batch.py).
+A prediction's terminal cost replaces its estimate on Redis even when another replica
+took the estimate. warn_at is also checked on the shared spend Redis reports as a
+create is admitted. The local ledger still follows this replica's own lines, for
+`/-/budgets`.
 """
 
 from __future__ import annotations
@@ -19,13 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from skyproxy.budgets.ledger import NANOS, Ledger, nanos
+from skyproxy.audit.record import TERMINAL
+from skyproxy.budgets.hold import NO_HOLD, Hold, Subject
+from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
+from skyproxy.budgets.shared import SharedHold, period_label, subject_key
+from skyproxy.cluster.backend import BudgetBackend, BudgetScope
 from skyproxy.config import Budget
 
 log = logging.getLogger("skyproxy.budgets")
-
-Subject = str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,32 +60,6 @@ class Exceeded:
             "reserved_usd": self.reserved_usd,
             "resets_at": self.resets_at,
         }
-
-
-class Hold:
-    """Reserved nano-dollars against some budgets; `release()` gives them back, once."""
-
-    __slots__ = ("_amount", "_keys", "_reserved")
-
-    def __init__(
-        self, reserved: dict[tuple[str, Subject], int], keys: list[tuple[str, Subject]], amount: int
-    ):
-        self._reserved = reserved
-        self._keys = keys if amount else []
-        self._amount = amount
-
-    def release(self) -> None:
-        keys, self._keys = self._keys, []
-        reserved = self._reserved
-        for key in keys:
-            left = reserved[key] - self._amount
-            if left:
-                reserved[key] = left
-            else:
-                del reserved[key]
-
-
-NO_HOLD = Hold({}, [], 0)
 
 
 def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
@@ -117,6 +103,7 @@ class Budgets:
         self._rules: tuple[_Rule, ...] = ()
         self._by_env: dict[str, tuple[_Rule, ...]] = {}
         self._epoch = -1
+        self.shared: BudgetBackend | None = None  # with [cluster]: spend and reservations on Redis
         self.reconfigure(budgets)
 
     @property
@@ -211,6 +198,78 @@ class Budgets:
             reserved[key] = reserved.get(key, 0) + estimate
         return Hold(reserved, keys, estimate)
 
+    async def admit_shared(
+        self, environment: str, user: str | None, client: str | None, estimate_usd: float
+    ) -> Hold | Exceeded:
+        """`admit()` across replicas, on `shared`; raises `ClusterUnavailable` under
+        on_error = "closed" when Redis does not answer, and admits under "open"."""
+        backend = self.shared
+        assert backend is not None
+        rules = self._for(environment)
+        if not rules:
+            return NO_HOLD
+        now = self.clock()
+        self._sync(now)
+        scopes = [self._scope(rule, rule.subject(environment, user, client)) for rule in rules]
+        decision = await backend.reserve(scopes, estimate_usd if estimate_usd > 0 else 0.0)
+        if decision.admitted:
+            self._warn_shared(rules, decision.spent_by_scope, environment, user, client)
+            reservation = decision.reservation
+            return NO_HOLD if reservation is None else SharedHold(backend, reservation)
+        assert decision.refused_by is not None
+        rule = rules[decision.refused_by]
+        spent, reserved = nanos(decision.spent_usd), nanos(decision.reserved_usd)
+        return self._exceeded(rule, spent, reserved, self.clock())
+
+    def _warn_shared(
+        self,
+        rules: tuple[_Rule, ...],
+        spent_by_scope: tuple[float, ...],
+        environment: str,
+        user: str | None,
+        client: str | None,
+    ) -> None:
+        """warn_at on the spend of every replica: once per subject and period on this one."""
+        for rule, spent_usd in zip(rules, spent_by_scope, strict=False):
+            if rule.warn is None:
+                continue
+            subject = rule.subject(environment, user, client)
+            spent = nanos(spent_usd)
+            if spent >= rule.warn and subject not in rule.warned:
+                self._warn(rule, subject, spent)
+
+    def _scope(self, rule: _Rule, subject: Subject) -> BudgetScope:
+        """Where Redis keeps a rule's subject's spend in the rule's current window."""
+        current = self.ledger.windows[rule.period]
+        label = period_label(rule.period, current.start)
+        return BudgetScope(rule.name, subject_key(subject), label, rule.budget.usd, current.end)
+
+    def _share(
+        self, backend: BudgetBackend, place: Place, status: str, prediction_id: str | None, cost: float
+    ) -> None:
+        """Queues one audit line's spend to Redis, by the spend rule of `audit.costs`: a
+        prediction's terminal cost replaces its estimate there, whichever replica took it."""
+        moment, where, who, client = place
+        rules = self._for(where)
+        if not rules:
+            return
+        windows = self.ledger.windows
+        scopes = [
+            self._scope(rule, rule.subject(where, who, client))
+            for rule in rules
+            if rule.start <= moment < windows[rule.period].end
+        ]
+        if prediction_id is None:
+            if cost:
+                backend.add_soon(scopes, cost)
+        elif status == "created" or status in TERMINAL:
+            final = status in TERMINAL
+            keep_until = max(w.end for w in windows.values())
+            # A terminal line with no user bills the creator, as the local tracker does;
+            # another replica's tracker does not know the creator, Redis does.
+            inherit = final and who is None
+            backend.prediction_soon(prediction_id, final, scopes, cost, keep_until, where_estimated=inherit)
+
     def record(
         self,
         timestamp: float,
@@ -249,6 +308,9 @@ class Budgets:
                         and subject not in rule.warned
                     ):
                         self._warn(rule, subject, spent)
+        shared = self.shared
+        if shared is not None and cost is not None:
+            self._share(shared, (timestamp, environment, user, client), status, prediction_id, cost)
 
     def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
         rule.warned.add(subject)  # once per subject and period: a new window starts a new set

@@ -2,16 +2,21 @@
 
 Only the daemon knows what is reserved by creates in flight; when none answers, spend is
 rebuilt from the audit files exactly as a starting daemon would, with nothing reserved.
+With [cluster], the figures that admit a create are every replica's, in Redis: they are
+read there.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from skyproxy.budgets.enforce import Budgets
+from skyproxy.budgets.periods import iso, window
+from skyproxy.budgets.shared import period_label, subject_from_key
 from skyproxy.config import Settings
 
 ENDPOINT = "/-/budgets"
@@ -19,6 +24,8 @@ ENDPOINT = "/-/budgets"
 
 def report(settings: Settings, timeout: float = 5.0) -> tuple[str, list[dict[str, Any]]]:
     """(where the figures come from, one row per budget and subject)."""
+    if settings.cluster is not None and settings.budgets:
+        return _shared(settings)
     for url in _daemon_urls(settings):
         rows = _ask(url + ENDPOINT, timeout)
         if rows is not None:
@@ -49,3 +56,30 @@ def _ask(url: str, timeout: float) -> list[dict[str, Any]] | None:
         return None
     rows = body.get("budgets") if isinstance(body, dict) else None
     return rows if isinstance(rows, list) else None
+
+
+def _shared(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
+    """The current periods' rows from Redis: spend and reservations of every replica."""
+    import asyncio
+
+    from skyproxy.cluster.budget_view import shared_usage
+
+    assert settings.cluster is not None
+    now = time.time()
+    windows = {b.name: (b, *window(b.period, now)) for b in settings.budgets}
+    labels = [(name, period_label(b.period, start)) for name, (b, start, _) in windows.items()]
+    shown, found = asyncio.run(shared_usage(settings.cluster, labels))
+    rows = [
+        {
+            "budget": item.budget,
+            "per": windows[item.budget][0].per,
+            "subject": subject_from_key(item.subject),
+            "period": windows[item.budget][0].period,
+            "spent_usd": round(item.usage.spent_usd, 9),
+            "reserved_usd": round(item.usage.reserved_usd, 9),
+            "limit_usd": windows[item.budget][0].usd,
+            "resets_at": iso(windows[item.budget][2]),
+        }
+        for item in found
+    ]
+    return f"Redis {shown} (every replica)", rows

@@ -1,7 +1,8 @@
 """`skyproxy webhooks list | replay | secret`: the store and the relay secret, daemon or not.
 
 `replay` only writes to the store; a running daemon's relay picks the event up within a
-second, so the daemon never needs to be stopped.
+second, so the daemon never needs to be stopped. With [cluster] the store holds routes
+only: `list` reads the shared outbox in Redis instead, and `replay` is refused.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -30,7 +32,11 @@ def _hooks(settings: Settings) -> WebhookSettings:
 def cmd_webhooks_list(args: argparse.Namespace) -> int:
     from skyproxy.webhooks.store import Store
 
-    store = Store(_hooks(load_settings(args.config)).store)
+    settings = load_settings(args.config)
+    hooks = _hooks(settings)
+    if settings.cluster is not None:
+        return _print_listing(args, _shared_listing(settings, args.status, args.limit))
+    store = Store(hooks.store)
     try:
         rows = store.listing(args.status, limit=args.limit)
     finally:
@@ -49,6 +55,10 @@ def cmd_webhooks_list(args: argparse.Namespace) -> int:
         }
         for r in rows
     ]
+    return _print_listing(args, objects)
+
+
+def _print_listing(args: argparse.Namespace, objects: Sequence[Mapping[str, object]]) -> int:
     if args.json:
         for item in objects:
             print(json.dumps(item, separators=(",", ":")))
@@ -75,10 +85,48 @@ def cmd_webhooks_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shared_listing(settings: Settings, status: str | None, limit: int) -> list[dict[str, object]]:
+    """With [cluster]: the deliveries in Redis, which keeps no delivered or dead event."""
+    import asyncio
+
+    from skyproxy.cluster.outbox_view import shared_deliveries
+
+    assert settings.cluster is not None
+    print(
+        "skyproxy: [cluster]: the shared outbox in Redis, every replica's pending deliveries; "
+        "delivered and dead events are not kept there (their audit and logs are per replica)",
+        file=sys.stderr,
+    )
+    if status not in (None, "pending"):
+        return []
+    return [
+        {
+            "id": d.id,
+            "environment": d.environment,
+            "predictionId": None,
+            "event": None,
+            "target": d.target,
+            "status": "pending",
+            "attempts": d.attempts,
+            "receivedAt": _iso(d.received_at),
+            "lastError": "being delivered by a replica" if d.claimed else None,
+        }
+        for d in asyncio.run(shared_deliveries(settings.cluster, limit))
+    ]
+
+
 def cmd_webhooks_replay(args: argparse.Namespace) -> int:
+    from skyproxy.errors import SkyproxyError
     from skyproxy.webhooks.store import Store
 
-    store = Store(_hooks(load_settings(args.config)).store)
+    settings = load_settings(args.config)
+    if settings.cluster is not None:
+        # The relays work from Redis then: an event queued again in this store would never be sent.
+        raise SkyproxyError(
+            f"{settings.path} has [cluster]: deliveries live in Redis, which keeps no delivered or "
+            "dead event to send again; replay works on a daemon without [cluster]"
+        )
+    store = Store(_hooks(settings).store)
     try:
         before = store.replay(args.id, time.time())
     finally:

@@ -8,5 +8,7 @@ protocols in `backend`; `node.ClusterNode` bundles their Redis implementations.
 - `scripts`: the Lua scripts, each atomic and clocked by Redis `TIME`.
 - `backend`: the protocols and the values they exchange.
 - `rates`, `inflight`, `budgets`, `webhooks`: their Redis implementations.
+- `batch`: releases and settles queued by callers that cannot await, sent in order.
+- `outbox_view`: the shared webhook outbox as `skyproxy webhooks list` shows it.
 - `errors`: `ClusterUnavailable`, which the proxy answers with 503 `limits_unavailable`.
 """

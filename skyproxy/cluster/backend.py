@@ -7,8 +7,9 @@ replicas. The values here are plain data, so either side can build them.
 On the request path (`RateBackend.check`, `InFlightBackend.acquire`,
 `BudgetBackend.reserve`) an unavailable Redis raises `ClusterUnavailable` under
 `on_error = "closed"`, and under `"open"` answers "allowed" with `unchecked = True`, so the
-caller serves (and may count it). Calls that finish an exchange (refund, release, settle)
-never raise: a failure is counted, and the lease or reservation expires on its own.
+caller serves (and may count it). Calls that finish an exchange (refund, release, settle,
+and their `_soon` forms, queued for a caller that cannot await) never raise: a failure
+is counted, and the lease or reservation expires on its own.
 Webhook calls always raise: an event must not be taken as stored when it was not.
 """
 
@@ -129,6 +130,10 @@ class InFlightBackend(Protocol):
 
     async def release(self, lease: Lease | None) -> None: ...
 
+    def release_soon(self, lease: Lease) -> None:
+        """`release` without waiting, for a caller that cannot await; sent in order."""
+        ...
+
 
 # -- budgets ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,7 @@ class BudgetDecision:
     spent_usd: float = 0.0  # of the refusing scope
     reserved_usd: float = 0.0
     unchecked: bool = False
+    spent_by_scope: tuple[float, ...] = ()  # when admitted: each scope's spend before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +188,29 @@ class BudgetBackend(Protocol):
 
     async def add(self, scopes: Sequence[BudgetScope], usd: float) -> bool:
         """Adds to spent (negative: takes off), as when a terminal cost corrects an estimate."""
+        ...
+
+    def settle_soon(self, reservation: Reservation, cost_usd: float) -> None:
+        """`settle` without waiting; sent after every call queued before it."""
+        ...
+
+    def add_soon(self, scopes: Sequence[BudgetScope], usd: float) -> None:
+        """`add` without waiting, in order with `settle_soon`."""
+        ...
+
+    def prediction_soon(
+        self,
+        prediction_id: str,
+        final: bool,
+        scopes: Sequence[BudgetScope],
+        usd: float,
+        keep_until: float,
+        *,
+        where_estimated: bool = False,
+    ) -> None:
+        """A prediction's estimate, or its final cost replacing whatever was counted for it
+        before, by any replica (`where_estimated`: in the estimate's budgets, not `scopes`);
+        queued in order with `settle_soon`."""
         ...
 
     async def usage(self, scope: BudgetScope) -> Usage: ...

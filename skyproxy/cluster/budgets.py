@@ -8,14 +8,22 @@ replaces the estimate by the cost. Keys expire a little after their period ends.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Sequence
 
 from skyproxy.cluster.backend import BudgetDecision, BudgetScope, Reservation, Usage
+from skyproxy.cluster.batch import Batch
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
 from skyproxy.cluster.errors import ClusterUnavailable
-from skyproxy.cluster.scripts import BUDGET_ADD, BUDGET_RESERVE, BUDGET_SETTLE, BUDGET_USAGE
+from skyproxy.cluster.scripts import (
+    BUDGET_ADD,
+    BUDGET_PREDICTION,
+    BUDGET_RESERVE,
+    BUDGET_SETTLE,
+    BUDGET_USAGE,
+)
 
 __all__ = ["DEFAULT_LEASE_S", "MICRO_USD", "RedisBudgets"]
 
@@ -38,6 +46,19 @@ class RedisBudgets:
         self._settle = connection.script(BUDGET_SETTLE)
         self._add = connection.script(BUDGET_ADD)
         self._usage = connection.script(BUDGET_USAGE)
+        self._prediction = connection.script(BUDGET_PREDICTION)
+        self._later = Batch(connection)
+
+    @property
+    def queued(self) -> Batch:
+        """Spend, settles and releases not yet sent."""
+        return self._later
+
+    def start(self) -> None:
+        self._later.start()
+
+    async def stop(self) -> None:
+        await self._later.stop()
 
     def keys(self, scope: BudgetScope) -> list[str]:
         """The state, reservations, lease expiries and expired reservations of one scope."""
@@ -56,14 +77,21 @@ class RedisBudgets:
         for scope in scopes:
             args += (_micro(scope.limit_usd), math.ceil(scope.resets_at + EXPIRY_GRACE_S))
         keys = self._all_keys(scopes)
+        tried = not self._connection.degraded
         try:
             raw = await self._connection.run(self._reserve, keys, args)
         except ClusterUnavailable:
+            if tried:  # a timeout, say: the script may have run, and its reservation be held
+                self.settle_soon(reservation, 0.0)
             if self._connection.fails_open:
                 return BudgetDecision(True, None, None, unchecked=True)
             raise
+        except asyncio.CancelledError:  # the client left: its answer may never be read
+            self.settle_soon(reservation, 0.0)
+            raise
         if raw[0] == 1:
-            return BudgetDecision(True, reservation, None)
+            spent = tuple(int(amount) / MICRO_USD for amount in raw[4:])
+            return BudgetDecision(True, reservation, None, spent_by_scope=spent)
         return BudgetDecision(False, None, int(raw[1]) - 1, int(raw[2]) / MICRO_USD, int(raw[3]) / MICRO_USD)
 
     async def settle(self, reservation: Reservation, cost_usd: float) -> bool:
@@ -80,18 +108,56 @@ class RedisBudgets:
     async def release(self, reservation: Reservation) -> bool:
         return await self.settle(reservation, 0.0)
 
+    def settle_soon(self, reservation: Reservation, cost_usd: float) -> None:
+        """`settle` for a caller that cannot await: queued, and sent after what was queued before."""
+        if reservation.scopes:
+            args: list[ScriptArg] = [reservation.id, _micro(cost_usd)]
+            self._later.put(self._settle, self._all_keys(reservation.scopes), args)
+
+    def add_soon(self, scopes: Sequence[BudgetScope], usd: float) -> None:
+        """`add` for a caller that cannot await, in order with `settle_soon`."""
+        if scopes:
+            self._later.put(self._add, self._all_keys(scopes), _add_args(scopes, usd))
+
     async def add(self, scopes: Sequence[BudgetScope], usd: float) -> bool:
         if not scopes:
             return True
-        keys = self._all_keys(scopes)
-        args: list[ScriptArg] = [_micro(usd), *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes)]
         try:
-            await self._connection.run(self._add, keys, args)
+            await self._connection.run(self._add, self._all_keys(scopes), _add_args(scopes, usd))
         except ClusterUnavailable:
             return False
         return True
+
+    def prediction_soon(
+        self,
+        prediction_id: str,
+        final: bool,
+        scopes: Sequence[BudgetScope],
+        usd: float,
+        keep_until: float,
+        *,
+        where_estimated: bool = False,
+    ) -> None:
+        """Counts a prediction's estimate, or its final cost in place of what was counted
+        for it before (on any replica); queued like `add_soon`. `keep_until`: the Unix
+        time after which no line of it can count any more (the longest period's end).
+        `where_estimated`: the final cost counts where the estimate did, if one did."""
+        keys = [self._connection.key("budget-prediction", prediction_id)]
+        keys += [self.keys(scope)[0] for scope in scopes]
+        kind = "estimate" if not final else "final-where-estimated" if where_estimated else "final"
+        args: list[ScriptArg] = [
+            kind,
+            _micro(usd),
+            math.ceil(keep_until + EXPIRY_GRACE_S),
+            *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes),
+        ]
+        self._later.put(self._prediction, keys, args)
 
     async def usage(self, scope: BudgetScope) -> Usage:
         keys = self.keys(scope)
         spent, reserved = await self._connection.run(self._usage, keys, [])
         return Usage(int(spent) / MICRO_USD, int(reserved) / MICRO_USD)
+
+
+def _add_args(scopes: Sequence[BudgetScope], usd: float) -> list[ScriptArg]:
+    return [_micro(usd), *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes)]

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 from skyproxy.cluster.backend import InFlightDecision, Lease, Slot
+from skyproxy.cluster.batch import Batch
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.scripts import INFLIGHT_ACQUIRE, INFLIGHT_RELEASE, INFLIGHT_RENEW
@@ -35,6 +36,7 @@ class RedisInFlight:
         self._acquire = connection.script(INFLIGHT_ACQUIRE)
         self._release = connection.script(INFLIGHT_RELEASE)
         self._renew = connection.script(INFLIGHT_RENEW)
+        self._later = Batch(connection)
 
     def key(self, slot: Slot) -> str:
         return self._connection.key("inflight", slot.environment, slot.rule, "user", slot.user)
@@ -43,17 +45,28 @@ class RedisInFlight:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def queued(self) -> Batch:
+        """Releases not yet sent."""
+        return self._later
+
     async def acquire(self, slots: Sequence[Slot]) -> InFlightDecision:
         if not slots:
             return InFlightDecision(True, None, None, 0)
         lease_id = os.urandom(12).hex()
         keys = tuple(self.key(s) for s in slots)
         args: list[ScriptArg] = [lease_id, self._lease_ms, *(s.cap for s in slots)]
+        tried = not self._connection.degraded
         try:
             raw = await self._connection.run(self._acquire, keys, args)
         except ClusterUnavailable:
+            if tried:  # a timeout, say: the script may have run, and the slots be held
+                self._later.put(self._release, keys, [lease_id])
             if self._connection.fails_open:
                 return InFlightDecision(True, None, None, 0, unchecked=True)
+            raise
+        except asyncio.CancelledError:  # the client left: the answer may never be read
+            self._later.put(self._release, keys, [lease_id])
             raise
         if raw[0] != 1:
             return InFlightDecision(False, None, int(raw[1]) - 1, int(raw[2]))
@@ -68,6 +81,11 @@ class RedisInFlight:
         with contextlib.suppress(ClusterUnavailable):
             await self._connection.run(self._release, lease.keys, [lease.id])
 
+    def release_soon(self, lease: Lease) -> None:
+        """`release` for a caller that cannot await: queued and sent in order with others."""
+        self._held.pop(lease.id, None)
+        self._later.put(self._release, lease.keys, [lease.id])
+
     async def renew_all(self) -> int:
         """Extends every lease this replica holds; returns how many were extended."""
         pairs = [(key, lease.id) for lease in list(self._held.values()) for key in lease.keys]
@@ -80,6 +98,7 @@ class RedisInFlight:
         return renewed
 
     def start(self) -> None:
+        self._later.start()
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
@@ -87,6 +106,7 @@ class RedisInFlight:
         task, self._renewer = self._renewer, None
         if task is not None:
             await stop_task(task)
+        await self._later.stop()
 
     async def _renew_forever(self) -> None:
         while True:

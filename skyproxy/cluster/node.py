@@ -63,12 +63,21 @@ class ClusterNode:
         return self.connection.degraded and not self.connection.fails_open
 
     def status(self) -> dict[str, Any]:
-        return {**self.connection.status(), "in_flight_leases": self.inflight.held}
+        queues = (self.inflight.queued, self.budgets.queued)
+        return {
+            **self.connection.status(),
+            "in_flight_leases": self.inflight.held,
+            # Releases and spend waiting for Redis, and those dropped (their leases run out).
+            "queued_calls": sum(q.pending for q in queues),
+            "queued_calls_lost": sum(q.lost for q in queues),
+        }
 
     async def start(self) -> None:
         await self.connection.start()
         self.inflight.start()
+        self.budgets.start()
 
     async def close(self) -> None:
         await self.inflight.stop()
+        await self.budgets.stop()
         await self.connection.close()

@@ -174,12 +174,14 @@ end
 # ARGV[1]: reservation id, ARGV[2]: estimate, ARGV[3]: lease (ms); then per budget:
 # limit, and the Unix time its keys expire (after the period ends).
 # Refused when spent + reserved + estimate > limit in any budget; then nothing is reserved.
-# Returns {1, 0, 0, 0} or {0, refusing budget (1-based), spent, reserved}.
+# Returns {1, 0, 0, 0, spent in budget 1, spent in budget 2, ...} (for warn_at), or
+# {0, refusing budget (1-based), spent, reserved}.
 BUDGET_RESERVE = (
     _NOW_MS
     + _BUDGET_PRUNE
     + """
 local estimate = tonumber(ARGV[2])
+local out = {1, 0, 0, 0}
 for b = 1, #KEYS / 4 do
   local k = (b - 1) * 4
   prune(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4])
@@ -188,6 +190,7 @@ for b = 1, #KEYS / 4 do
   if spent + reserved + estimate > tonumber(ARGV[2 + b * 2]) then
     return {0, b, spent, reserved}
   end
+  out[4 + b] = spent
 end
 for b = 1, #KEYS / 4 do
   local k = (b - 1) * 4
@@ -196,7 +199,7 @@ for b = 1, #KEYS / 4 do
   redis.call('ZADD', KEYS[k + 3], now + tonumber(ARGV[3]), ARGV[1])
   expire_at(k + 1, tonumber(ARGV[3 + b * 2]))
 end
-return {1, 0, 0, 0}
+return out
 """
 )
 
@@ -240,6 +243,51 @@ for b = 1, #KEYS / 4 do
   for j = k + 1, k + 4 do redis.call('EXPIREAT', KEYS[j], tonumber(ARGV[1 + b])) end
 end
 return #KEYS / 4
+"""
+
+# A prediction's cost, counted once whichever replica writes its lines: its "created"
+# line's estimate, then its terminal line's cost in place of the estimate. The replica
+# that writes the terminal line may not be the one that took the estimate, so the
+# amount counted and the state keys it went to are remembered with the prediction.
+# KEYS[1]: the prediction's record (hash: kind, amount, keys as JSON); KEYS[2..]: the
+# state keys of the budgets the line counts in (possibly none).
+# ARGV[1]: "estimate", "final", or "final-where-estimated" (a terminal line that names no
+# user: its cost goes where the estimate went, as a single replica bills the creator),
+# ARGV[2]: amount, ARGV[3]: when the record expires (Unix time), ARGV[3 + i]: when state
+# key i + 1 expires. An estimate after a final changes nothing; an amount taken back
+# leaves a state key that is gone (a past period) alone. Returns 1 when counted, else 0.
+# The remembered keys are not in KEYS, which one Redis allows; like every script here
+# that spans several keys, it is not meant for Redis Cluster.
+BUDGET_PREDICTION = """
+local kind, amount = ARGV[1], tonumber(ARGV[2])
+local held = redis.call('HMGET', KEYS[1], 'kind', 'amount', 'keys')
+if kind == 'estimate' and held[1] == 'final' then return 0 end
+local before = {}
+if held[2] then
+  before = cjson.decode(held[3])
+  for _, key in ipairs(before) do
+    if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'spent', -tonumber(held[2])) end
+  end
+end
+local counted = {}
+if kind == 'final-where-estimated' and held[2] then
+  for _, key in ipairs(before) do
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'spent', amount)
+      counted[#counted + 1] = key
+    end
+  end
+else
+  for i = 2, #KEYS do
+    redis.call('HINCRBY', KEYS[i], 'spent', amount)
+    redis.call('EXPIREAT', KEYS[i], tonumber(ARGV[2 + i]))
+    counted[#counted + 1] = KEYS[i]
+  end
+end
+if kind ~= 'estimate' then kind = 'final' end
+redis.call('HSET', KEYS[1], 'kind', kind, 'amount', amount, 'keys', cjson.encode(counted))
+redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[3]))
+return 1
 """
 
 # One budget's spent and reserved, after pruning expired reservations. KEYS: its four keys.
@@ -348,5 +396,26 @@ if first[2] then next_due = math.max(0, tonumber(first[2]) - now) end
 local queued = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
 if queued[2] then oldest = math.max(0, now - tonumber(queued[2])) end
 return {depth, next_due, oldest}
+"""
+)
+
+# The outbox as `webhooks list` shows it, newest first: {now (ms), then per event: id,
+# payload, when queued (ms), when next due (ms; -1: not due), the claiming replica ('':
+# none)}. An event whose claim ran out still names its last claimer until it is taken.
+# ARGV[1]: the most events to list.
+OUTBOX_LIST = (
+    _NOW_MS
+    + """
+local queued = redis.call('ZREVRANGE', KEYS[4], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local out = {now}
+for i = 1, #queued, 2 do
+  local id = queued[i]
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+  out[#out + 1] = queued[i + 1]
+  out[#out + 1] = redis.call('ZSCORE', KEYS[1], id) or '-1'
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+end
+return out
 """
 )

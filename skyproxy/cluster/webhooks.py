@@ -13,14 +13,32 @@ answer 2xx for an event it could not store, nor a relay take a delivery it could
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from skyproxy.cluster.backend import Claim, Outlook
 from skyproxy.cluster.connection import RedisConnection, ScriptArg
-from skyproxy.cluster.scripts import OUTBOX_ACCEPT, OUTBOX_CLAIM, OUTBOX_ENQUEUE, OUTBOX_OUTLOOK, OUTBOX_STEP
+from skyproxy.cluster.scripts import (
+    OUTBOX_ACCEPT,
+    OUTBOX_CLAIM,
+    OUTBOX_ENQUEUE,
+    OUTBOX_LIST,
+    OUTBOX_OUTLOOK,
+    OUTBOX_STEP,
+)
 
-__all__ = ["DEFAULT_CLAIM_LEASE_S", "RedisWebhooks"]
+__all__ = ["DEFAULT_CLAIM_LEASE_S", "Queued", "RedisWebhooks"]
 
 DEFAULT_CLAIM_LEASE_S = 10.0  # renewed while an attempt runs; a dead replica's claim runs out
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One delivery in the outbox, as `webhooks list` shows it."""
+
+    event_id: str
+    payload: bytes
+    queued_at: float  # Unix time, on Redis' clock
+    claimed: bool  # a replica holds it now (its claim has not run out)
 
 
 def _ms(seconds: float) -> int:
@@ -53,6 +71,7 @@ class RedisWebhooks:
         self._outlook = connection.script(OUTBOX_OUTLOOK)
         self._claim = connection.script(OUTBOX_CLAIM)
         self._step = connection.script(OUTBOX_STEP)
+        self._list = connection.script(OUTBOX_LIST)
 
     async def first_seen(self, key: str, ttl_s: float) -> bool:
         name = self._connection.key("webhooks", "seen", key)
@@ -110,3 +129,14 @@ class RedisWebhooks:
         args: list[ScriptArg] = [event_id, self.owner, step, ms, payload]
         done = await self._connection.run(self._step, self._outbox, args)
         return int(done) == 1
+
+    async def queued(self, limit: int) -> list[Queued]:
+        """Up to `limit` deliveries in the outbox, claimed or not, newest first."""
+        raw = await self._connection.run(self._list, self._outbox, [max(1, limit)])
+        now = int(raw[0])
+        found = []
+        for i in range(1, len(raw), 5):
+            event_id, payload, queued_ms, due_ms, owner = raw[i : i + 5]
+            claimed = bool(owner) and float(due_ms) > now
+            found.append(Queued(event_id.decode(), bytes(payload), float(queued_ms) / 1000, claimed))
+        return found

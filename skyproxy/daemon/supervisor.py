@@ -85,9 +85,11 @@ class Supervisor:
         try:
             base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
             shared = cluster.rates if cluster is not None else None
-            runtime = build_runtime(settings, keys, base_urls, generation=1, shared=shared)
+            caps = cluster.inflight if cluster is not None else None
+            runtime = build_runtime(settings, keys, base_urls, generation=1, shared=shared, caps=caps)
             state = self.state = State(runtime, audit, metrics, tokens, budgets)
             state.cluster = cluster
+            budgets.shared = cluster.budgets if cluster is not None else None
             state.reload = self.reload
             await housekeeping.record_key_ages(state, runtime)
             # Before the proxy listens: a create's callback may arrive before its answer.
@@ -191,7 +193,8 @@ class Supervisor:
             return str(exc)
         base_urls = await self._mocks.sync(settings, keys, self._spawn_drain)
         shared = self.cluster.rates if self.cluster is not None else None
-        runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous, shared)
+        caps = self.cluster.inflight if self.cluster is not None else None
+        runtime = build_runtime(settings, keys, base_urls, previous.generation + 1, previous, shared, caps)
         state.audit.reconfigure(settings.audit)
         access.reconfigure(state.tokens, state.budgets, settings)
         state.runtime = runtime  # the swap: new requests see the new generation

@@ -25,7 +25,7 @@ from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
-from skyproxy.proxy.inflight import TooMany
+from skyproxy.proxy.inflight import InFlight, TooMany
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
 from skyproxy.proxy.scrub import mask_of
@@ -93,7 +93,10 @@ class ProxyHandler:
         try:
             # admit: awaited to its end before the exchange starts, so the exchange runs a
             # coroutine frame shallower; every resume of the I/O below walks that chain.
-            refused = await self._admit(call)
+            try:
+                refused = await self._admit(call)
+            except ClusterUnavailable:  # [cluster] in-flight caps or budgets, under on_error = "closed"
+                refused = _limits_unavailable(call)
             if refused is not None:
                 return self._count(refused, path)
             # forward, which relays the answer as it comes
@@ -173,8 +176,12 @@ class ProxyHandler:
         failure = body.refusal(request, runtime.settings.server.max_body_bytes)
         if failure is not None:
             return _failed(call, failure)
-        if runtime.inflight.is_capped(env.name):
-            slots = runtime.inflight.enter(env.name, method, path, call.user or "anonymous")
+        inflight = runtime.inflight
+        if inflight.is_capped(env.name):
+            if isinstance(inflight, InFlight):
+                slots = inflight.enter(env.name, method, path, call.user or "anonymous")
+            else:  # [cluster]: counted on Redis
+                slots = await inflight.enter(env.name, method, path, call.user or "anonymous")
             if isinstance(slots, TooMany):
                 return self._too_many(call, slots)
             call.slots = slots
@@ -224,7 +231,11 @@ class ProxyHandler:
                 call.model = events.model_of(events.parse_json(call.body, None))
             known = not request.body_exists or (call.body is not None and plain)
             estimate = access.estimate(pricing, call.model, known)
-        held = self.state.budgets.admit(env.name, call.user, call.client, estimate)
+        budgets = self.state.budgets
+        if budgets.shared is None:
+            held = budgets.admit(env.name, call.user, call.client, estimate)
+        else:  # [cluster]: spend and reservations on Redis
+            held = await budgets.admit_shared(env.name, call.user, call.client, estimate)
         if not isinstance(held, Exceeded):
             call.hold = held
             return None
@@ -278,6 +289,12 @@ async def _before_exchange(call: Call, reading: Coroutine[Any, Any, _T]) -> _T |
         return await asyncio.wait_for(reading, call.runtime.settings.server.idle_timeout)
     except asyncio.TimeoutError:
         return _failed(call, BODY_TIMED_OUT)
+
+
+def _limits_unavailable(call: Call) -> web.Response:
+    call.reply["Retry-After"] = "1"
+    message = "The shared limits cannot be checked right now. Please retry."
+    return error_response(503, "limits_unavailable", message, call.request_id, headers=call.reply)
 
 
 def _failed(call: Call, failure: Failure) -> web.Response:

@@ -24,14 +24,14 @@ from skyproxy.keys.sources import resolve
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.deadlines import Deadlines
 from skyproxy.proxy.guard import Guard
-from skyproxy.proxy.inflight import InFlight
+from skyproxy.proxy.inflight import InFlight, SharedInFlight
 from skyproxy.proxy.limits import Limits
 from skyproxy.proxy.shared_limits import SharedLimits
 from skyproxy.tokens.registry import Tokens
 from skyproxy.webhooks.routes import RouteBook
 
 if TYPE_CHECKING:  # redis is loaded only when [cluster] is configured
-    from skyproxy.cluster.backend import RateBackend
+    from skyproxy.cluster.backend import InFlightBackend, RateBackend
     from skyproxy.cluster.node import ClusterNode
 
 
@@ -54,7 +54,7 @@ class Runtime:
     loaded_at: datetime
     environments: Mapping[str, EnvRuntime]
     limits: Limits | SharedLimits
-    inflight: InFlight
+    inflight: InFlight | SharedInFlight
 
 
 def resolve_keys(
@@ -82,8 +82,10 @@ def build_runtime(
     generation: int,
     previous: Runtime | None = None,
     shared: RateBackend | None = None,
+    caps: InFlightBackend | None = None,
 ) -> Runtime:
-    """`shared`: the cluster's rate backend, used instead of this process's buckets."""
+    """`shared` and `caps`: the cluster's rate and in-flight backends, used instead of this
+    process's buckets and counts."""
     user_header = settings.rate_limit.user_header
     environments = {
         name: EnvRuntime(
@@ -104,7 +106,7 @@ def build_runtime(
         loaded_at=datetime.now(timezone.utc),
         environments=MappingProxyType(environments),
         limits=_limits(settings, previous, shared),
-        inflight=InFlight(settings.environments, previous.inflight if previous else None),
+        inflight=_inflight(settings, previous, caps),
     )
 
 
@@ -115,6 +117,15 @@ def _limits(
         return SharedLimits(settings.environments, shared)
     local = previous.limits if previous is not None and isinstance(previous.limits, Limits) else None
     return Limits(settings.environments, previous=local)
+
+
+def _inflight(
+    settings: Settings, previous: Runtime | None, caps: InFlightBackend | None
+) -> InFlight | SharedInFlight:
+    if caps is not None:
+        return SharedInFlight(settings.environments, caps)
+    local = previous.inflight if previous is not None and isinstance(previous.inflight, InFlight) else None
+    return InFlight(settings.environments, local)
 
 
 class State:

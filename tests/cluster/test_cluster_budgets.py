@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
+from helpers.slow_relay import SlowRelay
 
 from skyproxy.cluster.backend import BudgetScope
+from skyproxy.cluster.errors import ClusterUnavailable
 
 Make = Callable[..., Any]
 
@@ -121,3 +123,139 @@ async def test_money_is_exact_in_cents(redis_server: RedisServer, make_node: Mak
     # Ten times 0.1 in floats is 0.9999999999999999; in micro-dollars it is exactly 1.
     admitted = [(await node.budgets.reserve([daily], 0.1)).admitted for _ in range(11)]
     assert admitted == [True] * 10 + [False]
+
+
+async def test_queued_calls_reach_redis_in_the_order_they_were_queued(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    decision = await node.budgets.reserve([daily], 0.30)
+    assert decision.reservation is not None
+    node.budgets.add_soon([daily], 0.25)  # a create's spend, from its audit line
+    node.budgets.settle_soon(decision.reservation, 0.0)  # then its reservation released
+    node.budgets.settle_soon(decision.reservation, 0.5)  # settled already: changes nothing
+
+    async def landed() -> bool:
+        usage = await node.budgets.usage(daily)
+        return (usage.spent_usd, usage.reserved_usd) == (0.25, 0.0)
+
+    await eventually(landed, "the spend in and the reservation gone")
+    assert (await node.budgets.usage(daily)).spent_usd == 0.25
+
+
+async def test_stopping_sends_what_is_queued_and_an_outage_drops_it_without_raising(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    node.budgets.add_soon([daily], 0.10)
+    await node.budgets.stop()
+    assert (await node.budgets.usage(daily)).spent_usd == 0.1
+    redis_server.stop()
+    node.budgets.add_soon([daily], 0.10)
+    await node.budgets.stop()
+    assert node.connection.errors_total >= 1
+    assert (node.status()["queued_calls"], node.status()["queued_calls_lost"]) == (0, 1)
+
+
+async def test_a_final_cost_replaces_the_estimate_another_replica_counted(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    a, b = await make_node(redis_server.url), await make_node(redis_server.url)
+    daily, team = scope(), scope(limit=10.0, subject="dev", budget="team")
+    until = time.time() + 3600
+    a.budgets.prediction_soon("pred_1", False, [daily, team], 0.30, until)  # the create, on a
+    await a.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.3
+    b.budgets.prediction_soon("pred_1", True, [daily], 0.10, until)  # its terminal line, on b
+    b.budgets.prediction_soon("pred_1", False, [daily], 0.30, until)  # a late estimate: ignored
+    await b.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.1
+    assert (await b.budgets.usage(team)).spent_usd == 0.0
+    # A final that replaces a final counts once; a state key that is gone stays gone.
+    gone = BudgetScope("daily", "alice", "2026-05-31", 1.0, time.time() + 3600)
+    b.budgets.prediction_soon("pred_2", False, [gone], 0.30, until)
+    await b.budgets.stop()
+    await b.connection.call(lambda redis: redis.delete(*b.budgets.keys(gone)))
+    b.budgets.prediction_soon("pred_2", True, [daily], 0.20, until)
+    b.budgets.prediction_soon("pred_2", True, [daily], 0.25, until)
+    await b.budgets.stop()
+    assert (await b.budgets.usage(daily)).spent_usd == 0.35
+    assert await b.connection.call(lambda redis: redis.exists(*b.budgets.keys(gone))) == 0
+
+
+async def test_a_final_cost_without_a_user_counts_where_the_estimate_did(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    alice, nobody = scope(), scope(subject="none")
+    until = time.time() + 3600
+    node.budgets.prediction_soon("pred_1", False, [alice], 0.30, until)
+    node.budgets.prediction_soon("pred_1", True, [nobody], 0.10, until, where_estimated=True)
+    # Without an estimate to follow, it counts where the line says.
+    node.budgets.prediction_soon("pred_2", True, [nobody], 0.05, until, where_estimated=True)
+    await node.budgets.stop()
+    assert (await node.budgets.usage(alice)).spent_usd == 0.1
+    assert (await node.budgets.usage(nobody)).spent_usd == 0.05
+
+
+async def test_a_burst_larger_than_one_transaction_is_sent_whole_and_in_order(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope(limit=10_000.0)
+    decisions = [await node.budgets.reserve([daily], 1.0) for _ in range(300)]
+    for decision in decisions:
+        assert decision.reservation is not None
+        node.budgets.add_soon([daily], 1.0)
+        node.budgets.settle_soon(decision.reservation, 0.0)
+    await node.budgets.stop()
+    usage = await node.budgets.usage(daily)
+    assert (usage.spent_usd, usage.reserved_usd) == (300.0, 0.0)
+
+
+async def test_calls_queued_while_redis_is_away_are_sent_once_it_is_back(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    node = await make_node(redis_server.url)
+    daily = scope()
+    redis_server.stop()
+    with pytest.raises(ClusterUnavailable):
+        await node.budgets.usage(daily)  # the outage begins
+    node.budgets.add_soon([daily], 0.30)  # a create served under on_error = "open"
+    assert node.status()["queued_calls"] == 1
+    redis_server.start()
+    await eventually(lambda: not node.degraded, "the probe found Redis back", deadline_s=5)
+    # Waiting for Redis, the queue made no calls to fail: the outage counted one error.
+    assert node.connection.errors_total == 1
+
+    async def landed() -> bool:
+        return (await node.budgets.usage(daily)).spent_usd == 0.3
+
+    await eventually(landed, "the spend sent once Redis answered again", deadline_s=5)
+    assert (node.status()["queued_calls"], node.status()["queued_calls_lost"]) == (0, 0)
+
+
+async def test_a_reservation_taken_by_a_call_that_timed_out_is_released(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    relay = SlowRelay(redis_server.port)
+    await relay.start()
+    try:
+        node = await make_node(f"redis://127.0.0.1:{relay.port}/0", timeout_ms=200)
+        daily = scope()
+        assert (await node.budgets.reserve([scope(subject="erin")], 0.1)).admitted  # script loaded
+        relay.hold.set()  # the script runs on Redis; its answer comes too late
+        with pytest.raises(ClusterUnavailable):
+            await node.budgets.reserve([daily], 0.30)
+        relay.hold.clear()
+        await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+
+        async def released() -> bool:
+            usage = await node.budgets.usage(daily)
+            return (usage.spent_usd, usage.reserved_usd) == (0.0, 0.0)
+
+        await eventually(released, "nothing held for a create that was refused")
+    finally:
+        await relay.stop()

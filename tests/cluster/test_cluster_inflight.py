@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
+from helpers.slow_relay import SlowRelay
 
 from skyproxy.cluster.backend import Slot
+from skyproxy.cluster.errors import ClusterUnavailable
 
 Make = Callable[..., Any]
 SLOT = Slot("dev", "predictions", "alice", 2)
@@ -81,3 +84,49 @@ async def test_renewal_keeps_a_long_requests_slot(redis_server: RedisServer, mak
         await holder.inflight.release(decision.lease)
     assert holder.inflight.held == 0
     assert (await other.inflight.acquire([SLOT])).allowed
+
+
+async def test_a_release_queued_without_waiting_frees_the_slot(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    a, b = await make_node(redis_server.url), await make_node(redis_server.url)
+    one = Slot("dev", "predictions", "carol", 1)
+    held = await a.inflight.acquire([one])
+    assert held.lease is not None
+    assert not (await b.inflight.acquire([one])).allowed
+    a.inflight.release_soon(held.lease)
+    assert a.inflight.held == 0  # no longer renewed
+
+    async def free() -> bool:
+        decision = await b.inflight.acquire([one])
+        return decision.allowed
+
+    await eventually(free, "the slot released")
+
+
+async def test_a_slot_taken_by_a_call_that_timed_out_is_given_back(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    relay = SlowRelay(redis_server.port)
+    await relay.start()
+    try:
+        node = await make_node(f"redis://127.0.0.1:{relay.port}/0", timeout_ms=200)
+        one = Slot("dev", "predictions", "dave", 1)
+        warm = await node.inflight.acquire([Slot("dev", "predictions", "erin", 1)])  # script loaded
+        await node.inflight.release(warm.lease)
+        relay.hold.set()  # the script runs on Redis; its answer comes too late
+        with pytest.raises(ClusterUnavailable):
+            await node.inflight.acquire([one])
+        relay.hold.clear()
+        await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+
+        async def free() -> bool:
+            decision = await node.inflight.acquire([one])
+            if decision.lease is not None:
+                await node.inflight.release(decision.lease)
+            return decision.allowed
+
+        # Well within the 10 s lease: the slot was released, not left to run out.
+        await eventually(free, "the slot free again", deadline_s=5)
+    finally:
+        await relay.stop()

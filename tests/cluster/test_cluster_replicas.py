@@ -48,6 +48,8 @@ async def test_a_per_user_limit_of_10_a_minute_admits_10_of_30_across_replicas(
     replicas = start_replicas(redis_server.url, rules=RULES.format(per_user="10/minute"))
     async with aiohttp.ClientSession() as session:
         answers = await asyncio.gather(*(post(session, replicas[i % 3], "alice") for i in range(30)))
+        # Exactly 10 in all, not 10 per replica. (Which replica's requests come first is up to
+        # the scheduler: one replica may see only admissions.)
         statuses = Counter(status for status, _, _ in answers)
         assert statuses == {201: 10, 429: 20}
         for status, headers, body in answers:
@@ -61,10 +63,6 @@ async def test_a_per_user_limit_of_10_a_minute_admits_10_of_30_across_replicas(
             assert 1 <= retry <= 6
             assert retry == int(headers["RateLimit-Reset"]) - 54
             assert body["error"]["retry_after"] == retry
-        # Exactly 10 in all, each replica having been sent 10: per-replica buckets would
-        # have admitted all 30. (Which replica refused is up to the race, so not asserted.)
-        admitted = {i % 3 for i, (status, _, _) in enumerate(answers) if status == 201}
-        assert admitted, "no replica admitted any"
         # Retry-After is honest: after waiting it, exactly one more request fits.
         wait = max(int(headers["Retry-After"]) for status, headers, _ in answers if status == 429)
         await asyncio.sleep(wait)  # the wait is what is under test
@@ -101,9 +99,15 @@ async def test_redis_stopped_and_restarted_under_load(
             await eventually(lambda: count(503) >= 30, "503s while Redis is down")
         else:
             await eventually(lambda: sum(1 for *_, checked in seen if not checked) >= 30, "unchecked")
+        expected = (503 if on_error == "closed" else 200, "degraded")
         for daemon in replicas:
-            health, body = await get_json(session, f"{daemon.url}/-/health")
-            assert (health, body["status"]) == (503 if on_error == "closed" else 200, "degraded")
+            # Each replica turns degraded on its own first failed call, which on a busy
+            # machine may come after the others' first 30 refusals.
+            async def degraded(daemon: Daemon = daemon) -> bool:
+                health, body = await get_json(session, f"{daemon.url}/-/health")
+                return (health, body["status"]) == expected
+
+            await eventually(degraded, "every replica degraded")
             _, status = await get_json(session, f"{daemon.url}/-/status")
             assert status["cluster"]["degraded"] is True
             assert status["cluster"]["on_error"] == on_error
