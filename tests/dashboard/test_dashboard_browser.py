@@ -13,7 +13,11 @@ from helpers import assert_no_canary, env_config
 from helpers.browser import Browser
 from helpers.daemon import create
 from helpers.network import local_address
+from helpers.webhooks import add_route, statuses
 from yarl import URL
+
+from skyproxy.webhooks.signing import new_secret
+from skyproxy.webhooks.store import Store
 
 BURST = (
     '[rate_limit]\nuser_header = "X-User-Id"\n[[rate_limit.rules]]\nname = "burst"\nmethods = ["POST"]\n'
@@ -178,3 +182,33 @@ async def test_no_key_appears_in_the_dom_or_in_any_response(
         bodies.append(str(await answer.all_headers()))
     assert len(bodies) >= 10
     assert_no_canary(dom, text, *bodies)
+
+
+async def test_the_replay_button_queues_a_dead_delivery_again(
+    browser, mock_upstream, start_proxy, canary_env, tmp_path
+):
+    url, _ = mock_upstream
+    (tmp_path / "whsec").write_text(new_secret() + "\n")
+    store_path = tmp_path / "state" / "webhooks.sqlite3"
+    route = add_route(store_path, "http://127.0.0.1:9/hooks/app")
+    store = Store(store_path)
+    try:
+        receipt = store.receive(
+            "dev", route, b'{"id":"p-1"}', "application/json", "p-1", "completed", time.time()
+        )
+        assert receipt.event_id is not None
+        store.dead(receipt.event_id, 8, "HTTP 500")
+    finally:
+        store.close()
+    hooks = (
+        '[webhooks]\nlisten = ["127.0.0.1:0"]\nsigning_secret = "file:whsec"\n'
+        'store = "state/webhooks.sqlite3"\nretry_schedule = [30]\n'
+    )
+    proxy = await start_proxy(env_config(url, extra=hooks))
+    page = await open_live(browser, proxy.url)
+    button = page.locator("#dead-list button", has_text="Replay")
+    await button.wait_for(timeout=10_000)
+    await button.click()
+    await page.locator("#replay-result", has_text="queued").wait_for(timeout=5_000)
+    assert statuses(store_path)[receipt.event_id][0] == "pending"
+    assert browser.console_errors == []

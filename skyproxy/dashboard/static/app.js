@@ -238,7 +238,8 @@
       stat("outbox depth", String(doc.outbox_depth), doc.outbox_depth ? "warn" : ""),
       stat("oldest pending", doc.oldest_pending_s == null ? "-" : Math.round(doc.oldest_pending_s) + " s"),
       stat("delivered", String(doc.delivered)),
-      stat("dead", String(doc.dead_total), doc.dead_total ? "bad" : ""),
+      stat("dead since start", String(doc.dead_total), doc.dead_total ? "bad" : ""),
+      stat("dead in the store", String(doc.dead.length), doc.dead.length ? "bad" : ""),
     );
     fill(document.querySelector("#dead-list tbody"), doc.dead.map((d) => {
       const button = document.createElement("button");
@@ -246,7 +247,7 @@
       button.textContent = "Replay";
       button.dataset.id = d.id;
       button.addEventListener("click", () => { button.disabled = true; replay(d.id).catch(() => setState(false, "replay failed")); });
-      return [d.id, d.environment, d.prediction_id, d.target, cell(String(d.attempts), "num"), d.last_error, cell(button)];
+      return [cell(button), cell(d.id, "event-id"), d.prediction_id, d.target, cell(String(d.attempts), "num"), d.last_error];
     }));
   }
 
