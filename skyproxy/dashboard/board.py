@@ -1,22 +1,25 @@
 """The dashboard's history: spend, recent predictions and traffic from the audit trail.
 
-`build()` reads the month's audit files once, at startup, in a thread; `refresh()` then
-takes in only the lines appended since, also in a thread. Both run under the caller's
-lock, so the documents are never read while a thread changes them.
+`build()` reads this month's audit files (and the last 24 hours') once, at startup, in
+a thread; `refresh()` then takes in only the lines appended since, also in a thread.
+Both run under the caller's lock, so the documents are never read while a thread
+changes them. A line costs one regular expression and one spend step; only the last few
+are kept whole, for the list of recent predictions.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import time
+import zlib
 from collections import deque
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from skyproxy.audit.summary import audit_files, prediction_events
+from skyproxy.audit.summary import audit_files
+from skyproxy.dashboard import lines as audit_lines
 from skyproxy.dashboard.spend import Spend, month_start
 from skyproxy.dashboard.tail import AuditTail
 from skyproxy.dashboard.traffic import LONG_POINTS, SHORT_POINTS, Bucket, Traffic
@@ -24,6 +27,7 @@ from skyproxy.ops.metrics import Metrics
 
 RECENT = 50  # predictions listed
 SHOWN = ("environment", "userId", "predictionId", "model", "status", "httpStatus", "latencyMs", "costUsd")
+_NO_COST = b'"costUsd":null'
 
 
 class Board:
@@ -31,7 +35,7 @@ class Board:
         self.started = time.time() if now is None else now
         self.traffic = Traffic(metrics)
         self.spend = Spend(self.started)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.recent: deque[tuple[float, bytes]] = deque(maxlen=RECENT)
         self.built = False
         self.lines = 0  # audit lines taken in
         self.bad_lines = 0
@@ -48,23 +52,24 @@ class Board:
         """Reads the rotated files of this month and the last 24 hours, then the current file."""
         since = min(month_start(self.started), self.started - LONG_POINTS * 60)
         current = os.path.abspath(self._tail.path)
-        older = [p for p in audit_files(self._tail.path) if os.path.abspath(p) != current]
-        for line in prediction_events(_since(older, since)):
-            self._take(line, line["timestamp"].timestamp())
+        for path in audit_files(self._tail.path):
+            if os.path.abspath(path) != current and _modified_since(path, since):
+                for raw in _file_lines(path):
+                    self._take(raw, keep=True, seed=True)
         while self.refresh():
             pass
         self.built = True
 
     def refresh(self) -> int:
         """Takes in the lines appended since the last call; returns how many."""
-        lines = self._tail.read()
-        for raw in lines:
-            line = _parse(raw)
-            if line is None:
-                self.bad_lines += 1
+        found = self._tail.read()
+        last = len(found) - RECENT  # only the last lines can still be listed
+        for i, raw in enumerate(found):
+            if i < last and _NO_COST in raw:
+                self.lines += 1  # no spend to count, and listed no more: nothing to read
                 continue
-            self._take(line, line["moment"])
-        return len(lines)
+            self._take(raw, keep=i >= last, seed=not self.built)
+        return len(found)
 
     def retarget(self, path: Path) -> None:
         """A reload named another audit file: follow it from its current end."""
@@ -83,26 +88,36 @@ class Board:
         self._seconds, self._minutes = {}, {}
 
     def predictions(self) -> list[dict[str, Any]]:
-        return list(reversed(self.recent))
+        """The latest lines first, with only the fields the page shows."""
+        shown = []
+        for moment, raw in reversed(self.recent):
+            line = audit_lines.parse(raw) or {}
+            row = {name: line.get(name) for name in SHOWN}
+            client = line.get("client")
+            row["client"] = client if isinstance(client, str) else None
+            row["timestamp"] = _iso(moment)
+            shown.append(row)
+        return shown
 
     # -- taking one line in --------------------------------------------------------------
-    def _take(self, line: dict[str, Any], moment: float) -> None:
-        self.lines += 1
-        cell = (line["environment"], line["userId"], line["model"], _client(line))
-        self.spend.observe(moment, cell, line["status"], line["predictionId"], line["costUsd"])
-        shown = {name: line.get(name) for name in SHOWN}
-        shown["client"] = cell[3]
-        shown["timestamp"] = _iso(moment)
-        self.recent.append(shown)
-        if moment < self.started:
-            self._seed(line, moment)
-
-    def _seed(self, line: dict[str, Any], moment: float) -> None:
-        status = line.get("httpStatus")
-        if not isinstance(status, int) or moment < self.started - LONG_POINTS * 60:
+    def _take(self, raw: bytes, *, keep: bool, seed: bool) -> None:
+        line = audit_lines.read(raw)
+        if line is None:
+            self.bad_lines += 1
             return
-        latency = line["latencyMs"]
-        seconds = None if latency is None else latency / 1000.0
+        self.lines += 1
+        cell = (line.environment, line.user, line.model, line.client)
+        self.spend.observe(line.moment, cell, line.status, line.prediction_id, line.cost)
+        if keep:
+            self.recent.append((line.moment, raw))
+        if seed and line.moment < self.started:
+            self._seed(line)
+
+    def _seed(self, line: audit_lines.Line) -> None:
+        status, moment = line.http_status, line.moment
+        if status is None or moment < self.started - LONG_POINTS * 60:
+            return
+        seconds = None if line.latency_ms is None else line.latency_ms / 1000.0
         second = int(moment)
         minute = second - second % 60
         self._minutes.setdefault(minute, Bucket()).request(status, seconds)
@@ -110,43 +125,23 @@ class Board:
             self._seconds.setdefault(second, Bucket()).request(status, seconds)
 
 
-def _since(files: list[Path], since: float) -> list[Path]:
-    found = []
-    for path in files:
-        try:
-            if os.stat(path).st_mtime >= since:
-                found.append(path)
-        except OSError:  # rotated away since it was listed
-            continue
-    return found
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    """A prediction line with its moment, or None when it is not one we can use."""
+def _modified_since(path: Path, since: float) -> bool:
     try:
-        line = orjson.loads(raw)
-        if not isinstance(line, dict) or line.get("event") != "prediction":
-            return None
-        stamp = line["timestamp"]
-        line["moment"] = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        for name in ("environment", "status"):
-            if not isinstance(line[name], str):
-                return None
-        for name in ("userId", "predictionId", "model"):
-            if line[name] is not None and not isinstance(line[name], str):
-                return None
-        for name in ("latencyMs", "costUsd"):
-            value = line[name]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                return None
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
-        return None
-    return line
+        return os.stat(path).st_mtime >= since
+    except OSError:  # rotated away since it was listed
+        return False
 
 
-def _client(line: dict[str, Any]) -> str | None:
-    client = line.get("client")
-    return client if isinstance(client, str) else None
+def _file_lines(path: Path) -> Iterator[bytes]:
+    """A rotated file's lines (gzipped or not); a damaged gzip gives what it could."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            yield from stream
+    except FileNotFoundError:
+        return
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        return
 
 
 def _iso(moment: float) -> str:

@@ -100,7 +100,7 @@ def test_the_board_builds_from_rotated_files_then_takes_new_lines(tmp_path: Path
         f.write(line(now + 1, status="succeeded", pid="p2", user="bob", costUsd=2.0))
         f.write(b'{"event":"prediction","timestamp":3}\n')
     assert board.refresh() == 2
-    assert board.bad_lines == 1
+    assert board.bad_lines == 2  # "not json" in the rotated file, and the line without a usable timestamp
     assert board.predictions()[0]["status"] == "succeeded"
     assert board.spend.document(now + 1)["today"]["usd"] == 3.0  # p2's estimate replaced
     board.close()

@@ -4,6 +4,7 @@ strangers, and never shows a key."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -39,7 +40,7 @@ async def open_live(browser: Browser, url: str):  # type: ignore[no-untyped-def]
     page = await browser.context.new_page()
     answer = await page.goto(url + "/-/")
     assert answer is not None and answer.status == 200
-    await page.wait_for_function("document.getElementById('state').textContent === 'live'", timeout=10_000)
+    await page.locator("#state.good").wait_for(timeout=10_000)  # "live": the first polls answered
     return page
 
 
@@ -51,12 +52,12 @@ async def test_the_page_loads_clean_and_draws_its_charts(
     for user in ("alice", "bob", "carol"):
         assert (await create(proxy.session, proxy.url, user=user))[0] == 201
     page = await open_live(browser, proxy.url)
-    await page.wait_for_function("document.querySelectorAll('#prediction-list tbody tr').length >= 3")
+    await page.locator("#prediction-list tbody tr").nth(2).wait_for()
     for chart in CHARTS:
         assert await page.locator(f"#{chart} canvas").count() == 1, chart
         # Drawn: axes, grid and lines are pixels on the canvas, not an empty box.
         assert await page.evaluate(DRAWN, chart) > 500, chart
-    await page.wait_for_function("document.querySelectorAll('#key-list tbody tr').length === 1")
+    await page.locator("#key-list tbody tr").first.wait_for()
     shot = tmp_path / "dashboard.png"
     await page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -87,11 +88,8 @@ async def test_a_429_shows_under_its_rule(browser, mock_upstream, start_proxy, c
     assert (await create(proxy.session, proxy.url, user="erin"))[0] == 429
     row = page.locator("#rejections tbody tr", has_text="burst")
     await row.wait_for(timeout=5_000)
-    await page.wait_for_function(
-        """() => Array.from(document.querySelectorAll('#rejections tbody tr'))
-             .some((tr) => tr.cells[0].textContent === 'burst' && tr.cells[1].textContent === '1')""",
-        timeout=5_000,
-    )
+    await row.locator("td:nth-child(2)", has_text=re.compile(r"^1$")).wait_for(timeout=5_000)
+    assert (await row.locator("td").all_inner_texts())[:2] == ["burst", "1"]  # the rule, its 429s
     assert browser.console_errors == []
 
 
@@ -169,8 +167,8 @@ async def test_no_key_appears_in_the_dom_or_in_any_response(
     await create(proxy.session, proxy.url, user="frank")
     page = await open_live(browser, proxy.url)
     for table in ("prediction-list", "key-list", "rejections"):
-        await page.wait_for_function(f"document.querySelectorAll('#{table} tbody tr').length >= 1")
-    await page.wait_for_function("document.querySelectorAll('#health-list dt').length >= 5")
+        await page.locator(f"#{table} tbody tr").first.wait_for()
+    await page.locator("#health-list dt").nth(4).wait_for()
     dom = await page.content()
     text = await page.inner_text("body")
     bodies = []
