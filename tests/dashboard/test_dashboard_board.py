@@ -7,7 +7,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from skyproxy.audit.record import AuditRecord
+from skyproxy.dashboard import lines
 from skyproxy.dashboard.board import Board
 from skyproxy.dashboard.spend import Spend, day_start, month_start
 from skyproxy.dashboard.tail import AuditTail
@@ -142,3 +145,29 @@ def test_live_traffic_is_the_counters_movement_each_second() -> None:
     doc = traffic.document("15m", now + 1.5)
     assert doc["rps"][-1] == 0  # type: ignore[index]
     assert traffic.last_401 == {"dev": now}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[]",
+        b'{"event":"other"}',
+        b'{"event":"prediction"}',
+        line(0, costUsd=True),  # a bool is no number
+        line(0, costUsd="1"),
+        line(0).replace(b'"userId":"alice"', b'"userId":["alice"]'),
+        line(0).replace(b'"timestamp":"', b'"timestamp":"x'),
+        line(0).replace(b'"status":"created"', b'"status":7'),
+    ],
+)
+def test_a_damaged_line_is_skipped(raw: bytes) -> None:
+    assert lines.read(raw) is None
+
+
+def test_a_line_is_read_as_written() -> None:
+    moment = 1_796_000_000.25
+    found = lines.read(line(moment, client="backend", userId="zoë\\x"))
+    assert found is not None
+    assert found.moment == moment and found.user == "zoë\\x" and found.client == "backend"
+    assert (found.cost, found.latency_ms, found.http_status) == (0.5, 120.0, 201)
