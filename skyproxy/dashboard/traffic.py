@@ -87,6 +87,8 @@ class Traffic:
         self._last = totals
         for rule, n in bucket.rejected.items():
             self.rejected_total[rule] = self.rejected_total.get(rule, 0) + n
+        if not bucket.classes[3] and not bucket.rejected:
+            return  # a quiet second: the documents show zeros where nothing is kept
         second = int(now) - 1
         self._put(self.short, second, bucket, second - SHORT_POINTS)
         self._put(self.long, second - second % 60, bucket, second - LONG_POINTS * 60)

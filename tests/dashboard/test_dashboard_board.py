@@ -141,7 +141,8 @@ def test_live_traffic_is_the_counters_movement_each_second() -> None:
     assert doc["rejected_total"] == {"burst": 2}
     assert traffic.rejected_total == {"burst": 2}
     assert traffic.last_401 == {"dev": now}
-    traffic.sample(now + 1)  # nothing moved
+    traffic.sample(now + 1)  # nothing moved: nothing kept
+    assert list(traffic.short) == [int(now) - 1] and list(traffic.long) == [(int(now) - 1) // 60 * 60]
     doc = traffic.document("15m", now + 1.5)
     assert doc["rps"][-1] == 0  # type: ignore[index]
     assert traffic.last_401 == {"dev": now}
