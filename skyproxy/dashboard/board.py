@@ -72,11 +72,14 @@ class Board:
         return len(found)
 
     def retarget(self, path: Path) -> None:
-        """A reload named another audit file: follow it from its current end."""
+        """A reload named another audit file: the old one is read to its end, then the new
+        one from its start (lines written to it since the reload are new; any it held
+        before are history, as at startup)."""
         if path != self._tail.path:
+            while self.refresh():
+                pass
             self._tail.close()
             self._tail = AuditTail(path)
-            self._tail.read(start_at_end=True)
 
     def close(self) -> None:
         self._tail.close()
@@ -138,9 +141,7 @@ def _file_lines(path: Path) -> Iterator[bytes]:
     try:
         with opener(path, "rb") as stream:
             yield from stream
-    except FileNotFoundError:
-        return
-    except (gzip.BadGzipFile, EOFError, zlib.error):
+    except (OSError, EOFError, zlib.error):  # gone, unreadable, or a damaged gzip (BadGzipFile)
         return
 
 

@@ -62,7 +62,9 @@ class Dashboard:
                 board.take_seed()
                 self._refreshed = time.monotonic()
             elif time.monotonic() - self._refreshed >= REFRESH_EVERY:
-                board.retarget(self.state.runtime.settings.audit.path)
+                path = self.state.runtime.settings.audit.path
+                if path != board.audit_path:
+                    await asyncio.to_thread(board.retarget, path)
                 await asyncio.to_thread(board.refresh)
                 self._refreshed = time.monotonic()
         return board

@@ -231,3 +231,28 @@ async def test_the_apis_never_hold_a_key(mock_upstream, start_proxy, canary_env)
             _, headers, body = await fetch(session, "GET", proxy.url + path)
             assert_no_canary(body.decode(), dict(headers))
     assert CANARY
+
+
+async def test_after_a_reload_to_another_audit_file_the_page_follows_it(
+    tmp_path, mock_upstream, start_proxy, canary_env
+):
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    first = (await create(proxy.session, proxy.url, user="before"))[1]["id"]
+
+    async def listed() -> list[str]:
+        _, _, raw = await fetch(proxy.session, "GET", proxy.url + "/-/api/predictions")
+        return [p["predictionId"] for p in json.loads(raw)["predictions"]]
+
+    await eventually(lambda: _contains(listed(), first), "the first prediction")
+    config = (tmp_path / "skyproxy.toml").read_text().replace("audit/audit.jsonl", "audit2/audit.jsonl")
+    (tmp_path / "skyproxy.toml").write_text(config)
+    status, _, raw = await fetch(proxy.session, "POST", proxy.url + "/-/reload")
+    assert status == 200, raw
+    second = (await create(proxy.session, proxy.url, user="after"))[1]["id"]
+    await eventually(lambda: _contains(listed(), second), "the prediction written to the new file")
+    assert (tmp_path / "audit2" / "audit.jsonl").exists()
+
+
+async def _contains(found, wanted: object) -> bool:  # type: ignore[no-untyped-def]
+    return wanted in await found
