@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import math
 import secrets
 import time
@@ -33,6 +34,7 @@ from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import State
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+log = logging.getLogger("skyproxy")
 
 CSP = "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 CSRF_HEADER = "X-Skyproxy-Csrf"
@@ -44,11 +46,20 @@ class Dashboard:
     """The process's dashboard: its history, its CSRF token, and the lock its reads share."""
 
     def __init__(self, state: State) -> None:
-        self.state = state
+        # Weak: the registry below is keyed by the state, which a strong reference here
+        # would keep alive for ever.
+        self._state = weakref.ref(state)
         self.board = Board(state.runtime.settings.audit.path, state.metrics)
         self.csrf = secrets.token_urlsafe(32)
         self._lock = asyncio.Lock()
         self._refreshed = -math.inf
+
+    @property
+    def state(self) -> State:
+        state = self._state()
+        if state is None:
+            raise RuntimeError("the daemon's state is gone")
+        return state
 
     async def current(self) -> Board:
         """The board with every audit line written so far; the audit file is read in a thread.
@@ -71,7 +82,10 @@ class Dashboard:
 
     async def run(self) -> None:
         """Builds the history at once, then samples the counters at every whole second."""
-        await self.current()
+        try:
+            await self.current()
+        except Exception:  # the live charts still work; the page's next poll tries again
+            log.exception("dashboard: could not read the audit history")
         while True:
             await asyncio.sleep(1.0 - time.time() % 1.0 + 0.001)
             self.board.traffic.sample()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
+import weakref
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from skyproxy.dashboard import assets
+from skyproxy.ops import dashboard
 from skyproxy.ops.dashboard_docs import DOCUMENTS
 from skyproxy.webhooks.signing import new_secret
 from skyproxy.webhooks.store import Store
@@ -256,3 +259,15 @@ async def test_after_a_reload_to_another_audit_file_the_page_follows_it(
 
 async def _contains(found, wanted: object) -> bool:  # type: ignore[no-untyped-def]
     return wanted in await found
+
+
+async def test_a_stopped_daemons_dashboard_is_let_go(mock_upstream, start_proxy, canary_env):
+    url, _ = mock_upstream
+    proxy = await start_proxy(env_config(url))
+    await fetch(proxy.session, "GET", proxy.url + "/-/api/summary")
+    state = weakref.ref(proxy.state)
+    assert state() in dashboard._dashboards
+    await proxy.server.stop()
+    proxy.server.state = None
+    gc.collect()
+    assert state() is None, "the registry keeps a stopped daemon's state alive"
