@@ -7,12 +7,14 @@ import json
 import re
 import time
 import weakref
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiohttp
 import pytest
 from helpers import CANARY, assert_no_canary, env_config
-from helpers.daemon import create, eventually
+from helpers.access import assert_secrets_absent
+from helpers.daemon import CREATE, create, eventually
 from helpers.http import assert_error, fetch
 from helpers.network import local_address
 from helpers.webhooks import add_route, statuses
@@ -20,8 +22,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from skyproxy.dashboard import assets
+from skyproxy.keys.secret import fingerprint
 from skyproxy.ops import dashboard
 from skyproxy.ops.dashboard_docs import DOCUMENTS
+from skyproxy.tokens import store as token_store
 from skyproxy.webhooks.signing import new_secret
 from skyproxy.webhooks.store import Store
 
@@ -271,3 +275,34 @@ async def test_a_stopped_daemons_dashboard_is_let_go(mock_upstream, start_proxy,
     proxy.server.state = None
     gc.collect()
     assert state() is None, "the registry keeps a stopped daemon's state alive"
+
+
+async def test_tokens_show_names_users_and_last_use_never_the_token(
+    tmp_path, mock_upstream, start_proxy, canary_env
+):
+    url, _ = mock_upstream
+    tokens = tmp_path / "tokens.json"
+    bound = token_store.create(tokens, "nightly", ["dev"], user="batch").reveal()
+    token_store.create(tokens, "idle-app", ["dev"], trust_user_header=True)
+    extra = f'[tokens]\nfile = "{tokens}"\n'
+    proxy = await start_proxy(env_config(url, extra=extra, env_extra='client_auth = "optional"'))
+    status, _, _ = await fetch(
+        proxy.session, "POST", proxy.url + "/v1/predictions", json=CREATE, headers={"x-api-key": bound}
+    )
+    assert status == 201
+    _, _, raw = await fetch(proxy.session, "GET", proxy.url + "/-/api/tokens")
+    rows = {row["name"]: row for row in json.loads(raw)["tokens"]}
+    assert rows["nightly"]["user"] == "batch" and rows["nightly"]["last_used"] is not None
+    assert rows["idle-app"]["binding"] == "user header" and rows["idle-app"]["last_used"] is None
+    assert_secrets_absent([bound], raw.decode())
+
+
+async def test_a_key_past_max_age_days_is_flagged(tmp_path, mock_upstream, start_proxy, canary_env):
+    url, _ = mock_upstream
+    state = tmp_path / "keys.json"
+    set_at = (datetime.now(timezone.utc) - timedelta(days=120)).isoformat()
+    state.write_text(json.dumps({"keys": {"dev": {"fingerprint": fingerprint(CANARY), "set_at": set_at}}}))
+    proxy = await start_proxy(env_config(url, extra=f'[keys]\nstate_file = "{state}"\n'))
+    _, _, raw = await fetch(proxy.session, "GET", proxy.url + "/-/api/keys")
+    (key,) = json.loads(raw)["keys"]
+    assert (key["age_days"], key["max_age_days"], key["too_old"]) == (120, 90, True)
