@@ -9,19 +9,16 @@ are kept whole, for the list of recent predictions.
 
 from __future__ import annotations
 
-import gzip
 import os
 import time
-import zlib
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from skyproxy.audit.summary import audit_files
 from skyproxy.dashboard import lines as audit_lines
 from skyproxy.dashboard.spend import Spend, month_start
-from skyproxy.dashboard.tail import AuditTail
+from skyproxy.dashboard.tail import AuditTail, file_lines
 from skyproxy.dashboard.traffic import LONG_POINTS, SHORT_POINTS, Bucket, Traffic
 from skyproxy.ops.metrics import Metrics
 
@@ -54,7 +51,7 @@ class Board:
         current = os.path.abspath(self._tail.path)
         for path in audit_files(self._tail.path):
             if os.path.abspath(path) != current and _modified_since(path, since):
-                for raw in _file_lines(path):
+                for raw in file_lines(path):
                     self._take(raw, keep=True, seed=True)
         while self.refresh():
             pass
@@ -133,16 +130,6 @@ def _modified_since(path: Path, since: float) -> bool:
         return os.stat(path).st_mtime >= since
     except OSError:  # rotated away since it was listed
         return False
-
-
-def _file_lines(path: Path) -> Iterator[bytes]:
-    """A rotated file's lines (gzipped or not); a damaged gzip gives what it could."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            yield from stream
-    except (OSError, EOFError, zlib.error):  # gone, unreadable, or a damaged gzip (BadGzipFile)
-        return
 
 
 def _iso(moment: float) -> str:

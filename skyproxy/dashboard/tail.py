@@ -2,13 +2,19 @@
 
 The open descriptor is kept across calls, so a rotation (the file renamed, a new one
 created) loses nothing: the renamed file is read to its end before the new one is
-opened. Blocking: call it from a thread.
+opened, and if the file rotated more than once since the last call, the rotated files
+in between are read whole too. Blocking: call it from a thread.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+
+from skyproxy.audit.summary import audit_files
 
 READ_LIMIT = 8 * 1024 * 1024  # bytes per call: a huge backlog is taken in several calls
 
@@ -34,7 +40,10 @@ class AuditTail:
                 continue
             if not self._rotated():
                 break
+            finished = self._ino
             self.close()  # the old file is read to its end: go on with the new one
+            for path in self._rotated_since(finished):
+                lines.extend(line.rstrip(b"\n") for line in file_lines(path))
             if not self._open(False):
                 break
         return lines
@@ -79,6 +88,19 @@ class AuditTail:
             self._partial = b""
         return False
 
+    def _rotated_since(self, finished: tuple[int, int] | None) -> list[Path]:
+        """The rotated files newer than the one just finished, oldest first."""
+        current = os.path.abspath(self.path)
+        rotated = [p for p in audit_files(self.path) if os.path.abspath(p) != current]
+        for i, path in enumerate(rotated):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == finished:
+                return rotated[i + 1 :]
+        return []  # compressed or removed since: what came after it can't be placed
+
     def _split(self, chunk: bytes) -> list[bytes]:
         data = self._partial + chunk
         end = data.rfind(b"\n")
@@ -87,3 +109,13 @@ class AuditTail:
             return []
         self._partial = data[end + 1 :]
         return data[: end + 1].splitlines()
+
+
+def file_lines(path: Path) -> Iterator[bytes]:
+    """A rotated file's lines (gzipped or not); a damaged gzip gives what it could."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            yield from stream
+    except (OSError, EOFError, zlib.error):  # gone, unreadable, or a damaged gzip (BadGzipFile)
+        return

@@ -172,3 +172,20 @@ def test_a_line_is_read_as_written() -> None:
     assert found is not None
     assert found.moment == moment and found.user == "zoë\\x" and found.client == "backend"
     assert (found.cost, found.latency_ms, found.http_status) == (0.5, 120.0, 201)
+
+
+def test_the_tail_reads_every_file_rotated_while_nobody_read(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"a":1}\n')
+    tail = AuditTail(path)
+    assert tail.read() == [b'{"a":1}']
+    with path.open("ab") as f:
+        f.write(b'{"a":2}\n')
+    os.rename(path, tmp_path / "audit.jsonl.1")
+    path.write_bytes(b'{"b":1}\n')
+    os.rename(tmp_path / "audit.jsonl.1", tmp_path / "audit.jsonl.2")  # rotated twice meanwhile
+    os.rename(path, tmp_path / "audit.jsonl.1")
+    path.write_bytes(b'{"c":1}\n')
+    assert tail.read() == [b'{"a":2}', b'{"b":1}', b'{"c":1}']
+    assert tail.read() == []
+    tail.close()
