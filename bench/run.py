@@ -51,6 +51,7 @@ SCENARIOS = (
     "coldstart",
     "instructions",
     "redis",
+    "dashboard",
 )
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
@@ -1269,6 +1270,12 @@ def _scenario_redis(env: Env) -> dict[str, Any]:
     return scenario_redis(env)
 
 
+def _scenario_dashboard(env: Env) -> dict[str, Any]:
+    from bench.dashboard import scenario_dashboard  # it imports this module's helpers
+
+    return scenario_dashboard(env)
+
+
 def scenario_coldstart(env: Env) -> dict[str, Any]:
     env.check_time("coldstart", 30)
     runs = env.args.coldstart_runs
@@ -1879,6 +1886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "webhooks": scenario_webhooks,
         "instructions": scenario_instructions,
         "redis": _scenario_redis,
+        "dashboard": _scenario_dashboard,
     }
     interrupted = False
     try:
@@ -1909,9 +1917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["interrupted"] = interrupted
     results["seconds"] = round(time.monotonic() - started, 1)
     results["host"]["loadavg_end"] = os.getloadavg()
-    from bench import cluster
+    from bench import cluster, dashboard
 
-    vs = verdicts(results) + cluster.verdicts(results)
+    vs = verdicts(results) + cluster.verdicts(results) + dashboard.verdicts(results)
     results["verdicts"] = [vars(v) for v in vs]
     path: Path | None = None
     if not args.no_save:

@@ -44,6 +44,7 @@ LEAF_PREFIXES = (
     "skyproxy.budgets",
     "skyproxy.cluster",
     "skyproxy.webhooks",
+    "skyproxy.dashboard",
 )
 LEAF_MODULES = (
     "skyproxy.ops.metrics",

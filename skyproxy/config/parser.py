@@ -28,6 +28,7 @@ from skyproxy.config.settings import (
     Budget,
     ClusterSettings,
     EnvironmentSettings,
+    IPNetwork,
     KeySpec,
     KeysSettings,
     Listen,
@@ -248,16 +249,11 @@ class _Parser:
         origins = self.strings(data, "allowed_origins", w)
         for i, origin in enumerate(origins):
             self.check_origin(origin, f"{w}.allowed_origins[{i}]")
-        networks = []
-        for i, cidr in enumerate(self.strings(data, "allowed_networks", w)):
-            try:
-                networks.append(ipaddress.ip_network(cidr, strict=False))
-            except ValueError:
-                raise self.expected(f"{w}.allowed_networks[{i}]", "a CIDR", cidr) from None
         return ServerSettings(
             allowed_hosts=hosts,
             allowed_origins=frozenset(o.lower() for o in origins),
-            allowed_networks=tuple(networks),
+            allowed_networks=self.networks(data, "allowed_networks", w),
+            dashboard_networks=self.networks(data, "dashboard_networks", w),
             max_body_bytes=self.integer(data, "max_body_bytes", w, d.max_body_bytes, minimum=1),
             upstream_timeout=self.number(data, "upstream_timeout", w, d.upstream_timeout, minimum=0.001),
             connect_timeout=self.number(data, "connect_timeout", w, d.connect_timeout, minimum=0.001),
@@ -273,6 +269,15 @@ class _Parser:
             event_loop=self.choice(data, "event_loop", w, ("auto", "asyncio", "uvloop"), d.event_loop),
             log_level=self.choice(data, "log_level", w, ("debug", "info", "warning", "error"), d.log_level),
         )
+
+    def networks(self, data: dict[str, Any], key: str, where: str) -> tuple[IPNetwork, ...]:
+        networks = []
+        for i, cidr in enumerate(self.strings(data, key, where)):
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                raise self.expected(f"{where}.{key}[{i}]", "a CIDR", cidr) from None
+        return tuple(networks)
 
     def check_origin(self, origin: str, field_path: str) -> None:
         if origin in ("*", "null"):

@@ -135,6 +135,7 @@ class ServerSettings:
     allowed_hosts: frozenset[str] = frozenset()
     allowed_origins: frozenset[str] = frozenset()
     allowed_networks: tuple[IPNetwork, ...] = ()
+    dashboard_networks: tuple[IPNetwork, ...] = ()  # besides loopback, who may open /-/ and /-/api/
     max_body_bytes: int = 52_428_800
     upstream_timeout: float = 120.0  # until the upstream's answer head arrives
     idle_timeout: float = 60.0  # the longest silence inside a body, either way, once it flows

@@ -26,6 +26,7 @@ from skyproxy.daemon.notify import Notifier, watchdog_interval
 from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
 from skyproxy.daemon.webhooks import WebhookService
 from skyproxy.errors import KeySourceError
+from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
 
@@ -132,6 +133,7 @@ class Supervisor:
         self._tasks.append(asyncio.create_task(housekeeping.sweep_limits(state)))
         self._tasks.append(asyncio.create_task(fds.watch()))
         self._tasks.append(asyncio.create_task(access.watch_tokens(state.tokens, self._stop)))
+        self._tasks.append(asyncio.create_task(dashboard.run(state)))  # its history, then live samples
         if state.runtime.settings.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch()))
         interval = watchdog_interval()

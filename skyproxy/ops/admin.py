@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from skyproxy import __version__
+from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import CONTENT_TYPE
 from skyproxy.proxy.guard import is_loopback
 from skyproxy.proxy.responses import error_response, request_id_of
@@ -85,6 +86,7 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         "/-/metrics": path(GET=metrics, HEAD=metrics),
         "/-/reload": path(POST=reload),
         "/-/budgets": path(GET=budgets, HEAD=budgets),
+        **dashboard.routes(environment, state),  # /-/ and /-/api/: its own guard and headers
     }
 
 

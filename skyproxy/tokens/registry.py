@@ -106,6 +106,14 @@ class Tokens:
             self._used[digest] = now
         return entry
 
+    def listing(self) -> list[tuple[Token, float | None]]:
+        """Every accepted token with its last use (seconds since the epoch), for the dashboard."""
+        found = []
+        for digest, entry in self._index.items():
+            used = max(self._used.get(digest, -math.inf), self._stored.get(digest, -math.inf))
+            found.append((entry, used if used > -math.inf else None))
+        return sorted(found, key=lambda item: item[0].name)
+
     # -- loading (blocking: call in a thread) ----------------------------------------------
     def load(self) -> None:
         """Reads the file now. Raises TokenFileError and keeps the old index."""
