@@ -41,3 +41,12 @@ def line_of(text: str, field_path: str) -> int | None:
 def _array_index(field_path: str) -> int | None:
     found = re.search(r"(?:rules|budgets)\[(\d+)\]", field_path)
     return int(found.group(1)) if found else None
+
+
+def join_field(where: str, key: str) -> str:
+    """`key` under `where` as a field path; a key that is not a bare TOML name is quoted."""
+    if not where:
+        return key
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return f"{where}.{key}"
+    return f'{where}."{key}"'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,3 +270,8 @@ DEFAULT_RULE: dict[str, Any] = {
     "per_environment": "25/minute",
     "max_wait": 0,
 }
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A dataclass field's default: the one place each default is written."""
+    return next(f.default for f in fields(cls) if f.name == name)
