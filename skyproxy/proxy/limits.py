@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from skyproxy.config import EnvironmentSettings, Rate, RateRule
 from skyproxy.proxy.leaky import Bucket, UserBuckets
@@ -61,9 +61,12 @@ RESET = "RateLimit-Reset"
 RETRY_AFTER = "Retry-After"
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The answer for one limited request."""
+class Verdict(NamedTuple):
+    """The answer for one limited request.
+
+    Immutable as a frozen dataclass would be, but built on every limited request, and a
+    frozen dataclass sets each field through `object.__setattr__`: ten times the cost.
+    """
 
     allowed: bool
     code: str | None  # None | "rate_limited" | "environment_rate_limited"
@@ -295,7 +298,6 @@ class Limits:
             now = loop.time()  # leak over the wait, for fresh headers
             shown_level = shown.level(user, now) if isinstance(shown, UserBuckets) else shown.leak(now)
 
-        # Positional: a frozen dataclass is built field by field, and keywords cost more.
         return Verdict(
             True,
             None,
