@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from skyproxy.audit import events
 from skyproxy.budgets.enforce import NO_HOLD, Exceeded
@@ -38,6 +38,7 @@ _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 # TRACE (and IIS's TRACK) asks the upstream to echo the request, key included; CONNECT
 # asks for a tunnel, which would carry bytes no relay looks at. Neither is ever sent on.
 _NEVER_FORWARDED = frozenset(("TRACE", "TRACK", "CONNECT"))
+_REQUEST_ID = istr("X-Request-Id")  # an istr goes into a CIMultiDict without being folded again
 
 
 def _forwardable(request: web.BaseRequest) -> bool:
@@ -85,7 +86,7 @@ class ProxyHandler:
         origin = env.guard.allowed_origin(request.headers)
         if method == "OPTIONS":
             return preflight(request, origin, request_id)
-        reply = CIMultiDict({"X-Request-Id": request_id})
+        reply = CIMultiDict({_REQUEST_ID: request_id})
         if origin is not None:
             reply.extend(cors_headers(origin))
         kind = events.kind_of(method, path) if runtime.settings.audit.enabled else None

@@ -42,6 +42,8 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from multidict import istr
+
 from skyproxy.config import EnvironmentSettings, Rate, RateRule
 from skyproxy.proxy.leaky import Bucket, UserBuckets
 
@@ -55,10 +57,12 @@ DEFAULT_MAX_BUCKETS_PER_RULE = 1_000_000
 # Float slack so a wait of 2.000000000001 seconds still reads as 2.
 _EPS = 1e-9
 
-LIMIT = "RateLimit-Limit"
-REMAINING = "RateLimit-Remaining"
-RESET = "RateLimit-Reset"
-RETRY_AFTER = "Retry-After"
+# istr: the verdict's headers go into a CIMultiDict, which takes an istr key as it is and
+# would otherwise fold each str key again on every request.
+LIMIT = istr("RateLimit-Limit")
+REMAINING = istr("RateLimit-Remaining")
+RESET = istr("RateLimit-Reset")
+RETRY_AFTER = istr("Retry-After")
 
 
 class Verdict(NamedTuple):
@@ -306,7 +310,7 @@ class Limits:
             None,
             shown_rule.name,
             {
-                LIMIT: str(shown.max_rate),
+                LIMIT: shown.limit_text,
                 REMAINING: str(shown.units_free(shown_level)),
                 RESET: str(shown.seconds_to_empty(shown_level)),
             },
