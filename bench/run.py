@@ -76,7 +76,7 @@ SKYPROXY_CONFIG = """\
 max_body_bytes = 52428800
 upstream_timeout = {upstream_timeout}
 watch_config = false
-scan_success_bodies = {scan}
+{scan}
 
 [environments.bench]
 listen = ["127.0.0.1:{port}"]
@@ -473,7 +473,8 @@ def write_skyproxy_config(
             features="true" if features else "false",
             client_auth='client_auth = "required"' if access else "",
             access=ACCESS_CONFIG.format(tokens_file=tokens_file) if access else "",
-            scan="true" if scan else "false",
+            # Only when off: a reference tree from before the switch knows no such key.
+            scan="" if scan else "scan_success_bodies = false",
         )
         + extra
     )
@@ -508,12 +509,16 @@ def start_skyproxy(
         env, name, port, upstream_port, upstream_timeout, features, access, extra, scan
     )
     cmd = [env.skyproxy, "serve", "-c", str(config)]
-    if wrap:
-        cmd = [*wrap, PYTHON, *cmd]
     child_env = env.child_env
     if source is not None:
-        # First on the path, ahead of the installed package and of the bench's own tree.
+        # First on the path, ahead of the installed package and of the bench's own tree;
+        # run as a module, since the console script names the installed tree's entry point.
+        # -P: the working directory (this tree) is not put ahead of PYTHONPATH.
         child_env = {**child_env, "PYTHONPATH": str(source) + os.pathsep + child_env["PYTHONPATH"]}
+        cmd = ["-P", "-m", "skyproxy", "serve", "-c", str(config)]
+        cmd = [*wrap, PYTHON, *cmd] if wrap else [PYTHON, *cmd]
+    elif wrap:
+        cmd = [*wrap, PYTHON, *cmd]
     proc = env.procs.start(name, cmd, env.cpus.proxy, env.cpus, child_env)
     wait_http(f"http://127.0.0.1:{port}/-/health", proc, deadline_s=deadline_s)
     return proc, port, config.parent / "audit"

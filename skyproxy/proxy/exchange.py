@@ -42,6 +42,10 @@ class Route:
     idle_timeout: float  # seconds a body may stay silent, either way, once it flows
     shortest: float  # the shorter of the two: no phase of an exchange can end sooner
     deadlines: Deadlines
+    # Decided once per generation, so that a request to an environment without in-flight
+    # caps or budgets makes no call for them.
+    capped: bool  # some rule of the environment caps requests in flight
+    budgeted: bool  # some budget applies to the environment
 
 
 @dataclass(slots=True)

@@ -86,7 +86,10 @@ def _address(remote: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return address
 
 
+@lru_cache(maxsize=4096)
 def _is_loopback(remote: str) -> bool:
+    # Cached as `_address` is: ipaddress's `is_loopback` is a network membership test in
+    # Python, a few thousand instructions on every request from the same few peers.
     address = _address(remote)
     return address is not None and address.is_loopback
 

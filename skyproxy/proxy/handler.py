@@ -13,10 +13,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from skyproxy.audit import events
-from skyproxy.budgets.enforce import Exceeded
+from skyproxy.budgets.enforce import NO_HOLD, Exceeded
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
@@ -25,7 +25,7 @@ from skyproxy.proxy.cors import cors_headers, preflight
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
-from skyproxy.proxy.inflight import InFlight, TooMany
+from skyproxy.proxy.inflight import NO_SLOTS, InFlight, TooMany
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import EnvRuntime, State
 from skyproxy.proxy.scrub import mask_of
@@ -38,6 +38,7 @@ _COMMON_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 # TRACE (and IIS's TRACK) asks the upstream to echo the request, key included; CONNECT
 # asks for a tunnel, which would carry bytes no relay looks at. Neither is ever sent on.
 _NEVER_FORWARDED = frozenset(("TRACE", "TRACK", "CONNECT"))
+_REQUEST_ID = istr("X-Request-Id")  # an istr goes into a CIMultiDict without being folded again
 
 
 def _forwardable(request: web.BaseRequest) -> bool:
@@ -85,24 +86,24 @@ class ProxyHandler:
         origin = env.guard.allowed_origin(request.headers)
         if method == "OPTIONS":
             return preflight(request, origin, request_id)
-        reply = CIMultiDict({"X-Request-Id": request_id})
+        reply = CIMultiDict({_REQUEST_ID: request_id})
         if origin is not None:
             reply.extend(cors_headers(origin))
         kind = events.kind_of(method, path) if runtime.settings.audit.enabled else None
         call = Call(request, runtime, env, request_id, reply, kind)
+        route = self._route
+        if route is None or self._routed is not env:
+            route = self._new_route(call)
         try:
             # admit: awaited to its end before the exchange starts, so the exchange runs a
             # coroutine frame shallower; every resume of the I/O below walks that chain.
             try:
-                refused = await self._admit(call)
+                refused = await self._admit(call, route)
             except ClusterUnavailable:  # [cluster] in-flight caps or budgets, under on_error = "closed"
                 refused = _limits_unavailable(call)
             if refused is not None:
                 return self._count(refused, path)
             # forward, which relays the answer as it comes
-            route = self._route
-            if route is None or self._routed is not env:
-                route = self._new_route(call)
             read = call.body  # read whole in admission to price a create, or None
             book = self.state.webhooks
             # By method, not call.kind: that is None while the audit is off.
@@ -122,9 +123,11 @@ class ProxyHandler:
                 await claim  # under [cluster]: which replica writes the terminal line
             return self._count(response, path)
         finally:
-            call.release()  # in-flight slots and budget reservations, however it ended
+            # In-flight slots and budget reservations, however it ended; most calls hold neither.
+            if call.slots is not NO_SLOTS or call.hold is not NO_HOLD:
+                call.release()
 
-    async def _admit(self, call: Call) -> web.Response | None:
+    async def _admit(self, call: Call, route: Route) -> web.Response | None:
         """Rate limits, the audit's health and the body's terms: a refusal, or None.
 
         Sets `call.user`, the user billed for the request."""
@@ -176,8 +179,8 @@ class ProxyHandler:
         failure = body.refusal(request, runtime.settings.server.max_body_bytes)
         if failure is not None:
             return _failed(call, failure)
-        inflight = runtime.inflight
-        if inflight.is_capped(env.name):
+        if route.capped:
+            inflight = runtime.inflight
             if isinstance(inflight, InFlight):
                 slots = inflight.enter(env.name, method, path, call.user or "anonymous")
             else:  # [cluster]: counted on Redis
@@ -185,7 +188,7 @@ class ProxyHandler:
             if isinstance(slots, TooMany):
                 return self._too_many(call, slots)
             call.slots = slots
-        if call.kind == "create" and self.state.budgets.applies(env.name):
+        if route.budgeted and call.kind == "create":
             return await self._reserve(call)
         return None
 
@@ -264,6 +267,8 @@ class ProxyHandler:
             idle_timeout=server.idle_timeout,
             shortest=min(server.upstream_timeout, server.idle_timeout),
             deadlines=self.state.deadlines,
+            capped=call.runtime.inflight.is_capped(call.env.name),
+            budgeted=self.state.budgets.applies(call.env.name),
         )
         self._routed = call.env
         return route

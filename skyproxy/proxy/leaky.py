@@ -53,10 +53,11 @@ _CAP_BATCH_DIVISOR = 64
 class _Shape:
     """A bucket's size and pace, and the numbers derived from a level."""
 
-    __slots__ = ("max_rate", "period", "rate")
+    __slots__ = ("limit_text", "max_rate", "period", "rate")
 
     def __init__(self, rate: Rate) -> None:
         self.max_rate = rate.count
+        self.limit_text = str(rate.count)  # RateLimit-Limit, written on every limited answer
         self.period = rate.period
         self.rate = rate.count / rate.period  # units drained per second
 

@@ -12,12 +12,20 @@ tests/proxy/test_rawhead.py fails loudly if either private changes.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import StreamWriter
 
 # Every control character but HTAB: none may reach a head, or a value could end a line.
 _CONTROL = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+# Each of them to NUL (NUL included), everything else to itself: counting NULs after one
+# translate() counts the control characters, without the table that translate() builds
+# on every call when it is given characters to delete.
+_TO_NUL = bytes.maketrans(_CONTROL, bytes(len(_CONTROL)))
+# The usual reasons, known to be safe: most answers skip the search of their reason.
+_PHRASES = frozenset(status.phrase.encode() for status in HTTPStatus) | {b""}
 
 
 class UnsafeHead(ValueError):
@@ -38,12 +46,19 @@ class RawHeadResponse(web.StreamResponse):
     def __init__(
         self, status: int, reason: bytes, lines: bytes | bytearray, count: int, *, at_once: bool = True
     ) -> None:
-        if lines.count(b"\r\n") != count or len(lines.translate(None, _CONTROL)) != len(lines) - 2 * count:
+        # `count` line ends, and no other control character: the CR and LF of each line's
+        # end are 2 * count of the control characters, so there may be no more than that.
+        if lines.count(b"\r\n") != count or lines.translate(_TO_NUL).count(0) != 2 * count:
             raise UnsafeHead("a header line holds a control character")
-        if len(reason.translate(None, _CONTROL)) != len(reason):
+        if reason in _PHRASES:
+            # A usual phrase (any status's) is ASCII: aiohttp writes it as it is.
+            super().__init__(status=status, reason=reason.decode("ascii") if reason else None)
+            self._raw_reason = b""
+        elif reason.translate(_TO_NUL).count(0):
             raise UnsafeHead("the reason phrase holds a control character")
-        super().__init__(status=status)
-        self._raw_reason = reason
+        else:
+            super().__init__(status=status)
+            self._raw_reason = reason
         self._raw_lines = lines
         self._at_once = at_once
         self._prepared_for: web.BaseRequest | None = None
@@ -61,7 +76,8 @@ class RawHeadResponse(web.StreamResponse):
             raise TypeError(f"aiohttp's writer is a {type(writer).__name__}, not a StreamWriter")
         own = self.headers
         own.popall(hdrs.CONTENT_TYPE, None)
-        lowered = self._raw_lines.lower()
+        lines = self._raw_lines
+        lowered = lines.lower()
         # find(), not `in`: `in` on bytes tries the operand as an int first, and formats
         # (then drops) a TypeError on every answer.
         if lowered.startswith(b"date:") or lowered.find(b"\r\ndate:") >= 0:
@@ -69,19 +85,16 @@ class RawHeadResponse(web.StreamResponse):
         if lowered.startswith(b"server:") or lowered.find(b"\r\nserver:") >= 0:
             own.popall(hdrs.SERVER, None)
         version = request.version
-        await writer.write_headers(f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}", own)
+        status_line = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"
+        await writer.write_headers(status_line, own)
         head = writer._headers_buf
         if head is None:
             raise TypeError("aiohttp's StreamWriter no longer buffers the head in _headers_buf")
-        end = head.index(b"\r\n") + 2
-        status_line = head[:end]
+        end = len(status_line) + 2  # ASCII: aiohttp's own phrase, or a usual one
         if self._raw_reason:
-            status_line = b"HTTP/%d.%d %d %s\r\n" % (
-                version.major,
-                version.minor,
-                self.status,
-                self._raw_reason,
-            )
-        writer._headers_buf = status_line + self._raw_lines + head[end:]
+            raw = b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status, self._raw_reason)
+            writer._headers_buf = raw + lines + head[end:]
+        else:
+            writer._headers_buf = head[:end] + lines + head[end:]
         if self._at_once:
             writer.send_headers()

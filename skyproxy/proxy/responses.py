@@ -36,4 +36,4 @@ def request_id_of(headers: Mapping[str, str]) -> str:
         return given
     # 96 random bits without a syscall per request, and no sequence for a client to read
     # the proxy's request volume from.
-    return f"{getrandbits(96):024x}"
+    return getrandbits(96).to_bytes(12, "big").hex()  # 24 hex digits; cheaper than a format spec
