@@ -5,7 +5,15 @@ and interleaved: with nobody watching, and with a poller fetching /-/api/ on the
 own schedule. The only difference is the poller, so the gap is the dashboard's cost:
 answering its documents and reading the audit lines they need.
 
-`python -m bench.dashboard poll --url URL --seconds S` is the poller (on the load core).
+`dashboard-instructions`, the deterministic measure of the same cost: the proxy under
+callgrind counts the instructions of N priced creates with no page open, of N more with
+the page open (every audit line read and counted by the dashboard inside the counted
+window), and of the page's documents over `PAGE_SECONDS` of its schedule with no
+traffic. The documents are charged per request at the proxy's saturated rate, measured
+by wrk in the same run: cost = (open + documents x N / rate / PAGE_SECONDS) / closed.
+
+`python -m bench.dashboard poll --url URL --seconds S` is the poller (on the load core);
+`python -m bench.dashboard lines` times reading one audit line (the micro-benchmark).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from pathlib import Path
 from typing import Any
 
 from bench.run import (
@@ -35,6 +45,8 @@ from bench.run import (
 )
 
 TARGET_DASHBOARD_RATIO = 0.98  # an open dashboard costs at most 2% of throughput
+TARGET_DASHBOARD_COST = 1.02  # instructions per request, page open / no page
+PAGE_SECONDS = 30  # seconds of the page's schedule whose documents are counted
 # What the page fetches, and how often (seconds): skyproxy/dashboard/static/app.js.
 SCHEDULE = (
     ("summary", 1.0),
@@ -132,13 +144,204 @@ def _measure(env: Env, proc: Proc, url: str, watched: bool) -> dict[str, Any]:
     return result
 
 
+def scenario_dashboard_instructions(env: Env) -> dict[str, Any]:
+    """Instructions per create with no page, with the page open, and the page's documents."""
+    from bench import instructions
+
+    why_not = instructions.available()
+    if why_not:
+        return {"skipped": why_not}
+    if not env.skyproxy:
+        raise BenchError("skyproxy is not available")
+    requests = env.args.instructions_requests
+    env.check_time("dashboard-instructions", 240 + env.args.warmup + env.args.duration)
+    _, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
+    rate = _saturated_rate(env, up_port)
+    out_file = env.workdir / "callgrind-dashboard.out"
+    wrap = instructions.wrap(out_file)
+    proc, port, audit_dir = start_skyproxy(
+        env, "skyproxy-dashboard-ins", up_port, wrap=wrap, deadline_s=120.0
+    )
+    url = f"http://127.0.0.1:{port}"
+    counter = _Lines(audit_dir / "audit.jsonl")
+    try:
+        _fetch(url, "summary", timeout=120)  # the history built before anything is counted
+        _creates(env, url, max(requests // 5, 100))
+        counter.wait_for(max(requests // 5, 100))
+        _fetch(url, "predictions", timeout=120)  # warm, and caught up: nothing left to read
+        fetched = _count_phases(env, proc.pid, url, requests, counter)
+    finally:
+        env.procs.stop(proc)
+    try:
+        closed, opened, documents, closed_again = (instructions.dumped_total(out_file, i) for i in range(4))
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
+    base = (closed + closed_again) / 2
+    charged = documents * requests / rate / PAGE_SECONDS
+    return {
+        "upstream": up_kind,
+        "requests": requests,
+        "rate_rps": round(rate, 1),
+        "documents": fetched,
+        "per_create": {
+            "closed": round(closed / requests),
+            "open": round(opened / requests),
+            "closed_again": round(closed_again / requests),
+        },
+        "documents_per_page_second": round(documents / PAGE_SECONDS),
+        "lines_ratio": round(opened / base, 4),
+        "drift": round(closed_again / closed, 4),
+        "cost": round((opened + charged) / base, 4),
+        "cost_at_1000_rps": round((opened + documents * requests / 1000 / PAGE_SECONDS) / base, 4),
+    }
+
+
+def _count_phases(env: Env, pid: int, url: str, requests: int, counter: _Lines) -> int:
+    """Four dumps: N creates, no page; N creates, page open; the documents; N creates, no page."""
+    from bench import instructions
+
+    instructions.control(pid, "-i", "on")
+    _creates(env, url, requests)
+    counter.wait_for(requests)  # the writer's work on them counted here too
+    instructions.control(pid, "-d")
+    instructions.control(pid, "-i", "off")
+    _fetch(url, "predictions", timeout=120)  # the lines above are no cost of an open page
+    instructions.control(pid, "-i", "on")
+    _creates(env, url, requests)
+    counter.wait_for(requests)
+    _fetch(url, "summary", timeout=120)  # reads every line just written
+    instructions.control(pid, "-d")
+    fetched = 0
+    for second in range(PAGE_SECONDS):
+        for path, every in SCHEDULE:
+            if second % every == 0:
+                _fetch(url, path, timeout=120)
+                fetched += 1
+    instructions.control(pid, "-d")
+    _creates(env, url, requests)
+    counter.wait_for(requests)
+    instructions.control(pid, "-d")
+    instructions.control(pid, "-i", "off")
+    return fetched
+
+
+def _saturated_rate(env: Env, up_port: int) -> float:
+    """The proxy's req/s under wrk at 64 connections, not under callgrind: the documents'
+    share of each request is their cost per second over this rate."""
+    proc, port, _ = start_skyproxy(env, "skyproxy-dashboard-rate", up_port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        run_wrk(env, url, 64, env.args.warmup)
+        rps = float(run_wrk(env, url, 64, env.args.duration)["rps"])
+    finally:
+        env.procs.stop(proc)
+    if rps <= 0:
+        raise BenchError("wrk measured no throughput")
+    return rps
+
+
+class _Lines:
+    """Counts the audit file's lines, to wait until the writer has written a phase's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen = self._count()
+
+    def wait_for(self, more: int) -> None:
+        deadline = time.monotonic() + 300
+        while (found := self._count()) < self.seen + more:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the audit file has {found - self.seen} of {more} lines")
+            time.sleep(0.05)
+        if found != self.seen + more:
+            raise BenchError(f"the audit file has {found - self.seen} lines, not {more}")
+        self.seen = found
+
+    def _count(self) -> int:
+        try:
+            return self.path.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+
+def _fetch(url: str, path: str, timeout: float) -> None:
+    with urllib.request.urlopen(f"{url}/-/api/{path}", timeout=timeout) as answer:
+        answer.read()
+
+
+def _creates(env: Env, url: str, requests: int) -> None:
+    cmd = [*env.cpus.prefix(env.cpus.load), PYTHON, "-m", "bench.instructions", "load", "--url", url]
+    cmd += ["--kind", "create", "--requests", str(requests), "--concurrency", "16"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env.child_env, capture_output=True, timeout=600)
+    if done.returncode != 0:
+        raise BenchError(f"creates failed: {(done.stdout + done.stderr).decode()[-300:]}")
+
+
+def lines_micro(count: int = 20_000, runs: int = 5) -> dict[str, float]:
+    """CPU µs per audit line (the best of `runs`): parsing alone, reading, and the board's
+    whole step (read and counted), on created lines with a cost as the writer writes them."""
+    import orjson
+
+    from skyproxy.audit.record import AuditRecord
+    from skyproxy.dashboard import lines
+    from skyproxy.dashboard.board import Board
+    from skyproxy.ops.metrics import Metrics
+
+    now = time.time()
+    raws = [
+        AuditRecord(
+            timestamp=now + i / 1000,
+            environment="default",
+            userId=f"bench-user-{i % 100}",
+            predictionId=str(uuid.uuid4()),
+            model="truefusion-pro",
+            status="created",
+            httpStatus=201,
+            latencyMs=1.234,
+            costUsd=0.0123,
+            ipAddress="127.0.0.1",
+            requestId=uuid.uuid4().hex,
+            keyFingerprint="sha256:1a2b3c4d5e6f7a8b",
+            method="POST",
+            path="/v1/predictions",
+        )
+        .to_bytes()
+        .rstrip(b"\n")
+        for i in range(count)
+    ]
+
+    def take() -> None:
+        board = Board(Path("/nonexistent/audit.jsonl"), Metrics(), now)
+        board.built = True
+        board.take_lines(raws)
+
+    def best(step: Any) -> float:
+        times = []
+        for _ in range(runs):
+            t0 = time.process_time()
+            step()
+            times.append(time.process_time() - t0)
+        return round(min(times) * 1e6 / count, 2)
+
+    return {
+        "bytes": len(raws[0]),
+        "orjson_loads_us": best(lambda: [orjson.loads(raw) for raw in raws]),
+        "read_us": best(lambda: [lines.read(raw) for raw in raws]),
+        "board_us": best(take),
+    }
+
+
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    return [_throughput_verdict(results), _cost_verdict(results)]
+
+
+def _throughput_verdict(results: dict[str, Any]) -> Verdict:
     section = results.get("dashboard")
     target = f">= {TARGET_DASHBOARD_RATIO:.2f}x closed"
     name = "dashboard open: throughput (64 conns)"
     if not isinstance(section, dict) or "summary" not in section:
         why = "scenario not run" if section is None else str(section.get("error", "-"))[:120]
-        return [Verdict(name, "SKIP", "-", target, why)]
+        return Verdict(name, "SKIP", "-", target, why)
     s = section["summary"]
     errors = sum(x[k]["error_total"] for x in section["rounds"] for k in ("open", "closed"))
     note = (
@@ -147,7 +350,22 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
         + (f"; {errors} wrk errors" if errors else "")
     )
     ok = s["ratio"] >= TARGET_DASHBOARD_RATIO and not errors
-    return [Verdict(name, "PASS" if ok else "FAIL", f"{s['ratio']:.3f}x", target, note)]
+    return Verdict(name, "PASS" if ok else "FAIL", f"{s['ratio']:.3f}x", target, note)
+
+
+def _cost_verdict(results: dict[str, Any]) -> Verdict:
+    section = results.get("dashboard-instructions")
+    target = f"<= {TARGET_DASHBOARD_COST:.2f}x no page"
+    name = "dashboard open: instructions per create"
+    if not isinstance(section, dict) or "cost" not in section:
+        why = "scenario not run" if section is None else str(section.get("error", section.get("skipped")))
+        return Verdict(name, "SKIP", "-", target, why[:120])
+    note = (
+        f"lines alone {section['lines_ratio']:.3f}x; documents charged at {section['rate_rps']:,.0f} req/s "
+        f"(at 1,000 req/s: {section['cost_at_1000_rps']:.3f}x); drift no page {section['drift']:.3f}x"
+    )
+    ok = section["cost"] <= TARGET_DASHBOARD_COST
+    return Verdict(name, "PASS" if ok else "FAIL", f"{section['cost']:.3f}x", target, note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("poll", help="fetch /-/api/ on the page's schedule")
     p.add_argument("--url", required=True)
     p.add_argument("--seconds", type=float, required=True)
+    sub.add_parser("lines", help="CPU µs to read one audit line")
     args = parser.parse_args(argv)
-    result = poll(args.url, args.seconds)
+    result = poll(args.url, args.seconds) if args.command == "poll" else lines_micro()
     sys.stdout.write("BENCH_RESULT " + json.dumps(result) + "\n")
     return 0
 

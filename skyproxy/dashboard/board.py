@@ -60,13 +60,17 @@ class Board:
     def refresh(self) -> int:
         """Takes in the lines appended since the last call; returns how many."""
         found = self._tail.read()
+        self.take_lines(found)
+        return len(found)
+
+    def take_lines(self, found: list[bytes]) -> None:
+        """New audit lines, oldest first."""
         last = len(found) - RECENT  # only the last lines can still be listed
         for i, raw in enumerate(found):
             if i < last and _NO_COST in raw:
                 self.lines += 1  # no spend to count, and listed no more: nothing to read
                 continue
             self._take(raw, keep=i >= last, seed=not self.built)
-        return len(found)
 
     def retarget(self, path: Path) -> None:
         """A reload named another audit file: the old one is read to its end, then the new
