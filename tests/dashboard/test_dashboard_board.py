@@ -123,6 +123,31 @@ def test_traffic_before_the_start_comes_from_the_audit_trail(tmp_path: Path) -> 
     board.close()
 
 
+def test_lines_without_a_cost_still_count_in_the_traffic_built_at_startup(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = time.time()
+    refused = line(now - 30, pid=None, status="rejected", httpStatus=429, costUsd=None, latencyMs=None)
+    path.write_bytes(refused * 120)  # more than the recent list holds: most are read for traffic only
+    board = Board(path, Metrics(), now=now)
+    board.build()
+    board.take_seed()
+    assert sum(board.traffic.document("15m", now)["4xx"]) == 120  # type: ignore[arg-type]
+    assert board.lines == 120 and board.bad_lines == 0
+    board.close()
+
+
+def test_lines_after_the_start_without_a_cost_are_counted_unread(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = time.time()
+    board = Board(path, Metrics(), now=now)
+    board.build()
+    path.write_bytes(line(now + 1, pid=None, costUsd=None) * 120 + line(now + 1, pid="p9"))
+    assert board.refresh() == 121
+    assert board.lines == 121 and board.spend.document(now + 1)["today"]["usd"] == 0.5
+    assert len(board.predictions()) == 50
+    board.close()
+
+
 def test_live_traffic_is_the_counters_movement_each_second() -> None:
     metrics = Metrics()
     traffic = Traffic(metrics)
