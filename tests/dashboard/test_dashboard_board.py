@@ -14,7 +14,7 @@ from skyproxy.dashboard import lines
 from skyproxy.dashboard.board import Board
 from skyproxy.dashboard.spend import Spend, day_start, month_start
 from skyproxy.dashboard.tail import AuditTail
-from skyproxy.dashboard.traffic import Traffic
+from skyproxy.dashboard.traffic import Bucket, Traffic
 from skyproxy.ops.metrics import Metrics
 
 
@@ -214,3 +214,21 @@ def test_the_tail_reads_every_file_rotated_while_nobody_read(tmp_path: Path) -> 
     assert tail.read() == [b'{"a":2}', b'{"b":1}', b'{"c":1}']
     assert tail.read() == []
     tail.close()
+
+
+def test_a_point_already_shown_shows_what_was_added_to_it_since() -> None:
+    traffic = Traffic(Metrics())
+    now = 1_796_000_000.5
+    second = int(now) - 1
+    bucket = Bucket()
+    bucket.request(201, 0.1)
+    traffic.short[second] = bucket
+    first = traffic.document("15m", now)
+    assert first["2xx"][-1] == 1 and first["rps"][-1] == 1.0  # type: ignore[index]
+    late = Bucket()
+    late.request(503, 0.9)
+    bucket.add(late)  # a seeded or late count for the same second
+    bucket.request(429, None)
+    doc = traffic.document("15m", now)
+    assert (doc["2xx"][-1], doc["4xx"][-1], doc["5xx"][-1], doc["rps"][-1]) == (1, 1, 1, 3.0)  # type: ignore[index]
+    assert doc["p95"][-1] != first["p95"][-1]  # type: ignore[index]
