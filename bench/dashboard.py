@@ -23,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -285,13 +286,15 @@ def _creates(env: Env, url: str, requests: int) -> None:
 
 
 def lines_micro(count: int = 20_000, runs: int = 5) -> dict[str, float]:
-    """CPU µs per audit line (the best of `runs`): parsing alone, reading, and the board's
-    whole step (read and counted), on created lines with a cost as the writer writes them."""
+    """CPU µs per audit line (the best of `runs`): parsing alone, reading, the board's whole
+    step (read and counted), and the tail's (the file read and split into lines), on created
+    lines with a cost as the writer writes them."""
     import orjson
 
     from skyproxy.audit.record import AuditRecord
     from skyproxy.dashboard import lines
     from skyproxy.dashboard.board import Board
+    from skyproxy.dashboard.tail import AuditTail
     from skyproxy.ops.metrics import Metrics
 
     now = time.time()
@@ -317,6 +320,21 @@ def lines_micro(count: int = 20_000, runs: int = 5) -> dict[str, float]:
         for i in range(count)
     ]
 
+    def tail() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "audit.jsonl"
+            path.write_bytes(b"\n".join(raws) + b"\n")
+            reader = AuditTail(path)
+            t0 = time.process_time()
+            while reader.read():
+                pass
+            spent.append(time.process_time() - t0)
+            reader.close()
+
+    spent: list[float] = []
+    for _ in range(runs):
+        tail()
+
     def take() -> None:
         board = Board(Path("/nonexistent/audit.jsonl"), Metrics(), now)
         board.built = True
@@ -335,6 +353,7 @@ def lines_micro(count: int = 20_000, runs: int = 5) -> dict[str, float]:
         "orjson_loads_us": best(lambda: [orjson.loads(raw) for raw in raws]),
         "read_us": best(lambda: [lines.read(raw) for raw in raws]),
         "board_us": best(take),
+        "tail_us": round(min(spent) * 1e6 / count, 2),
     }
 
 

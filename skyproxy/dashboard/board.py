@@ -74,7 +74,8 @@ class Board:
         # One loop, no call per line but the reading and the spend step: it runs for every line.
         for i, raw in enumerate(found):
             keep = i >= last
-            if not keep and not seed and _NO_COST in raw:
+            # find, not `in`: `in` first tries the pattern as an int and builds a TypeError.
+            if not keep and not seed and raw.find(_NO_COST) >= 0:
                 continue  # no spend to count, and listed no more: nothing to read
             line = read(raw)
             if line is None:
