@@ -158,7 +158,11 @@ def scenario_dashboard_instructions(env: Env) -> dict[str, Any]:
     requests = env.args.instructions_requests
     env.check_time("dashboard-instructions", 420 + env.args.warmup + 3 * env.args.duration)
     _, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
-    rate = _saturated_rate(env, up_port)
+    rates = _saturated_rates(env, up_port)
+    # The fastest run: other work on the machine only ever slows a run down, so it is the
+    # closest to the rate of a quiet machine, and still no more than it (the documents'
+    # share, their cost over the requests of a second, is then never understated).
+    rate = max(rates)
     out_file = env.workdir / "callgrind-dashboard.out"
     wrap = instructions.wrap(out_file)
     proc, port, audit_dir = start_skyproxy(
@@ -188,7 +192,8 @@ def scenario_dashboard_instructions(env: Env) -> dict[str, Any]:
     return {
         "upstream": up_kind,
         "requests": requests,
-        "rate_rps": round(rate, 1),
+        "rate_rps": rate,
+        "rates_rps": rates,
         "documents": fetched,
         "per_create": {"closed": [round(c) for c in closed], "open": [round(o) for o in opened]},
         "documents_per_page_second": round(documents),
@@ -233,19 +238,18 @@ def _count_phases(env: Env, pid: int, url: str, requests: int, counter: _Lines) 
     return fetched
 
 
-def _saturated_rate(env: Env, up_port: int) -> float:
-    """The proxy's req/s under wrk at 64 connections, not under callgrind: the documents'
-    share of each request is their cost per second over this rate."""
+def _saturated_rates(env: Env, up_port: int) -> list[float]:
+    """The proxy's req/s in three wrk runs at 64 connections, not under callgrind."""
     proc, port, _ = start_skyproxy(env, "skyproxy-dashboard-rate", up_port)
     try:
         url = f"http://127.0.0.1:{port}"
         run_wrk(env, url, 64, env.args.warmup)
-        rps = spread([float(run_wrk(env, url, 64, env.args.duration)["rps"]) for _ in range(3)])["median"]
+        rates = [round(float(run_wrk(env, url, 64, env.args.duration)["rps"]), 1) for _ in range(3)]
     finally:
         env.procs.stop(proc)
-    if rps <= 0:
+    if max(rates) <= 0:
         raise BenchError("wrk measured no throughput")
-    return rps
+    return rates
 
 
 class _Lines:
