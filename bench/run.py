@@ -52,6 +52,7 @@ SCENARIOS = (
     "instructions",
     "redis",
     "dashboard",
+    "dashboard-instructions",
 )
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
@@ -1281,6 +1282,12 @@ def _scenario_dashboard(env: Env) -> dict[str, Any]:
     return scenario_dashboard(env)
 
 
+def _scenario_dashboard_instructions(env: Env) -> dict[str, Any]:
+    from bench.dashboard import scenario_dashboard_instructions
+
+    return scenario_dashboard_instructions(env)
+
+
 def scenario_coldstart(env: Env) -> dict[str, Any]:
     env.check_time("coldstart", 30)
     runs = env.args.coldstart_runs
@@ -1892,6 +1899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "instructions": scenario_instructions,
         "redis": _scenario_redis,
         "dashboard": _scenario_dashboard,
+        "dashboard-instructions": _scenario_dashboard_instructions,
     }
     interrupted = False
     try:

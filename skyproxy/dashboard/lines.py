@@ -3,6 +3,7 @@ is not a usable prediction line (hostile or damaged lines included)."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -11,15 +12,16 @@ import orjson
 
 class Line(NamedTuple):
     moment: float  # seconds since the epoch
+    # environment to client: the spend's cell, `line[1:5]` in one step
     environment: str
     user: str | None
-    prediction_id: str | None
     model: str | None
+    client: str | None
     status: str
+    prediction_id: str | None
+    cost: float | None
     http_status: int | None
     latency_ms: float | None
-    cost: float | None
-    client: str | None
 
 
 def read(raw: bytes) -> Line | None:
@@ -34,37 +36,45 @@ def read(raw: bytes) -> Line | None:
             line["latencyMs"],
         )
         user, pid, model = line["userId"], line["predictionId"], line["model"]
-        client, http = line.get("client"), line.get("httpStatus")
         # Exact types, so a bool is no number and a list no name: a damaged line is skipped.
-        if not (
-            type(environment) is str
-            and type(status) is str
-            and type(user) in _TEXT
-            and type(pid) in _TEXT
-            and type(model) in _TEXT
-            and type(cost) in _NUMBER
-            and type(latency) in _NUMBER
-        ):
+        # One set lookup checks the seven at once.
+        kinds = (
+            type(environment),
+            type(status),
+            type(user),
+            type(pid),
+            type(model),
+            type(cost),
+            type(latency),
+        )
+        if kinds not in _KINDS:
             return None
         when = moment(line["timestamp"])
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, IndexError):
         return None
-    return Line(
-        when,
-        environment,
-        user,
-        pid,
-        model,
-        status,
-        http if type(http) is int else None,
-        latency,
-        cost,
-        client if type(client) is str else None,
+    client, http = line.get("client"), line.get("httpStatus")
+    # tuple.__new__ straight away: the NamedTuple's own __new__ is Python code.
+    return _new(
+        Line,
+        (
+            when,
+            environment,
+            user,
+            model,
+            client if type(client) is str else None,
+            status,
+            pid,
+            cost,
+            http if type(http) is int else None,
+            latency,
+        ),
     )
 
 
-_TEXT = frozenset({str, type(None)})
-_NUMBER = frozenset({int, float, type(None)})
+_TEXT = (str, type(None))
+_NUMBER = (int, float, type(None))
+_KINDS = frozenset(itertools.product((str,), (str,), _TEXT, _TEXT, _TEXT, _NUMBER, _NUMBER))
+_new = tuple.__new__
 
 
 def parse(raw: bytes) -> dict[str, Any] | None:
@@ -77,6 +87,7 @@ def parse(raw: bytes) -> dict[str, Any] | None:
 
 
 _SECONDS: dict[str, float] = {}  # "YYYY-MM-DDTHH:MM:SS" -> epoch: lines come many a second
+_MILLIS = {f"{n:03d}": n / 1000 for n in range(1000)}  # ".123" as the writer writes it
 
 
 def moment(stamp: str) -> float:
@@ -87,8 +98,10 @@ def moment(stamp: str) -> float:
         if len(_SECONDS) > 4096:
             _SECONDS.clear()
         second = _SECONDS[head] = datetime.fromisoformat(head + "+00:00").timestamp()
-    if len(stamp) == 24 and stamp[19] == "." and stamp[23] == "Z":  # as the writer writes it
-        return second + int(stamp[20:23]) / 1000
+    if len(stamp) == 24 and stamp[19] == "." and stamp[23] == "Z":
+        millis = _MILLIS.get(stamp[20:23])
+        if millis is not None:
+            return second + millis
     if stamp[19:] == "Z":
         return second
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

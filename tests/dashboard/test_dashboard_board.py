@@ -14,7 +14,7 @@ from skyproxy.dashboard import lines
 from skyproxy.dashboard.board import Board
 from skyproxy.dashboard.spend import Spend, day_start, month_start
 from skyproxy.dashboard.tail import AuditTail
-from skyproxy.dashboard.traffic import Traffic
+from skyproxy.dashboard.traffic import Bucket, Traffic
 from skyproxy.ops.metrics import Metrics
 
 
@@ -123,6 +123,31 @@ def test_traffic_before_the_start_comes_from_the_audit_trail(tmp_path: Path) -> 
     board.close()
 
 
+def test_lines_without_a_cost_still_count_in_the_traffic_built_at_startup(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = time.time()
+    refused = line(now - 30, pid=None, status="rejected", httpStatus=429, costUsd=None, latencyMs=None)
+    path.write_bytes(refused * 120)  # more than the recent list holds: most are read for traffic only
+    board = Board(path, Metrics(), now=now)
+    board.build()
+    board.take_seed()
+    assert sum(board.traffic.document("15m", now)["4xx"]) == 120  # type: ignore[arg-type]
+    assert board.lines == 120 and board.bad_lines == 0
+    board.close()
+
+
+def test_lines_after_the_start_without_a_cost_are_counted_unread(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    now = time.time()
+    board = Board(path, Metrics(), now=now)
+    board.build()
+    path.write_bytes(line(now + 1, pid=None, costUsd=None) * 120 + line(now + 1, pid="p9"))
+    assert board.refresh() == 121
+    assert board.lines == 121 and board.spend.document(now + 1)["today"]["usd"] == 0.5
+    assert len(board.predictions()) == 50
+    board.close()
+
+
 def test_live_traffic_is_the_counters_movement_each_second() -> None:
     metrics = Metrics()
     traffic = Traffic(metrics)
@@ -189,3 +214,21 @@ def test_the_tail_reads_every_file_rotated_while_nobody_read(tmp_path: Path) -> 
     assert tail.read() == [b'{"a":2}', b'{"b":1}', b'{"c":1}']
     assert tail.read() == []
     tail.close()
+
+
+def test_a_point_already_shown_shows_what_was_added_to_it_since() -> None:
+    traffic = Traffic(Metrics())
+    now = 1_796_000_000.5
+    second = int(now) - 1
+    bucket = Bucket()
+    bucket.request(201, 0.1)
+    traffic.short[second] = bucket
+    first = traffic.document("15m", now)
+    assert first["2xx"][-1] == 1 and first["rps"][-1] == 1.0  # type: ignore[index]
+    late = Bucket()
+    late.request(503, 0.9)
+    bucket.add(late)  # a seeded or late count for the same second
+    bucket.request(429, None)
+    doc = traffic.document("15m", now)
+    assert (doc["2xx"][-1], doc["4xx"][-1], doc["5xx"][-1], doc["rps"][-1]) == (1, 1, 1, 3.0)  # type: ignore[index]
+    assert doc["p95"][-1] != first["p95"][-1]  # type: ignore[index]
