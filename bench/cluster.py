@@ -7,6 +7,7 @@ the `[cluster]` table, so the gap is what sharing the limits through Redis costs
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from bench.run import (
     cpu_seconds,
     fmt_spread,
     free_port,
+    http,
     ratio,
     run_wrk,
     scrape_metrics,
@@ -134,6 +136,7 @@ def _summarise(
         (rd["redis"]["c1"]["latency_us"]["p50"] - rd["local"]["c1"]["latency_us"]["p50"]) for rd in rounds
     ]
     metrics = scrape_metrics(f"http://127.0.0.1:{targets['redis'][1]}")
+    cluster = _cluster_status(f"http://127.0.0.1:{targets['redis'][1]}")
     for proc, _ in targets.values():
         env.procs.stop(proc)
     env.procs.stop(redis_proc)
@@ -153,7 +156,19 @@ def _summarise(
             [rd["redis"]["c64"]["rps"] / rd["local"]["c64"]["rps"] for rd in rounds]
         ),
         "redis_metrics": metrics,
+        "cluster_status": cluster,
     }
+
+
+def _cluster_status(base: str) -> dict[str, Any]:
+    """The proxy's own count of failed Redis calls and outages: tells a refusal by
+    `on_error` from any other wrk error."""
+    try:
+        _, body = http("GET", base + "/-/status")
+        found = json.loads(body).get("cluster")
+    except (OSError, ValueError) as exc:
+        return {"error": repr(exc)}
+    return found if isinstance(found, dict) else {"error": "no cluster in /-/status"}
 
 
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
@@ -200,6 +215,12 @@ def print_report(results: dict[str, Any]) -> None:
         f"  added p50 at 1 conn (paired per round): {fmt_spread(section['added_p50_us_c1'])} µs; "
         f"throughput {section['throughput_ratio']:.2f}x local"
     )
+    cluster = section.get("cluster_status", {})
+    if "errors_total" in cluster:
+        print(
+            f"  Redis calls failed (skyproxy_cluster_errors_total): {cluster['errors_total']}, "
+            f"outages: {cluster['outages_total']}"
+        )
     rtt = section.get("redis_ping_p50_us")
     if rtt is not None:
         print(f"  floor: redis-benchmark PING p50 at 1 conn, proxy core to Redis core: {rtt:.0f} µs")
