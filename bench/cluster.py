@@ -7,7 +7,10 @@ the `[cluster]` table, so the gap is what sharing the limits through Redis costs
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
 from typing import Any
 
 from bench.run import (
@@ -19,6 +22,7 @@ from bench.run import (
     cpu_seconds,
     fmt_spread,
     free_port,
+    http,
     ratio,
     run_wrk,
     scrape_metrics,
@@ -57,6 +61,20 @@ def start_redis(env: Env) -> tuple[Proc, int]:
     return proc, port
 
 
+def redis_rtt_us(env: Env, port: int) -> float | None:
+    """redis-benchmark's p50 for PING at one connection, from the proxy's core to Redis on
+    the load core: the round trip skyproxy's Redis path pays, with no Python in it. The
+    floor beside the added p50."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    ping = ["-p", str(port), "-n", "10000", "-c", "1", "-t", "ping", "-q"]
+    cmd = [*env.cpus.prefix(env.cpus.proxy), binary, *ping]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env.child_env)
+    found = re.findall(r"PING_MBULK: .*?p50=([0-9.]+) msec", out.stdout)
+    return float(found[-1]) * 1000 if found else None
+
+
 def scenario_redis(env: Env) -> dict[str, Any]:
     """req/s at 64 connections and p50 at 1, local limiter vs `[cluster]` on Redis."""
     args = env.args
@@ -76,6 +94,7 @@ def scenario_redis(env: Env) -> dict[str, Any]:
     checks = {name: check_prediction(f"http://127.0.0.1:{port}") for name, (_, port) in targets.items()}
     for _, port in targets.values():
         run_wrk(env, f"http://127.0.0.1:{port}", 64, args.warmup)
+    rtt_us = redis_rtt_us(env, redis_port)
 
     names = list(targets)
     rounds: list[dict[str, Any]] = []
@@ -92,7 +111,7 @@ def scenario_redis(env: Env) -> dict[str, Any]:
             low = run_wrk(env, url, 1, args.duration)
             this_round[name] = {"c64": high, "c1": low}
         rounds.append(this_round)
-    return _summarise(env, targets, redis_proc, rounds, up_kind, checks)
+    return {**_summarise(env, targets, redis_proc, rounds, up_kind, checks), "redis_ping_p50_us": rtt_us}
 
 
 def _summarise(
@@ -117,6 +136,7 @@ def _summarise(
         (rd["redis"]["c1"]["latency_us"]["p50"] - rd["local"]["c1"]["latency_us"]["p50"]) for rd in rounds
     ]
     metrics = scrape_metrics(f"http://127.0.0.1:{targets['redis'][1]}")
+    cluster = _cluster_status(f"http://127.0.0.1:{targets['redis'][1]}")
     for proc, _ in targets.values():
         env.procs.stop(proc)
     env.procs.stop(redis_proc)
@@ -136,7 +156,19 @@ def _summarise(
             [rd["redis"]["c64"]["rps"] / rd["local"]["c64"]["rps"] for rd in rounds]
         ),
         "redis_metrics": metrics,
+        "cluster_status": cluster,
     }
+
+
+def _cluster_status(base: str) -> dict[str, Any]:
+    """The proxy's own count of failed Redis calls and outages: tells a refusal by
+    `on_error` from any other wrk error."""
+    try:
+        _, body = http("GET", base + "/-/status")
+        found = json.loads(body).get("cluster")
+    except (OSError, ValueError) as exc:
+        return {"error": repr(exc)}
+    return found if isinstance(found, dict) else {"error": "no cluster in /-/status"}
 
 
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
@@ -183,3 +215,12 @@ def print_report(results: dict[str, Any]) -> None:
         f"  added p50 at 1 conn (paired per round): {fmt_spread(section['added_p50_us_c1'])} µs; "
         f"throughput {section['throughput_ratio']:.2f}x local"
     )
+    cluster = section.get("cluster_status", {})
+    if "errors_total" in cluster:
+        print(
+            f"  Redis calls failed (skyproxy_cluster_errors_total): {cluster['errors_total']}, "
+            f"outages: {cluster['outages_total']}"
+        )
+    rtt = section.get("redis_ping_p50_us")
+    if rtt is not None:
+        print(f"  floor: redis-benchmark PING p50 at 1 conn, proxy core to Redis core: {rtt:.0f} µs")

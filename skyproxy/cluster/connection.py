@@ -1,16 +1,18 @@
-"""One Redis connection pool per process: every call bounded, every outage logged once.
+"""One Redis per process: every call bounded, every outage logged once.
 
-Each call runs under `timeout_ms`, both as the sockets' own timeouts and as an asyncio
-deadline around the whole call (waiting for a pooled connection included), so no request
-waits on Redis longer than that. redis-py's own retries are off: a retry would spend the
-same budget twice.
+Scripts, the request path's calls, go through `ScriptLane`: one pipelined connection
+with one deadline timer. Everything else (the batched releases, the CLI's views) uses a
+pool, each call under `timeout_ms`, both as the sockets' own timeouts and as an asyncio
+deadline around the whole call (waiting for a pooled connection included). So no request
+waits on Redis longer than that. redis-py's own retries are off: a retry would spend
+the same budget twice.
 
 The first failed call starts an outage: one log line, the degraded flag up, and a probe
 that writes a short-lived key with backoff (a PING would pass on a Redis that refuses
-writes). While the outage lasts, calls fail at once without touching the network, so a
-dead Redis costs a request nothing and the pool is not churned; the probe's success ends
-the outage with one more line. The backoff is capped so that a returning Redis is used
-again within about a second.
+writes), through the lane as the requests go. While the outage lasts, calls fail at once
+without touching the network, so a dead Redis costs a request nothing and the pool is
+not churned; the probe's success ends the outage with one more line. The backoff is
+capped so that a returning Redis is used again within about a second.
 
 The URL is a `RedisURL`: logs, errors and the status show its host and database only.
 """
@@ -33,6 +35,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from skyproxy.cluster.errors import ClusterUnavailable
+from skyproxy.cluster.lane import ScriptLane
+from skyproxy.cluster.scripts import PROBE
 from skyproxy.cluster.url import RedisURL
 
 __all__ = ["OnError", "RedisConnection", "ScriptArg"]
@@ -101,6 +105,8 @@ class RedisConnection:
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = Redis(connection_pool=self._pool)
+        self._lane = ScriptLane(url.reveal(), self.timeout)
+        self._probe_script = self._redis.register_script(PROBE)
 
     def __repr__(self) -> str:
         state = "degraded" if self.degraded else "ok"
@@ -126,7 +132,7 @@ class RedisConnection:
     async def start(self) -> None:
         """Checks Redis once. An unreachable Redis starts an outage instead of failing."""
         with contextlib.suppress(ClusterUnavailable):
-            await self.call(self._write_probe)
+            await self.run(self._probe_script, [self.key("probe")], [])
 
     async def close(self) -> None:
         probe, self._probe = self._probe, None
@@ -134,6 +140,7 @@ class RedisConnection:
             while not probe.done():  # see inflight.stop_task: one cancel may be swallowed
                 probe.cancel()
                 await asyncio.wait({probe}, timeout=0.5)
+        await self._lane.close()
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -146,14 +153,18 @@ class RedisConnection:
         try:
             return await _bounded(operation(self._redis), self.timeout)
         except _FAILURES as exc:
-            self.errors_total += 1
-            reason = self._reason(exc)
-            self._begin_outage(reason)
-            raise ClusterUnavailable(self.url.shown, reason) from None
+            raise self._failed(exc) from None
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        """A script through `call`: bounded, counted, `ClusterUnavailable` on failure."""
-        return await self.call(lambda redis: script(keys, args, client=redis))
+        """A script on the pipelined connection: bounded, counted, `ClusterUnavailable` on failure."""
+        if self._down_since is not None:
+            self.errors_total += 1
+            self._failed_in_outage += 1
+            raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
+        try:
+            return await self._lane.run(script.sha, script.script, keys, args)
+        except _FAILURES as exc:
+            raise self._failed(exc) from None
 
     def status(self) -> dict[str, Any]:
         """For /-/status: where Redis is (host and database), and whether it answers."""
@@ -168,6 +179,12 @@ class RedisConnection:
         }
 
     # -- outages --------------------------------------------------------------------
+    def _failed(self, exc: BaseException) -> ClusterUnavailable:
+        self.errors_total += 1
+        reason = self._reason(exc)
+        self._begin_outage(reason)
+        return ClusterUnavailable(self.url.shown, reason)
+
     def _reason(self, exc: BaseException) -> str:
         # The sockets' timeout and the deadline around the call are the same: either may fire.
         if isinstance(exc, TimeoutError | asyncio.TimeoutError | RedisTimeout):
@@ -215,12 +232,9 @@ class RedisConnection:
         while True:
             await asyncio.sleep(delay)
             try:
-                await _bounded(self._write_probe(self._redis), self.timeout)
+                await self._lane.run(self._probe_script.sha, PROBE, [self.key("probe")], [])
             except _FAILURES:
                 delay = min(delay * 2, PROBE_MAX_S)
                 continue
             self._end_outage()
             return
-
-    async def _write_probe(self, redis: Redis) -> None:
-        await redis.set(self.key("probe"), "1", px=10_000)

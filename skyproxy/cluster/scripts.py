@@ -21,6 +21,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
+# The outage probe: a write, since a PING passes on a Redis that refuses writes.
+PROBE = "redis.call('SET', KEYS[1], '1', 'PX', 10000) return 1"
+
 # Leaky buckets with aiolimiter's semantics: a level that drains at max_rate/period per
 # second; one more unit fits when level + 1 <= max_rate.
 #
