@@ -462,6 +462,8 @@ def write_skyproxy_config(
     if access:
         from skyproxy.tokens import store
 
+        # A fresh file: an earlier scenario of the same run may have made this target's.
+        tokens_file.unlink(missing_ok=True)
         token = store.create(tokens_file, "bench", ["bench"], trust_user_header=True)
         env.child_env[TOKEN_ENV] = token.reveal()
     path.write_text(
