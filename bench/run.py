@@ -456,6 +456,9 @@ def write_skyproxy_config(
 ) -> Path:
     cfg_dir = env.workdir / name
     audit_dir = cfg_dir / "audit"
+    # Empty at each start: the dashboard reads the audit files it finds into its history
+    # in a thread, which an earlier scenario's lines would put inside a later count.
+    shutil.rmtree(audit_dir, ignore_errors=True)
     audit_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / "skyproxy.toml"
     tokens_file = cfg_dir / "tokens.json"
