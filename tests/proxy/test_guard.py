@@ -11,12 +11,11 @@ import contextlib
 import ipaddress
 import json
 import re
-import socket
-import subprocess
 
 import aiohttp
 import pytest
 from helpers import CANARY, env_config, write_config
+from helpers.network import local_address
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -238,23 +237,6 @@ def test_non_loopback_listen_needs_allowed_networks(listen, tmp_path):
         config.load(path)
     assert caught.value.field == "environments.dev.listen[0]"
     assert "allowed_networks" in str(caught.value)
-
-
-def local_address() -> str | None:
-    """A non-loopback IPv4 address of this machine: traffic to it never leaves the host."""
-    found: set[str] = set()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=5)
-        found.update(re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", out.stdout))
-    with contextlib.suppress(OSError):
-        found.update(str(i[4][0]) for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
-    for address in sorted(found):
-        if ipaddress.ip_address(address).is_loopback:
-            continue
-        with contextlib.suppress(OSError), socket.socket() as probe:
-            probe.bind((address, 0))  # only an address of our own can be bound
-            return address
-    return None
 
 
 @pytest.fixture
