@@ -201,30 +201,9 @@ async def _relay_stream(
     deadline: Deadline,
     idle: float,
 ) -> web.StreamResponse:
-    try:
-        await response.prepare(request)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True
-        return response
-    outcome.sent = True
-    prefix = outcome.response_prefix
     limit = EVENT_STREAM_CAPTURE if upstream.content_type == "text/event-stream" else CAPTURE_LIMIT
-    try:
-        async for chunk in upstream.iter_any():
-            deadline.extend(idle)
-            out = scrubber.feed(chunk) if scrubber is not None else chunk
-            if prefix is not None and len(prefix) < limit:
-                prefix += out[: limit - len(prefix)]
-            if out:
-                await response.write(out)
-                deadline.extend(idle)
-        rest = scrubber.finish() if scrubber is not None else b""
-        if rest:
-            await response.write(rest)
-        await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.broken = True  # the client left; the upstream connection is closed on release
-    return response
+    pieces = upstream.iter_any()
+    return await _stream_on(request, b"", pieces, response, scrubber, outcome, deadline, idle, limit)
 
 
 async def _relay_decoding(
@@ -322,8 +301,10 @@ async def _stream_on(
     outcome: Outcome,
     deadline: Deadline,
     idle: float,
+    limit: int = CAPTURE_LIMIT,
 ) -> web.StreamResponse:
-    """`first`, then the rest of `pieces`, streamed and searched as they come."""
+    """`first`, then the rest of `pieces`, streamed and searched as they come; the audit
+    keeps up to `limit` bytes of it."""
     try:
         await response.prepare(request)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -335,8 +316,8 @@ async def _stream_on(
     try:
         while piece is not None:
             out = scrubber.feed(piece) if scrubber is not None else piece
-            if prefix is not None and len(prefix) < CAPTURE_LIMIT:
-                prefix += out[: CAPTURE_LIMIT - len(prefix)]
+            if prefix is not None and len(prefix) < limit:
+                prefix += out[: limit - len(prefix)]
             if out:
                 await response.write(out)
                 deadline.extend(idle)
