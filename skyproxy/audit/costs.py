@@ -23,13 +23,17 @@ class Costs(Generic[K]):
     """Spend per key (a group, or where a line counts), line by line.
 
     With `limit`, only that many predictions are remembered; a terminal line whose
-    create was forgotten then adds its cost without taking the estimate back.
+    create was forgotten then adds its cost without taking the estimate back. With
+    `totals=False`, only `observe()`'s changes are wanted: the costs of lines without a
+    prediction id are not kept, so a long-running caller's memory does not grow with
+    every refused or failed create.
     """
 
-    __slots__ = ("_estimates", "_finals", "_limit", "_loose")
+    __slots__ = ("_estimates", "_finals", "_keep_loose", "_limit", "_loose")
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, totals: bool = True) -> None:
         self._limit = limit
+        self._keep_loose = totals
         self._loose: dict[K, float] = {}
         # Ordered, so that forgetting the oldest is O(1) (a plain dict's front fills with holes).
         self._estimates: OrderedDict[str, tuple[K, float | None]] = OrderedDict()
@@ -40,7 +44,8 @@ class Costs(Generic[K]):
     ) -> list[tuple[K, float]]:
         """Takes one line in; returns the (key, change) pairs it makes, possibly none."""
         if prediction_id is None:
-            self._loose[key] = self._loose.get(key, 0.0) + (cost or 0.0)
+            if self._keep_loose:
+                self._loose[key] = self._loose.get(key, 0.0) + (cost or 0.0)
             return [] if not cost else [(key, cost)]
         if status == "created":  # the line every create writes: kept short
             estimates = self._estimates
@@ -63,8 +68,14 @@ class Costs(Generic[K]):
             changes.append((key, cost))
         return changes
 
+    def __len__(self) -> int:
+        """How many entries are held: lines without a prediction id, estimates and final costs."""
+        return len(self._loose) + len(self._estimates) + len(self._finals)
+
     def totals(self) -> dict[K, float]:
         """The spend per key: own costs, then final costs, then unreplaced estimates."""
+        if not self._keep_loose:
+            raise ValueError("totals() of a Costs made with totals=False")
         result = dict(self._loose)
         for key, cost in self._finals.values():
             result[key] = result.get(key, 0.0) + cost

@@ -54,7 +54,8 @@ class Ledger:
 
     def __init__(self, clock: Callable[[], float] = time.time, periods: Iterable[Period] = PERIODS) -> None:
         self.clock = clock
-        self.costs: Costs[Place] = Costs(limit=REMEMBERED_PREDICTIONS)
+        # No totals: only the changes are read, so lines without a prediction id are not kept.
+        self.costs: Costs[Place] = Costs(limit=REMEMBERED_PREDICTIONS, totals=False)
         self.windows: dict[Period, Window] = {}
         self.epoch = 0  # counts rolls, so that views built on the windows know to rebuild
         self.next_end = math.inf  # the end of the first window to roll
@@ -107,17 +108,19 @@ class Ledger:
             now = timestamp
         if now >= self.next_end:
             self.advance(now)
-        windows = self.windows.values()
-        changes = []
-        for where, usd in found:
-            amount = round(usd * NANOS)
-            moment, environment, user, client = where
-            cell = (environment, user, client)
-            for current in windows:
-                if current.start <= moment < current.end:
-                    current.spent[cell] = current.spent.get(cell, 0) + amount
-            changes.append((where, amount))
-        return changes
+        return [(where, self.count(where, usd)) for where, usd in found]
+
+    def count(self, where: Place, usd: float) -> int:
+        """One change of `costs`, added to each window that holds its moment (advanced to
+        now by the caller); returns it in nano-dollars."""
+        amount = round(usd * NANOS)
+        moment, environment, user, client = where
+        cell = (environment, user, client)
+        for current in self.windows.values():
+            if current.start <= moment < current.end:
+                spent = current.spent
+                spent[cell] = spent.get(cell, 0) + amount
+        return amount
 
     def replay(self, audit_path: Path) -> int:
         """Feeds in every line of the current windows from the audit files; blocking.

@@ -270,3 +270,29 @@ async def test_a_ledger_rebuilt_off_the_loop_is_ready_before_admitting(tmp_path:
     task = asyncio.create_task(asyncio.to_thread(budgets.ledger.replay, path))
     await eventually(task.done, "the replay finished")
     assert isinstance(budgets.admit("dev", "alice", None, 0.01), Exceeded)
+
+
+def test_refused_creates_are_not_remembered() -> None:
+    """A flood of refused (or failed) creates changes no spend and must not grow memory:
+    the daemon runs for months, and each such line has its own timestamp."""
+    clock = Clock("2026-11-26T10:00:00")
+    budgets = Budgets((DAILY,), clock)
+    for n in range(5000):
+        clock.now += 0.001
+        record(budgets, "rejected", None, None, user=f"user-{n}")
+    record(budgets, "failed", None, 0.25)  # a line's own cost still counts
+    assert len(budgets.ledger.costs) == 0
+    assert spent(budgets, "daily", "alice") == 0.25
+
+
+def test_a_reload_keeps_the_reservations_in_flight() -> None:
+    """A hold taken before a reload releases into the same budget after it, so the reload
+    neither frees nor strands reserved money."""
+    budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
+    hold = budgets.admit("dev", "alice", None, 0.75)
+    assert isinstance(hold, Hold) and hold is not NO_HOLD
+    budgets.reconfigure((DAILY, Budget("monthly", "user", 10.0, "month")))
+    assert isinstance(budgets.admit("dev", "alice", None, 0.5), Exceeded)  # 0.75 is still held
+    hold.release()
+    assert isinstance(budgets.admit("dev", "alice", None, 0.5), Hold)
+    assert [row["reserved_usd"] for row in budgets.snapshot() if row["budget"] == "daily"] == [0.5]
