@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skyproxy.audit.record import TERMINAL
-from skyproxy.budgets.hold import NO_HOLD, Hold, Subject
+from skyproxy.budgets.hold import NO_HOLD, Hold, Holds, Subject
 from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
 from skyproxy.budgets.shared import SharedHold, period_label, subject_key
@@ -73,9 +73,21 @@ def subject_of(budget: Budget, environment: str, user: str | None, client: str |
 class _Rule:
     """One budget as the hot path reads it, with its spend in the current window."""
 
-    __slots__ = ("budget", "limit", "name", "per", "period", "spent", "start", "warn", "warned")
+    __slots__ = (
+        "budget",
+        "end",
+        "limit",
+        "name",
+        "per",
+        "period",
+        "reserved",
+        "spent",
+        "start",
+        "warn",
+        "warned",
+    )
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, reserved: dict[Subject, int]) -> None:
         self.budget = budget
         self.name = budget.name
         self.per = budget.per
@@ -83,7 +95,9 @@ class _Rule:
         self.limit = nanos(budget.usd)
         self.warn = None if budget.warn_at is None else nanos(budget.usd * budget.warn_at)
         self.start = -math.inf  # of the window `spent` counts; rebuilt when the ledger rolls
+        self.end = -math.inf
         self.spent: dict[Subject, int] = {}
+        self.reserved = reserved  # what admitted creates hold until they end, per subject
         self.warned: set[Subject] = set()
 
     def subject(self, environment: str, user: str | None, client: str | None) -> Subject:
@@ -98,7 +112,6 @@ class Budgets:
         self.clock = clock
         self.ledger = Ledger(clock, {b.period for b in budgets})
         self.warnings: dict[str, int] = {}  # crossings of warn_at, per budget
-        self._reserved: dict[tuple[str, Subject], int] = {}
         self._budgets: tuple[Budget, ...] = ()
         self._rules: tuple[_Rule, ...] = ()
         self._by_env: dict[str, tuple[_Rule, ...]] = {}
@@ -117,11 +130,11 @@ class Budgets:
         self._budgets = budgets
         for budget in budgets:
             self.ledger.keep(budget.period)
-        self._rules = tuple(_Rule(b) for b in budgets)
+        # A budget kept by name keeps its reservations: the holds in flight release into them.
+        kept = {rule.name: rule.reserved for rule in self._rules}
+        self._rules = tuple(_Rule(b, kept.get(b.name, {})) for b in budgets)
         self._by_env = {}
         self._epoch = -1  # rebuild every rule's spend at the next use
-        names = {b.name for b in budgets}
-        self._reserved = {k: v for k, v in self._reserved.items() if k[0] in names}
 
     def applies(self, environment: str) -> bool:
         return bool(self._for(environment))
@@ -145,7 +158,7 @@ class Budgets:
             current = ledger.windows[rule.period]
             if rule.start == current.start:
                 continue
-            rule.start = current.start
+            rule.start, rule.end = current.start, current.end
             rule.spent = {}
             rule.warned = set()
             for (environment, user, client), amount in current.spent.items():
@@ -168,35 +181,35 @@ class Budgets:
         if now >= ledger.next_end or ledger.epoch != self._epoch:
             self._sync(now)
         estimate = round(estimate_usd * NANOS) if estimate_usd > 0 else 0
-        reserved = self._reserved
-        if len(rules) == 1:  # the usual case, without the list
+        if len(rules) == 1:  # the usual case, without the lists
             rule = rules[0]
             per = rule.per
             subject = user if per == "user" else client if per == "client" else environment
-            key = (rule.name, subject)
             spent = rule.spent.get(subject, 0)
-            held = reserved.get(key, 0)
+            reserved = rule.reserved
+            held = reserved.get(subject, 0)
             if spent + held + estimate > rule.limit:
                 return self._exceeded(rule, spent, held, now)
             if not estimate:
                 return NO_HOLD
-            reserved[key] = held + estimate
-            return Hold(reserved, [key], estimate)
-        keys: list[tuple[str, Subject]] = []
+            reserved[subject] = held + estimate
+            return Hold(reserved, subject, estimate)
+        subjects: list[Subject] = []
         for rule in rules:
             per = rule.per
             subject = user if per == "user" else client if per == "client" else environment
-            key = (rule.name, subject)
             spent = rule.spent.get(subject, 0)
-            held = reserved.get(key, 0)
+            held = rule.reserved.get(subject, 0)
             if spent + held + estimate > rule.limit:
                 return self._exceeded(rule, spent, held, now)
-            keys.append(key)
+            subjects.append(subject)
         if not estimate:
             return NO_HOLD
-        for key in keys:
-            reserved[key] = reserved.get(key, 0) + estimate
-        return Hold(reserved, keys, estimate)
+        holds = []
+        for rule, subject in zip(rules, subjects, strict=True):
+            rule.reserved[subject] = rule.reserved.get(subject, 0) + estimate
+            holds.append(Hold(rule.reserved, subject, estimate))
+        return Holds(holds)
 
     async def admit_shared(
         self, environment: str, user: str | None, client: str | None, estimate_usd: float
@@ -291,26 +304,26 @@ class Budgets:
         ledger = self.ledger
         if now >= ledger.next_end or ledger.epoch != self._epoch:
             self._sync(now)  # roll first, so that a change is added once
-        changes = ledger.observe(timestamp, environment, user, client, status, prediction_id, cost, now)
-        windows = ledger.windows
-        for place, amount in changes:
-            moment, where, who, client_name = place
-            rules = self._by_env.get(where)
-            for rule in self._for(where) if rules is None else rules:
-                if rule.start <= moment < windows[rule.period].end:
-                    per = rule.per
-                    subject = who if per == "user" else client_name if per == "client" else where
-                    spent = rule.spent[subject] = rule.spent.get(subject, 0) + amount
-                    if (
-                        rule.warn is not None
-                        and amount > 0
-                        and spent >= rule.warn
-                        and subject not in rule.warned
-                    ):
-                        self._warn(rule, subject, spent)
+        place = (timestamp, environment, user, client)
+        # The ledger's observe() unrolled: the spend rule's changes go to the ledger's cells
+        # and to the budgets' subjects in one pass, with no list of changes in between.
+        for where, usd in ledger.costs.observe(place, status, prediction_id, cost):
+            self._spend(where, ledger.count(where, usd))
         shared = self.shared
         if shared is not None and cost is not None:
-            self._share(shared, (timestamp, environment, user, client), status, prediction_id, cost)
+            self._share(shared, place, status, prediction_id, cost)
+
+    def _spend(self, where: Place, amount: int) -> None:
+        """One change of spend, added to each budget whose current window holds its moment."""
+        moment, environment, user, client = where
+        rules = self._by_env.get(environment)
+        for rule in self._for(environment) if rules is None else rules:
+            if rule.start <= moment < rule.end:
+                per = rule.per
+                subject = user if per == "user" else client if per == "client" else environment
+                spent = rule.spent[subject] = rule.spent.get(subject, 0) + amount
+                if rule.warn is not None and amount > 0 and spent >= rule.warn and subject not in rule.warned:
+                    self._warn(rule, subject, spent)
 
     def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
         rule.warned.add(subject)  # once per subject and period: a new window starts a new set
@@ -345,7 +358,7 @@ class Budgets:
         self._sync(self.clock())
         rows: list[dict[str, Any]] = []
         for rule in self._rules:
-            subjects = set(rule.spent) | {s for (name, s) in self._reserved if name == rule.name}
+            subjects = set(rule.spent) | set(rule.reserved)
             resets_at = iso(self.ledger.windows[rule.period].end)
             for subject in sorted(subjects, key=lambda s: (s is None, s or "")):
                 rows.append(
@@ -355,7 +368,7 @@ class Budgets:
                         "subject": subject,
                         "period": rule.period,
                         "spent_usd": round(rule.spent.get(subject, 0) / NANOS, 9),
-                        "reserved_usd": round(self._reserved.get((rule.name, subject), 0) / NANOS, 9),
+                        "reserved_usd": round(rule.reserved.get(subject, 0) / NANOS, 9),
                         "limit_usd": rule.budget.usd,
                         "resets_at": resets_at,
                     }

@@ -6,26 +6,41 @@ Subject = str | None
 
 
 class Hold:
-    """Reserved nano-dollars against some budgets; `release()` gives them back, once."""
+    """Reserved nano-dollars under one budget for one subject; `release()` gives them back, once."""
 
-    __slots__ = ("_amount", "_keys", "_reserved")
+    __slots__ = ("_amount", "_reserved", "_subject")
 
-    def __init__(
-        self, reserved: dict[tuple[str, Subject], int], keys: list[tuple[str, Subject]], amount: int
-    ):
-        self._reserved = reserved
-        self._keys = keys if amount else []
+    def __init__(self, reserved: dict[Subject, int] | None, subject: Subject, amount: int) -> None:
+        self._reserved = reserved if amount else None
+        self._subject = subject
         self._amount = amount
 
     def release(self) -> None:
-        keys, self._keys = self._keys, []
         reserved = self._reserved
-        for key in keys:
-            left = reserved[key] - self._amount
-            if left:
-                reserved[key] = left
-            else:
-                del reserved[key]
+        if reserved is None:
+            return
+        self._reserved = None
+        subject = self._subject
+        left = reserved[subject] - self._amount
+        if left:
+            reserved[subject] = left
+        else:
+            del reserved[subject]
 
 
-NO_HOLD = Hold({}, [], 0)
+class Holds(Hold):
+    """Reservations under several budgets at once, released together."""
+
+    __slots__ = ("_holds",)
+
+    def __init__(self, holds: list[Hold]) -> None:
+        super().__init__(None, None, 0)
+        self._holds = holds
+
+    def release(self) -> None:
+        holds, self._holds = self._holds, []
+        for hold in holds:
+            hold.release()
+
+
+NO_HOLD = Hold(None, None, 0)

@@ -67,7 +67,8 @@ class Call:
 
     def release(self) -> None:
         """Gives back what admission took; however the exchange ended, and only once."""
-        self.slots.release()
+        if self.slots is not NO_SLOTS:
+            self.slots.release()
         self.hold.release()
 
 
