@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs
+from multidict import CIMultiDictProxy, istr
 
 from skyproxy.proxy.guard import Refusal
 from skyproxy.tokens.registry import Token, Tokens
@@ -24,6 +25,7 @@ TOKEN_REQUIRED = Refusal(
 )
 INVALID_TOKEN = Refusal(401, "invalid_token", "The client token is not valid: unknown, revoked or expired.")
 TOKEN_NOT_ALLOWED = Refusal(403, "token_not_allowed", "This client token may not use this environment.")
+_X_API_KEY = istr("x-api-key")  # an istr is looked up without being case-folded again
 # RFC 9110 11.6.1: a 401 names the scheme it wants.
 CHALLENGE: Mapping[str, str] = {"WWW-Authenticate": 'Bearer realm="skyproxy"'}
 
@@ -31,17 +33,15 @@ CHALLENGE: Mapping[str, str] = {"WWW-Authenticate": 'Bearer realm="skyproxy"'}
 def presented(headers: CIMultiDictProxy[str]) -> list[str]:
     """Every distinct token the request carries, in x-api-key or as a Bearer credential."""
     found: list[str] = []
-    if "x-api-key" in headers:
-        for value in headers.getall("x-api-key"):
-            value = value.strip()
-            if value.startswith(PREFIX) and value not in found:
-                found.append(value)
-    if "Authorization" in headers:
-        for value in headers.getall("Authorization"):
-            scheme, _, credential = value.strip().partition(" ")
-            credential = credential.strip()
-            if scheme.lower() == "bearer" and credential.startswith(PREFIX) and credential not in found:
-                found.append(credential)
+    for value in headers.getall(_X_API_KEY, ()):
+        value = value.strip()
+        if value.startswith(PREFIX) and value not in found:
+            found.append(value)
+    for value in headers.getall(hdrs.AUTHORIZATION, ()):
+        scheme, _, credential = value.strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() == "bearer" and credential.startswith(PREFIX) and credential not in found:
+            found.append(credential)
     return found
 
 
@@ -49,13 +49,20 @@ def authenticate(
     tokens: Tokens, required: bool, environment: str, headers: CIMultiDictProxy[str]
 ) -> Token | Refusal | None:
     """The request's token; a refusal; or None for a request without one where that is allowed."""
-    candidates = presented(headers)
-    if not candidates:
-        return TOKEN_REQUIRED if required else None
-    if len(candidates) > 1:
-        # Two different tokens: which identity was meant is unknowable, so neither is used.
-        return INVALID_TOKEN
-    token = tokens.verify(candidates[0])
+    keys = headers.getall(_X_API_KEY, ())
+    if len(keys) == 1 and hdrs.AUTHORIZATION not in headers:  # the usual request, without the list
+        value = keys[0].strip()
+        if not value.startswith(PREFIX):
+            return TOKEN_REQUIRED if required else None
+    else:
+        candidates = presented(headers)
+        if not candidates:
+            return TOKEN_REQUIRED if required else None
+        if len(candidates) > 1:
+            # Two different tokens: which identity was meant is unknowable, so neither is used.
+            return INVALID_TOKEN
+        value = candidates[0]
+    token = tokens.verify(value)
     if token is None:
         return INVALID_TOKEN
     if environment not in token.environments:

@@ -4,6 +4,12 @@
 compare, whatever the outcome. An unknown, revoked (removed) or expired token takes the
 same steps and gets the same answer, so neither the reply nor its timing tells them
 apart. File work (reading on change, writing last-used times) happens in threads.
+
+A value that verified is remembered with the index it verified against, so a client
+sending its token on every request is hashed once per load of the file, not once per
+request. Only tokens that verified are remembered (at most one per token, so the memory
+is bounded by the file), and they go with their index: a reload forgets them all, and a
+remembered token past its expiry goes the full way and fails like any unknown one.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ class Tokens:
         self.clock = clock
         self.loaded_at: float | None = None
         self._index: MappingProxyType[bytes, Token] = MappingProxyType({})
+        # The index and the values verified against it, swapped together by one assignment:
+        # load() runs in a thread, and a value verified against an old index must not land
+        # in the new one's memory.
+        self._table: tuple[MappingProxyType[bytes, Token], dict[str, Token]] = (self._index, {})
         self._signature: tuple[int, int, int, int] | None = None
         self._stale = True  # load at the next refresh, whatever the file's signature
         self._used: dict[bytes, float] = {}  # last use, in memory
@@ -95,13 +105,19 @@ class Tokens:
     # -- the hot path ---------------------------------------------------------------------
     def verify(self, presented: str) -> Token | None:
         """The token for a presented value, or None: unknown, revoked and expired alike."""
-        digest = sha256(presented[:MAX_LENGTH].encode("utf-8", "surrogateescape")).digest()  # digest_of()
-        entry = self._index.get(digest, _NOBODY)
+        index, verified = self._table
         now = self.clock()
-        same = hmac.compare_digest(entry.digest, digest)
-        fresh = now < entry.expires_at
-        if not (same and fresh):
-            return None
+        entry = verified.get(presented)
+        if entry is None or now >= entry.expires_at:
+            digest = sha256(presented[:MAX_LENGTH].encode("utf-8", "surrogateescape")).digest()  # digest_of()
+            entry = index.get(digest, _NOBODY)
+            same = hmac.compare_digest(entry.digest, digest)
+            if not (same and now < entry.expires_at):
+                verified.pop(presented, None)
+                return None
+            if len(presented) <= MAX_LENGTH:  # a longer value hashes as its prefix: not kept
+                verified[presented] = entry
+        digest = entry.digest
         if now - self._used.get(digest, -math.inf) >= LAST_USED_EVERY:
             self._used[digest] = now
         return entry
@@ -126,6 +142,7 @@ class Tokens:
             if record.last_used is not None:
                 self._stored.setdefault(entry.digest, record.last_used.timestamp())
         self._index = MappingProxyType(index)
+        self._table = (self._index, {})
         self._signature = signature
         self._stale = False
         self.loaded_at = self.clock()

@@ -66,6 +66,22 @@ def test_expired_revoked_and_unknown_look_the_same(tmp_path: Path) -> None:
     assert tokens.verify("skp_" + "A" * 43) is None
 
 
+def test_a_token_verified_before_is_refused_once_revoked(tmp_path: Path) -> None:
+    """Verified values are remembered to spare the hash; a reload must forget them."""
+    path = tmp_path / "tokens.json"
+    kept = store.create(path, "kept", ["dev"])
+    gone = store.create(path, "gone", ["dev"])
+    tokens = Tokens(path)
+    tokens.load()
+    for _ in range(3):
+        assert tokens.verify(gone.reveal()) is not None
+    store.revoke(path, "gone")
+    tokens.load()
+    assert tokens.verify(gone.reveal()) is None
+    found = tokens.verify(kept.reveal())
+    assert found is not None and found.name == "kept"
+
+
 def test_refusals_take_the_same_time(tmp_path: Path) -> None:
     # Interleaved batches, compared by median: robust to a busy machine, yet a refusal
     # that took a shortcut (say, skipping the compare or the hash) would show up.
