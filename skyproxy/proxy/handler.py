@@ -225,14 +225,18 @@ class ProxyHandler:
         pricing = call.runtime.settings.pricing
         estimate = 0.0
         if pricing:  # without prices every estimate is 0: no need to look at the body
-            read = await _before_exchange(call, body.read_whole(request))
-            if isinstance(read, web.Response):
-                return read
+            read: bytes | web.Response | None
+            if request.content.is_eof():  # the usual small body, in with its head: no deadline to keep
+                read = await body.read_whole(request)
+            else:
+                read = await _before_exchange(call, body.read_whole(request))
+                if isinstance(read, web.Response):
+                    return read
             call.body = read
+            if read is not None:
+                call.model = events.model_of(events.parse_json(read, None))
             plain = "Content-Encoding" not in request.headers
-            if call.body is not None:
-                call.model = events.model_of(events.parse_json(call.body, None))
-            known = not request.body_exists or (call.body is not None and plain)
+            known = not request.body_exists or (read is not None and plain)
             estimate = access.estimate(pricing, call.model, known)
         budgets = self.state.budgets
         if budgets.shared is None:
