@@ -1148,7 +1148,10 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "upstream": upstream_kind}
     creates: dict[str, float] = {}
     gets: dict[str, float] = {}
+    chosen = set(env.args.instruction_targets.split(","))
     for name in INSTRUCTION_TARGETS:
+        if name not in chosen:
+            continue
         if (name != "bare" and not env.skyproxy) or (name == "reference" and not env.args.reference):
             continue
         env.check_time(f"instructions {name}", 180)
@@ -1790,6 +1793,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skyproxy", help="the skyproxy executable (default: the venv's console script)")
     parser.add_argument(
+        "--instruction-targets",
+        default=",".join(INSTRUCTION_TARGETS),
+        help=f"comma list of the instructions scenario's targets, of {', '.join(INSTRUCTION_TARGETS)}",
+    )
+    parser.add_argument(
         "--reference",
         type=Path,
         help="another skyproxy source tree (say `git archive main`), counted in the instructions "
@@ -1820,6 +1828,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.scenario_list) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    unknown = set(args.instruction_targets.split(",")) - set(INSTRUCTION_TARGETS)
+    if unknown:
+        parser.error(f"unknown instruction targets: {', '.join(sorted(unknown))}")
     if args.rounds < 1 or args.duration <= 0:
         parser.error("--rounds must be >= 1 and --duration > 0")
     return args
