@@ -46,6 +46,8 @@ class Route:
     # caps or budgets makes no call for them.
     capped: bool  # some rule of the environment caps requests in flight
     budgeted: bool  # some budget applies to the environment
+    authenticates: bool  # client_auth is not "off": a token is looked for
+    token_required: bool  # client_auth is "required"
 
 
 @dataclass(slots=True)

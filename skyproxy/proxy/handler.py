@@ -137,15 +137,14 @@ class ProxyHandler:
         method = request.method
         path = request.path
         user = call.user = request.headers.get(env.user_header)
-        if env.settings.client_auth != "off":  # before every limit: an unknown client spends nothing
-            token = access.authenticate(
-                self.state.tokens, env.settings.client_auth == "required", env.name, request.headers
-            )
+        if route.authenticates:  # before every limit: an unknown client spends nothing
+            token = access.authenticate(self.state.tokens, route.token_required, env.name, request.headers)
             if isinstance(token, Refusal):
                 return self._token_refused(call, token)
             if token is not None:
                 call.client = token.name
-                user = call.user = token.user_id(user)
+                if token.bound_user is not None:  # else the (trusted) header says who
+                    user = call.user = token.bound_user
         if runtime.limits.is_limited(env.name, method, path):
             rate_limit = runtime.settings.rate_limit
             if not user:
@@ -273,6 +272,8 @@ class ProxyHandler:
             deadlines=self.state.deadlines,
             capped=call.runtime.inflight.is_capped(call.env.name),
             budgeted=self.state.budgets.applies(call.env.name),
+            authenticates=call.env.settings.client_auth != "off",
+            token_required=call.env.settings.client_auth == "required",
         )
         self._routed = call.env
         return route

@@ -34,6 +34,7 @@ from skyproxy.tokens.token import MAX_LENGTH
 log = logging.getLogger("skyproxy.tokens")
 
 LAST_USED_EVERY = 60.0  # seconds: a token's last-used time is stored at most this often
+_NEVER = -math.inf
 POLL_SECONDS = 0.5  # the file is checked this often, so a revoke applies within a second
 
 
@@ -47,21 +48,19 @@ class Token:
     user: str | None
     trust_user_header: bool
     expires_at: float  # seconds since the epoch; inf: never
+    bound_user: str | None  # the bound user, else the name; None: the header (trusted) says
 
     def user_id(self, header: str | None) -> str | None:
         """Who the request is for: the bound user, the header (if trusted), or the name."""
-        if self.user is not None:
-            return self.user
-        if self.trust_user_header:
-            return header
-        return self.name
+        return header if self.bound_user is None else self.bound_user
 
 
 # Compared against when a hash is unknown, so every lookup does the same work.
-_NOBODY = Token("", bytes(32), frozenset(), None, False, -math.inf)
+_NOBODY = Token("", bytes(32), frozenset(), None, False, -math.inf, None)
 
 
 def _entry(record: store.TokenRecord) -> Token:
+    bound = record.user if record.user is not None else None if record.trust_user_header else record.name
     return Token(
         name=record.name,
         digest=bytes.fromhex(record.digest_hex),
@@ -69,6 +68,7 @@ def _entry(record: store.TokenRecord) -> Token:
         user=record.user,
         trust_user_header=record.trust_user_header,
         expires_at=math.inf if record.expires is None else record.expires.timestamp(),
+        bound_user=bound,
     )
 
 
@@ -118,7 +118,7 @@ class Tokens:
             if len(presented) <= MAX_LENGTH:  # a longer value hashes as its prefix: not kept
                 verified[presented] = entry
         digest = entry.digest
-        if now - self._used.get(digest, -math.inf) >= LAST_USED_EVERY:
+        if now - self._used.get(digest, _NEVER) >= LAST_USED_EVERY:
             self._used[digest] = now
         return entry
 
