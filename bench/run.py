@@ -104,19 +104,24 @@ max_bytes = 104857600
 
 # The tokens + budgets target: every request presents a client token, and every create
 # reserves a priced estimate under a budget it never reaches.
-ACCESS_CONFIG = """
-[tokens]
-file = "{tokens_file}"
-
+PRICING_CONFIG = """
 [pricing]
 truefusion-pro = 0.000001
-
+"""
+ACCESS_CONFIG = (
+    """
+[tokens]
+file = "{tokens_file}"
+"""
+    + PRICING_CONFIG
+    + """
 [[budgets]]
 name = "bench"
 per = "user"
 usd = 1000000000
 period = "month"
 """
+)
 TOKEN_ENV = "SKYPROXY_BENCH_TOKEN"  # the client token the load generators present
 
 # The receiver's store sits beside the config, in the run's temp dir: on disk, not tmpfs,
@@ -1129,11 +1134,20 @@ INSTRUCTION_TARGETS = (
     "bare",
     "skyproxy",
     "skyproxy-access",
+    "skyproxy-priced",
     "skyproxy-off",
     "skyproxy-noscan",
     "skyproxy-webhooks",
     "reference",
 )
+
+
+# What each target adds to the skyproxy config: a `[webhooks]` table on a free port, or
+# the same `[pricing]` as skyproxy-access without its tokens and budget.
+_INSTRUCTION_EXTRAS: dict[str, Callable[[], str]] = {
+    "skyproxy-webhooks": lambda: webhooks_table(free_port()),
+    "skyproxy-priced": lambda: PRICING_CONFIG,
+}
 
 
 def scenario_instructions(env: Env) -> dict[str, Any]:
@@ -1178,6 +1192,10 @@ def scenario_instructions(env: Env) -> dict[str, Any]:
     if "skyproxy" in creates and "skyproxy-access" in creates:
         # Tokens and budgets against neither, in the same run.
         out["access_cost"] = round(creates["skyproxy-access"] / creates["skyproxy"], 3)
+    if "skyproxy-priced" in creates and "skyproxy-access" in creates:
+        # The same, against neither with the same [pricing]: the audit's cost estimates
+        # predate tokens and budgets, and a team pricing its models pays for them already.
+        out["access_cost_priced"] = round(creates["skyproxy-access"] / creates["skyproxy-priced"], 3)
     if "skyproxy" in creates and "skyproxy-noscan" in creates:
         out["scan_ratio"] = round(creates["skyproxy"] / creates["skyproxy-noscan"], 4)
     for key, name, base in (
@@ -1211,7 +1229,7 @@ def _count_instructions(
             wrap=wrap,
             deadline_s=120.0,
             access=name == "skyproxy-access",
-            extra=webhooks_table(free_port()) if name == "skyproxy-webhooks" else "",
+            extra=_INSTRUCTION_EXTRAS.get(name, str)(),
             scan=name != "skyproxy-noscan",
             source=env.args.reference if name == "reference" else None,
         )

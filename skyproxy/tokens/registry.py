@@ -6,10 +6,11 @@ same steps and gets the same answer, so neither the reply nor its timing tells t
 apart. File work (reading on change, writing last-used times) happens in threads.
 
 A value that verified is remembered with the index it verified against, so a client
-sending its token on every request is hashed once per load of the file, not once per
-request. Only tokens that verified are remembered (at most one per token, so the memory
-is bounded by the file), and they go with their index: a reload forgets them all, and a
-remembered token past its expiry goes the full way and fails like any unknown one.
+sending its token on every request is hashed about once a minute (when its last-used
+time is due), not on every request. Only tokens that verified are remembered (at most
+one per token, so the memory is bounded by the file), and they go with their index: a
+reload forgets them all. A remembered token is never kept past its expiry: it then goes
+the full way and fails like any unknown one.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Tokens:
         # The index and the values verified against it, swapped together by one assignment:
         # load() runs in a thread, and a value verified against an old index must not land
         # in the new one's memory.
-        self._table: tuple[MappingProxyType[bytes, Token], dict[str, Token]] = (self._index, {})
+        self._table: tuple[MappingProxyType[bytes, Token], dict[str, tuple[Token, float]]] = (self._index, {})
         self._signature: tuple[int, int, int, int] | None = None
         self._stale = True  # load at the next refresh, whatever the file's signature
         self._used: dict[bytes, float] = {}  # last use, in memory
@@ -107,19 +108,22 @@ class Tokens:
         """The token for a presented value, or None: unknown, revoked and expired alike."""
         index, verified = self._table
         now = self.clock()
-        entry = verified.get(presented)
-        if entry is None or now >= entry.expires_at:
-            digest = sha256(presented[:MAX_LENGTH].encode("utf-8", "surrogateescape")).digest()  # digest_of()
-            entry = index.get(digest, _NOBODY)
-            same = hmac.compare_digest(entry.digest, digest)
-            if not (same and now < entry.expires_at):
-                verified.pop(presented, None)
-                return None
-            if len(presented) <= MAX_LENGTH:  # a longer value hashes as its prefix: not kept
-                verified[presented] = entry
-        digest = entry.digest
-        if now - self._used.get(digest, _NEVER) >= LAST_USED_EVERY:
-            self._used[digest] = now
+        remembered = verified.get(presented)
+        if remembered is not None and now < remembered[1]:
+            return remembered[0]
+        digest = sha256(presented[:MAX_LENGTH].encode("utf-8", "surrogateescape")).digest()  # digest_of()
+        entry = index.get(digest, _NOBODY)
+        same = hmac.compare_digest(entry.digest, digest)
+        if not (same and now < entry.expires_at):
+            verified.pop(presented, None)
+            return None
+        used = self._used.get(digest, _NEVER)
+        if now - used >= LAST_USED_EVERY:
+            used = self._used[digest] = now
+        if len(presented) <= MAX_LENGTH:  # a longer value hashes as its prefix: not kept
+            # Until its expiry or its next last-used time, whichever comes first: then the
+            # full way again, so one check serves both.
+            verified[presented] = (entry, min(entry.expires_at, used + LAST_USED_EVERY))
         return entry
 
     def listing(self) -> list[tuple[Token, float | None]]:
