@@ -1744,6 +1744,11 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             p(f"  {name}: not counted, {error}")
         if "access_cost" in ins:
             p(f"tokens+budgets / neither (same run): {ins['access_cost']:.3f}x instructions per create")
+        if "access_cost_priced" in ins:
+            p(
+                "tokens+budgets / neither with the same [pricing] (same run): "
+                f"{ins['access_cost_priced']:.3f}x instructions per create"
+            )
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
     from bench import cluster
