@@ -3,7 +3,7 @@
 Only the daemon knows what is reserved by creates in flight; when none answers, spend is
 rebuilt from the audit files exactly as a starting daemon would, with nothing reserved.
 With [cluster], the figures that admit a create are every replica's, in Redis: they are
-read there.
+read there, by the CLI and by each daemon's `/-/budgets` alike.
 """
 
 from __future__ import annotations
@@ -59,16 +59,22 @@ def _ask(url: str, timeout: float) -> list[dict[str, Any]] | None:
 
 
 def _shared(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
-    """The current periods' rows from Redis: spend and reservations of every replica."""
     import asyncio
 
+    return asyncio.run(shared_report(settings))
+
+
+async def shared_report(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
+    """The current periods' rows from Redis: spend and reservations of every replica.
+
+    Raises `ClusterUnavailable` when Redis does not answer."""
     from skyproxy.cluster.budget_view import shared_usage
 
     assert settings.cluster is not None
     now = time.time()
     windows = {b.name: (b, *window(b.period, now)) for b in settings.budgets}
     labels = [(name, period_label(b.period, start)) for name, (b, start, _) in windows.items()]
-    shown, found = asyncio.run(shared_usage(settings.cluster, labels))
+    shown, found = await shared_usage(settings.cluster, labels)
     rows = [
         {
             "budget": item.budget,

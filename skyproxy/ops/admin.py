@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from skyproxy import __version__
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import CONTENT_TYPE
 from skyproxy.proxy.guard import is_loopback
@@ -61,7 +62,17 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
 
     async def budgets(request: web.BaseRequest) -> web.Response:
         # Live spend and reservations: what `skyproxy budget show` prints while the daemon runs.
-        return web.json_response({"budgets": state.budgets.snapshot()}, dumps=_dumps)
+        settings = state.runtime.settings
+        if settings.cluster is None or not settings.budgets:
+            return web.json_response({"source": "daemon", "budgets": state.budgets.snapshot()}, dumps=_dumps)
+        from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
+
+        try:  # [cluster]: every replica's figures, as they admit creates, not this one's lines alone
+            source, rows = await shared_report(settings)
+        except ClusterUnavailable:
+            message = "The shared budgets cannot be read from Redis right now. Please retry."
+            return error_response(503, "limits_unavailable", message, request_id_of(request.headers))
+        return web.json_response({"source": source, "budgets": rows}, dumps=_dumps)
 
     async def reload(request: web.BaseRequest) -> web.Response:
         if state.reload is None:

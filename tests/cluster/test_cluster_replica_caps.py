@@ -90,6 +90,16 @@ async def test_a_1_dollar_budget_admits_exactly_3_of_20_creates_at_030_across_re
 
         await eventually(all_see_the_spend, "the spend of the three seen by every replica")
         assert upstream.creates == 3
+        # Each replica's /-/budgets shows every replica's figures, not its own lines alone.
+        for daemon in replicas:
+            async with session.get(f"{daemon.url}/-/budgets") as answer:
+                text = await answer.text()
+                captured.append(text)
+                report = await answer.json()
+            assert report["source"] == f"Redis redis://127.0.0.1:{server.port}/0 (every replica)"
+            assert [(r["subject"], r["spent_usd"], r["reserved_usd"]) for r in report["budgets"]] == [
+                ("alice", 0.9, 0.0)
+            ]
         # Another user's budget is their own.
         assert (await post(session, replicas[1], "bob"))[0] == 201
     assert_password_hidden(replicas, captured)
