@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from skyproxy import __version__
+from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.dashboard.board import Board
 from skyproxy.dashboard.traffic import Bucket
 from skyproxy.webhooks.store import Store, StoreError
@@ -60,13 +61,32 @@ def traffic(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> dic
     return {"window": window, **board.traffic.document(window)}
 
 
-def spend(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> dict[str, Any]:
+def spend(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> Any:
+    """Spend by user, model, token and environment from the audit lines, and the budgets'
+    bars; with [cluster], the bars are every replica's figures, read from Redis."""
+    settings = dashboard.state.runtime.settings
+    if settings.cluster is not None and settings.budgets:
+        return _shared_spend(dashboard, board)
+    return _spend(board, "daemon", dashboard.state.budgets.snapshot())
+
+
+async def _shared_spend(dashboard: Dashboard, board: Board) -> dict[str, Any]:
+    from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
+
+    try:
+        source, rows = await shared_report(dashboard.state.runtime.settings)
+    except ClusterUnavailable:
+        source, rows = "this replica (Redis did not answer)", dashboard.state.budgets.snapshot()
+    return _spend(board, source, rows)
+
+
+def _spend(board: Board, source: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     budgets = []
-    for row in dashboard.state.budgets.snapshot():
+    for row in rows:
         limit = row["limit_usd"]
         used = row["spent_usd"] + row["reserved_usd"]
         budgets.append({**row, "used_fraction": round(used / limit, 4) if limit else None})
-    return {**board.spend.document(), "budgets": budgets}
+    return {**board.spend.document(), "budgets": budgets, "budgets_source": source}
 
 
 def predictions(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> dict[str, Any]:

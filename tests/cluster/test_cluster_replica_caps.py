@@ -100,6 +100,10 @@ async def test_a_1_dollar_budget_admits_exactly_3_of_20_creates_at_030_across_re
             assert [(r["subject"], r["spent_usd"], r["reserved_usd"]) for r in report["budgets"]] == [
                 ("alice", 0.9, 0.0)
             ]
+            async with session.get(f"{daemon.url}/-/api/spend") as answer:  # the dashboard's bars
+                captured.append(await answer.text())
+                bars = (await answer.json())["budgets"]
+            assert [(r["subject"], r["spent_usd"], r["used_fraction"]) for r in bars] == [("alice", 0.9, 0.9)]
         # Another user's budget is their own.
         assert (await post(session, replicas[1], "bob"))[0] == 201
     assert_password_hidden(replicas, captured)
