@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
@@ -49,73 +49,92 @@ class JumpingClock:
         self.stopped = None
 
 
-async def turns(count: int) -> None:
-    for _ in range(count):
-        await asyncio.sleep(0)
+class Upload:
+    """A chunked upload through a real proxy to a real upstream, on a loop whose clock
+    the test stops and jumps."""
+
+    def __init__(self, clock: JumpingClock, reader: asyncio.StreamReader, sock: socket.socket) -> None:
+        self.clock = clock
+        self.reader = reader
+        self.sock = sock
+
+    async def stall(self, sending: bytes | None) -> None:
+        """The loop held up past idle_timeout; `sending` reaches the proxy's socket during
+        the stall, well before the deadline. Stopped, the sweep runs out whatever it had
+        queued and waits on a timer that cannot come due; then the clock jumps, so that
+        timer and the one writing `sending` come due in the same turn: the sweep is queued
+        before the loop next reads its sockets."""
+        loop = asyncio.get_running_loop()
+        stopped = self.clock.stop()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if sending is not None:
+            loop.call_at(stopped + 2 * RESOLUTION, self.sock.send, sending)
+        self.clock.jump(IDLE + 1.0)
+
+    async def answer(self) -> RawResponse:
+        return await asyncio.wait_for(read_response(self.reader), 10)
 
 
-def echo_app(first_in: asyncio.Event) -> web.Application:
+def echo_app(pieces: list[bytes]) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
-        first = await request.content.readany()
-        first_in.set()
-        rest = await request.read()
-        return web.json_response({"body": (first + rest).decode()})
+        async for piece in request.content.iter_any():
+            pieces.append(piece)
+        return web.json_response({"body": b"".join(pieces).decode()})
 
     app = web.Application()
     app.router.add_post("/v1/upload", echo)
     return app
 
 
-async def open_socket(url: str) -> tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection whose socket the test can also write to directly, at an exact turn."""
-    target = URL(url)
-    assert target.host is not None and target.port is not None
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    return sock, reader, writer
-
-
-async def upload_across_a_stall(
-    monkeypatch: pytest.MonkeyPatch, raw_upstream, start_proxy, rest_in_time: bool
-) -> RawResponse:
-    """A chunked upload whose first piece flows; then the loop stalls past idle_timeout,
-    and the rest reaches the proxy's socket during the stall (`rest_in_time`) or never."""
+@pytest.fixture
+async def upload(
+    monkeypatch, raw_upstream, start_proxy, canary_env
+) -> AsyncIterator[tuple[Upload, list[bytes]]]:
+    """An upload whose first piece has reached the upstream; the pieces the upstream got."""
     loop = asyncio.get_running_loop()
     clock = JumpingClock(loop.time)
     monkeypatch.setattr(loop, "time", clock)  # before the proxy arms any deadline on it
-    first_in = asyncio.Event()
-    upstream = await raw_upstream(echo_app(first_in))
-    server = f"upstream_timeout = {IDLE * 2}\nidle_timeout = {IDLE}"
-    proxy = await start_proxy(env_config(upstream, server=server))
-    sock, reader, writer = await open_socket(proxy.url)
+    pieces: list[bytes] = []
+    upstream = await raw_upstream(echo_app(pieces))
+    proxy = await start_proxy(
+        env_config(upstream, server=f"upstream_timeout = {IDLE * 2}\nidle_timeout = {IDLE}")
+    )
+    target = URL(proxy.url)
+    assert target.host is not None and target.port is not None
+    # A socket the test also writes to directly, at an exact turn of the loop.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (target.host, target.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
     try:
         head = [("Host", host_of(proxy.url)), ("Transfer-Encoding", "chunked"), ("X-User-Id", "alice")]
         writer.write(http_head("POST", "/v1/upload", head) + b"5\r\nhello\r\n")
         await writer.drain()
-        await eventually(first_in.is_set, "the first piece reached the upstream")
-        # Stopped, the sweep runs out whatever it had queued and waits on a timer that
-        # cannot come due; then the clock jumps past the deadline, so that timer and the
-        # one writing the rest (due well before the deadline) run in the same turn.
-        stopped = clock.stop()
-        await turns(5)
-        if rest_in_time:
-            loop.call_at(stopped + 2 * RESOLUTION, sock.send, b"5\r\nworld\r\n0\r\n\r\n")
-        clock.jump(IDLE + 1.0)
-        return await asyncio.wait_for(read_response(reader), 10)
+        await eventually(lambda: pieces == [b"hello"], "the first piece reached the upstream")
+        yield Upload(clock, reader, sock), pieces
     finally:
         writer.close()
 
 
-async def test_a_body_that_arrived_during_a_stall_is_not_408(
-    monkeypatch, raw_upstream, start_proxy, canary_env
-):
-    answer = await upload_across_a_stall(monkeypatch, raw_upstream, start_proxy, rest_in_time=True)
+async def test_a_body_that_arrived_during_a_stall_is_not_408(upload):
+    client, _ = upload
+    await client.stall(sending=b"5\r\nworld\r\n0\r\n\r\n")
+    answer = await client.answer()
     assert answer.status == 200, answer.body
     assert answer.json() == {"body": "helloworld"}  # all of it, on to the upstream
 
 
-async def test_a_body_still_missing_after_a_stall_is_408(monkeypatch, raw_upstream, start_proxy, canary_env):
-    answer = await upload_across_a_stall(monkeypatch, raw_upstream, start_proxy, rest_in_time=False)
-    assert_error(408, "body_timeout", answer)
+async def test_a_body_still_missing_after_a_stall_is_408(upload):
+    client, pieces = upload
+    await client.stall(sending=None)
+    assert_error(408, "body_timeout", await client.answer())
+    assert pieces == [b"hello"]
+
+
+async def test_a_client_spared_by_a_stall_is_still_cut_when_it_goes_silent(upload):
+    client, pieces = upload
+    await client.stall(sending=b"5\r\nworld\r\n")  # in time; then nothing more
+    await eventually(lambda: b"".join(pieces) == b"helloworld", "the second piece reached the upstream")
+    await client.stall(sending=None)
+    assert_error(408, "body_timeout", await client.answer())
