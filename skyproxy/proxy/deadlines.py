@@ -11,6 +11,12 @@ is that a deadline may be late by up to `RESOLUTION`. An expired exchange's task
 cancelled while it is suspended inside the exchange, and the exchange, seeing its
 deadline `fired`, turns that cancellation into its own answer, or cuts the client off
 when the answer had started.
+
+A loop held up past a deadline runs its due timers and queued callbacks before it reads
+its sockets again, so the sweep can find a deadline expired while the bytes that move
+it on sit unread. An expired deadline therefore fires only if it has still not moved
+after `LOOKS` more turns of the loop: bytes already received reach their exchange
+within those turns. A silent peer is cut at most `RESOLUTION` plus those turns late.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import itertools
 from collections.abc import Callable
 from enum import Enum
 
-RESOLUTION = 0.05  # seconds a deadline may be late
+RESOLUTION = 0.05  # seconds a deadline may be late, beyond the `LOOKS` turns
+LOOKS = 3  # turns of the loop before an expired deadline fires: read, then wake the exchange, then it runs
 COMPACT_MIN = 4096
 
 
@@ -105,21 +112,43 @@ class Deadlines:
         while heap:
             await asyncio.sleep(RESOLUTION)
             now = loop.time()
-            while heap and (heap[0][2].done or heap[0][0] <= now):
-                _, entry, deadline = heapq.heappop(heap)
-                if deadline.done or deadline.fired or entry != deadline.entry:
-                    continue
-                if deadline.at > now:  # moved on since it was filed
-                    self.file(deadline, deadline.at)
-                    continue
-                deadline.fired = True
-                deadline.task.cancel()
+            expired = self._expired(now)
+            if expired:
+                for _ in range(LOOKS):  # bytes already received get their turns first
+                    await asyncio.sleep(0)
+                self._fire(expired, now)
             if len(heap) > self._compact_at:
                 # Finished exchanges behind a long one (a stream) would otherwise wait
                 # for it to reach the front; drop them, amortised over the growth.
                 heap[:] = [entry for entry in heap if not entry[2].done and entry[1] == entry[2].entry]
                 heapq.heapify(heap)
                 self._compact_at = max(COMPACT_MIN, 2 * len(heap))
+
+    def _expired(self, now: float) -> list[tuple[int, Deadline]]:
+        """Takes out the deadlines that are due at `now`; files again those moved on since."""
+        heap = self._heap
+        expired: list[tuple[int, Deadline]] = []
+        while heap and (heap[0][2].done or heap[0][0] <= now):
+            _, entry, deadline = heapq.heappop(heap)
+            if deadline.done or deadline.fired or entry != deadline.entry:
+                continue
+            if deadline.at > now:  # moved on since it was filed
+                self.file(deadline, deadline.at)
+                continue
+            expired.append((entry, deadline))
+        return expired
+
+    def _fire(self, expired: list[tuple[int, Deadline]], found: float) -> None:
+        """Cancels the exchanges whose deadlines, expired when `found`, have not moved since."""
+        for entry, deadline in expired:
+            if deadline.done or deadline.fired:
+                continue
+            if deadline.at > found:  # progress during the looks
+                if entry == deadline.entry:  # else entering a phase has filed it anew
+                    self.file(deadline, deadline.at)
+                continue
+            deadline.fired = True
+            deadline.task.cancel()
 
     async def close(self) -> None:
         if self._sweeper is not None:
