@@ -5,9 +5,10 @@ connection that never completes its request head is kept for as long as the clie
 likes, so slow-header clients ("slowloris") could hold every file descriptor. Here
 each new connection must deliver a complete head within `header_timeout` (else 408 and
 close), and a listener holds at most `max_connections`. When full, the connection that
-has waited longest for its head is shed to make room: those are the cheapest to lose,
-and a real client then still gets in. Only when every connection is serving a request
-is a newcomer answered 503.
+has waited longest for its head is shed (503 `connection_shed`) to make room: those are
+the cheapest to lose, and a real client then still gets in. Only when every connection
+is serving a request is a newcomer answered 503 `too_many_connections`. A connection
+answered either way never has a request forwarded, even one whose head had arrived.
 """
 
 from __future__ import annotations
@@ -48,7 +49,17 @@ def _answer(status: int, reason: str, code: str, message: str) -> bytes:
 
 
 _TIMED_OUT = _answer(408, "Request Timeout", "header_timeout", "The request head did not arrive in time.")
+_SHED = _answer(
+    503,
+    "Service Unavailable",
+    "connection_shed",
+    "The listener is at max_connections; this connection had sent no request yet. Retry.",
+)
 _FULL = _answer(503, "Service Unavailable", "too_many_connections", "Too many open connections; retry.")
+
+
+async def _dropped() -> web.StreamResponse:
+    return web.Response(status=499)  # never sent: the connection is closing
 
 
 class GuardedServer(web.Server):
@@ -79,6 +90,13 @@ class GuardedServer(web.Server):
         waiting = self._waiting.pop(request.protocol, None)
         if waiting is not None:
             waiting[0].cancel()
+        else:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # Answered already (shed, or its head deadline passed) while aiohttp held the
+                # parsed head for the next loop turn: the client was told no, so the request
+                # must not reach the upstream, where a create would be billed.
+                return _dropped()
         return self._inner(request)
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
@@ -107,7 +125,7 @@ class GuardedServer(web.Server):
             if where == listener:
                 timer.cancel()
                 del self._waiting[handler]
-                transport.write(_TIMED_OUT)
+                transport.write(_SHED)
                 transport.close()
                 self._closed(listener, "shed")
                 return True

@@ -97,10 +97,47 @@ async def test_when_full_the_longest_waiting_slow_head_is_shed(mock_upstream, st
     async with proxy.session.get(f"{proxy.url}/v1/models", headers={"X-User-Id": "alice"}) as r:
         assert r.status == 200
     oldest = await read_until_closed(slow[0][0])
-    assert oldest.startswith(b"HTTP/1.1 408 "), oldest
+    assert oldest.startswith(b"HTTP/1.1 503 "), oldest
+    assert json.loads(oldest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "connection_shed"
     assert (proxy.url.removeprefix("http://"), "shed") in proxy.state.metrics.clients_closed
     for _, writer in slow:
         writer.close()
+
+
+async def test_a_request_whose_connection_was_answered_already_is_not_forwarded(
+    raw_upstream, start_proxy, canary_env
+):
+    """The head and its deadline come due in the same loop turn (the loop stood still): the
+    client is answered 408 and the connection closed, and aiohttp still holds the parsed
+    head for the next turn. That create must not reach the upstream, where it is billed."""
+    arrived = 0
+
+    async def create(request: web.Request) -> web.Response:
+        nonlocal arrived
+        arrived += 1
+        return web.json_response({"id": "p1", "status": "starting"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/v1/predictions", create)
+    proxy = await start_proxy(env_config(await raw_upstream(app), server=server_limits(header=0.2)))
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    body = b'{"model": "truefusion-pro", "input": {"prompt": "x"}}'
+    head = (
+        b"POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: alice\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    client = socket.create_connection((host, int(port)))
+    try:
+        await eventually(lambda: sum(proxy.server.client_connections().values()) == 1, "accepted")
+        client.sendall(head + body)
+        time.sleep(0.5)  # in the loop's own thread: the bytes and the deadline are due together
+        client.settimeout(15)
+        answer = await asyncio.to_thread(client.recv, 65536)
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    await asyncio.sleep(0.3)  # turns enough for a queued request to have been dispatched
+    assert arrived == 0
 
 
 async def test_when_every_connection_is_busy_a_newcomer_gets_503(raw_upstream, start_proxy, canary_env):
