@@ -22,6 +22,7 @@ from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
 from skyproxy.proxy import access, body, creates, record
 from skyproxy.proxy.cors import cors_headers, preflight
+from skyproxy.proxy.deadlines import Phase
 from skyproxy.proxy.exchange import Call, Failure, Route
 from skyproxy.proxy.forward import BODY_TIMED_OUT, forward
 from skyproxy.proxy.guard import Refusal
@@ -188,7 +189,7 @@ class ProxyHandler:
                 return self._too_many(call, slots)
             call.slots = slots
         if route.budgeted and call.kind == "create":
-            return await self._reserve(call)
+            return await self._reserve(call, route)
         return None
 
     def _token_refused(self, call: Call, refusal: Refusal) -> web.Response:
@@ -214,7 +215,7 @@ class ProxyHandler:
             extra={"retry_after": over.retry_after},
         )
 
-    async def _reserve(self, call: Call) -> web.Response | None:
+    async def _reserve(self, call: Call, route: Route) -> web.Response | None:
         """The create's estimate reserved under every budget, or 402 when one would be passed.
 
         A small body is read now to find its model; one that streams on (or comes
@@ -228,7 +229,7 @@ class ProxyHandler:
             if request.content.is_eof():  # the usual small body, in with its head: no deadline to keep
                 read = await body.read_whole(request)
             else:
-                read = await _before_exchange(call, body.read_whole(request))
+                read = await _before_exchange(call, route, body.read_whole(request))
                 if isinstance(read, web.Response):
                     return read
             call.body = read
@@ -289,16 +290,20 @@ class ProxyHandler:
         return response
 
 
-async def _before_exchange(call: Call, reading: Coroutine[Any, Any, _T]) -> _T | web.Response:
-    """`reading`, which reads the client's body before the exchange and its deadline: at
-    once when the whole body is in already (the usual small one, sent with its head), else
-    within one idle_timeout, or 408."""
-    if call.request.content.is_eof():
-        return await reading
+async def _before_exchange(call: Call, route: Route, reading: Coroutine[Any, Any, _T]) -> _T | web.Response:
+    """`reading`, which reads the client's body before the exchange and its deadline, within
+    one idle_timeout, or 408. On the route's shared sweep, as `creates.prepared` is: no timer
+    per request, and a body that came in while the loop was held up is not cut for it."""
+    deadline = route.deadlines.arm(route.idle_timeout, Phase.UPLOAD)
     try:
-        return await asyncio.wait_for(reading, call.runtime.settings.server.idle_timeout)
-    except asyncio.TimeoutError:
+        return await reading
+    except asyncio.CancelledError:
+        if not deadline.fired:
+            raise
+        deadline.absorb()
         return _failed(call, BODY_TIMED_OUT)
+    finally:
+        deadline.finish()
 
 
 def _limits_unavailable(call: Call) -> web.Response:
