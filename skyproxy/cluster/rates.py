@@ -1,18 +1,26 @@
-"""Shared rate limits: the leaky buckets of `RATE_CHECK`, one round trip per request."""
+"""Shared rate limits: the leaky buckets of `RATE_CHECK`, one round trip per request.
+
+A check's call is encoded from pieces kept per bucket shape (environment, rule, rate):
+the key up to the user id and the rate's arguments. A user's bucket adds its id.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
+from skyproxy.cluster import resp
 from skyproxy.cluster.backend import Bucket, RateDecision
-from skyproxy.cluster.connection import RedisConnection, ScriptArg
+from skyproxy.cluster.connection import RedisConnection, ScriptArg, key_part
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.scripts import RATE_CHECK, RATE_REFUND
 
 __all__ = ["RedisRates"]
 
 _ALLOWED = RateDecision(True, None, 0.0, 0.0, ())
+_SHAPES_KEPT = 1024  # bucket shapes come from the config: a reload or two's worth
+_Shape = tuple[str, str, bool, int, float, float]
 
 
 class RedisRates:
@@ -22,6 +30,9 @@ class RedisRates:
         self._connection = connection
         self._check = connection.script(RATE_CHECK)
         self._refund = connection.script(RATE_REFUND)
+        # A shape's key (an environment bucket's whole key, a user bucket's up to the
+        # user id) and its encoded max_rate, period and max_wait.
+        self._shapes: dict[_Shape, tuple[str, bytes]] = {}
 
     def key(self, bucket: Bucket) -> str:
         # The rate is part of the name, so a reload that changes it starts the bucket empty.
@@ -30,6 +41,23 @@ class RedisRates:
             return self._connection.key("rate", bucket.environment, bucket.rule, rate, "env")
         return self._connection.key("rate", bucket.environment, bucket.rule, rate, "user", bucket.user)
 
+    def _encoded(self, bucket: Bucket) -> tuple[bytes, bytes]:
+        """The bucket's key and its arguments, as the script call carries them."""
+        b, user = bucket, bucket.user
+        shape = (b.environment, b.rule, user is None, b.max_rate, b.period, b.max_wait)
+        kept = self._shapes.get(shape)
+        if kept is None:
+            kept = self._shapes[shape] = self._shape(bucket)
+        key, args = kept
+        return resp.bulk(key if user is None else key + key_part(user)), args
+
+    def _shape(self, bucket: Bucket) -> tuple[str, bytes]:
+        if len(self._shapes) >= _SHAPES_KEPT:
+            self._shapes.clear()
+        key = self.key(bucket if bucket.user is None else dataclasses.replace(bucket, user=""))
+        max_wait = bucket.max_wait if bucket.user is None else 0
+        return key, b"".join(map(resp.bulk, (bucket.max_rate, bucket.period, max_wait)))
+
     async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
         if not buckets:
             return _ALLOWED
@@ -37,13 +65,12 @@ class RedisRates:
         order = [i for i, b in enumerate(buckets) if b.user is not None]
         users = len(order)
         order += [i for i, b in enumerate(buckets) if b.user is None]
-        keys = [self.key(buckets[i]) for i in order]
-        args: list[ScriptArg] = [users]
-        for i in order:
-            bucket = buckets[i]
-            args += (bucket.max_rate, bucket.period, bucket.max_wait if bucket.user is None else 0)
+        encoded = [self._encoded(buckets[i]) for i in order]
+        count = len(order)
+        # KEYS, then ARGV: how many are user buckets, and three arguments per bucket.
+        data = [resp.bulk(count), *(key for key, _ in encoded), resp.bulk(users), *(a for _, a in encoded)]
         try:
-            raw = await self._connection.run(self._check, keys, args)
+            raw = await self._connection.run_tail(self._check, resp.Tail(2 + 4 * count, b"".join(data)))
         except ClusterUnavailable:
             if self._connection.fails_open:
                 return RateDecision(True, None, 0.0, 0.0, (0.0,) * len(buckets), unchecked=True)
