@@ -6,8 +6,10 @@ another for the read; concurrent calls each pay a write and a read of their own.
 request path that cost more than the script. Here every script call goes out on one
 redis-py `Connection`, through its public `send_packed_command` and `read_response`,
 encoded by `resp`:
-- calls made in the same turn of the event loop leave in one write, and one reader task
-  hands the replies back in order, so 64 concurrent requests share a round trip;
+- a call made while none is waiting for a reply is written at once by its caller;
+  calls made while others wait leave together in one write, on the next turn of the
+  event loop, and one reader task hands the replies back in order, so 64 concurrent
+  requests share a round trip;
 - one timer serves every call's deadline (see `_Session._expire`). A call that runs out
   of time fails alone, as does a caller that gives up: its reply is still read and
   dropped, so the connection stays in step;
@@ -71,11 +73,24 @@ class _Session:
     async def call(self, command: bytes, deadline: float) -> Any:
         """Sends one encoded command and waits for its reply (or its failure)."""
         reply: asyncio.Future[Any] = self.loop.create_future()
+        idle = not self.waiting
         self.waiting.append((reply, deadline))
         self._watch(deadline)
-        self.outgoing.append(command)
-        if not self._wake.done():
-            self._wake.set_result(None)
+        if not idle:
+            self.outgoing.append(command)
+            if not self._wake.done():
+                self._wake.set_result(None)
+        else:
+            # Nothing in flight: writing now saves waking the writer for one call.
+            # `send_packed_command` writes before its first await, so `waiting` and
+            # the bytes on the wire stay in the same order.
+            try:
+                await self._send(command)
+            except Exception as exc:
+                self.fail(exc)
+            except BaseException:  # cancelled while the write waited: the reply is dropped
+                reply.cancel()
+                raise
         return await reply
 
     def _watch(self, deadline: float) -> None:
