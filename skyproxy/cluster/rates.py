@@ -7,7 +7,6 @@ the key up to the user id and the rate's arguments. A user's bucket adds its id.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 
 from skyproxy.cluster import resp
@@ -54,7 +53,7 @@ class RedisRates:
     def _shape(self, bucket: Bucket) -> tuple[str, bytes]:
         if len(self._shapes) >= _SHAPES_KEPT:
             self._shapes.clear()
-        key = self.key(bucket if bucket.user is None else dataclasses.replace(bucket, user=""))
+        key = self.key(bucket if bucket.user is None else bucket._replace(user=""))
         max_wait = bucket.max_wait if bucket.user is None else 0
         return key, b"".join(map(resp.bulk, (bucket.max_rate, bucket.period, max_wait)))
 
@@ -79,13 +78,9 @@ class RedisRates:
         for position, i in enumerate(order):
             levels[i] = float(raw[4 + position])
         refusing = int(raw[1])
-        return RateDecision(
-            allowed=raw[0] == 1,
-            refused_by=order[refusing - 1] if refusing else None,
-            retry_after=float(raw[2]),
-            delay=float(raw[3]),
-            levels=tuple(levels),
-        )
+        refused_by = order[refusing - 1] if refusing else None
+        # allowed, refused_by, retry_after, delay, levels
+        return RateDecision(raw[0] == 1, refused_by, float(raw[2]), float(raw[3]), tuple(levels))
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:
         if not buckets:
