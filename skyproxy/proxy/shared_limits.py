@@ -35,12 +35,20 @@ def _seconds(wait: float) -> int:
 
 def _user_message(rule: RateRule) -> str:
     assert rule.per_user is not None
-    return f"Your generation limit ({rule.per_user.label}) has been reached. Please wait."
+    return f"Your generation limit ({rule.per_user.label}) has been reached."
 
 
 def _environment_message(rule: RateRule) -> str:
     assert rule.per_environment is not None
-    return f"The environment's request quota ({rule.per_environment.label}) has been reached. Please retry."
+    return f"The environment's request quota ({rule.per_environment.label}) has been reached."
+
+
+def _when(reached: str, retry_after: int, limit: str, reset: int) -> str:
+    """`Limits`' 429 message, word for word (tests/cluster/test_cluster_shared_limits.py)."""
+    return (
+        f"{reached} The next request fits in {retry_after} s (Retry-After); "
+        f"all {limit} are available again in {reset} s (RateLimit-Reset)."
+    )
 
 
 class SharedLimits:
@@ -134,17 +142,20 @@ def _shown(decision: RateDecision, buckets: list[Bucket], after: float) -> tuple
 def _refusal(decision: RateDecision, index: int, bucket: Bucket, rule: RateRule) -> Verdict:
     seconds = _seconds(decision.retry_after)
     user = bucket.user is not None
+    limit = str(bucket.max_rate)
+    reset = decision.reset(index, bucket)
+    reached = _user_message(rule) if user else _environment_message(rule)
     return Verdict(
         allowed=False,
         code="rate_limited" if user else "environment_rate_limited",
-        message=_user_message(rule) if user else _environment_message(rule),
+        message=_when(reached, seconds, limit, reset),
         retry_after=seconds,
         scope="user" if user else "environment",
         rule=rule.name,
         headers={
-            LIMIT: str(bucket.max_rate),
+            LIMIT: limit,
             REMAINING: "0",
-            RESET: str(decision.reset(index, bucket)),
+            RESET: str(reset),
             RETRY_AFTER: str(seconds),
         },
     )
