@@ -29,9 +29,7 @@ class RedisRates:
         self._connection = connection
         self._check = connection.script(RATE_CHECK)
         self._refund = connection.script(RATE_REFUND)
-        # A shape's key (an environment bucket's whole key, a user bucket's up to the
-        # user id) and its encoded max_rate, period and max_wait.
-        self._shapes: dict[_Shape, tuple[str, bytes]] = {}
+        self._shapes: dict[_Shape, tuple[bytes, bytes]] = {}
 
     def key(self, bucket: Bucket) -> str:
         # The rate is part of the name, so a reload that changes it starts the bucket empty.
@@ -48,28 +46,50 @@ class RedisRates:
         if kept is None:
             kept = self._shapes[shape] = self._shape(bucket)
         key, args = kept
-        return resp.bulk(key if user is None else key + key_part(user)), args
+        if user is None:
+            return key, args
+        return resp.bulk(key + key_part(user).encode()), args
 
-    def _shape(self, bucket: Bucket) -> tuple[str, bytes]:
+    def _shape(self, bucket: Bucket) -> tuple[bytes, bytes]:
+        """An environment bucket's encoded key, or a user bucket's key up to the user id;
+        and the encoded max_rate, period and max_wait."""
         if len(self._shapes) >= _SHAPES_KEPT:
             self._shapes.clear()
-        key = self.key(bucket if bucket.user is None else bucket._replace(user=""))
-        max_wait = bucket.max_wait if bucket.user is None else 0
+        if bucket.user is None:
+            key, max_wait = resp.bulk(self.key(bucket)), bucket.max_wait
+        else:
+            key, max_wait = self.key(bucket._replace(user="")).encode(), 0
         return key, b"".join(map(resp.bulk, (bucket.max_rate, bucket.period, max_wait)))
+
+    def _call(self, buckets: Sequence[Bucket]) -> tuple[resp.Tail, list[int]]:
+        """The script call, and the caller's index of each bucket in the order the
+        script wants them: the user buckets first."""
+        order: list[int] = []
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        users = 0
+        for i, bucket in enumerate(buckets):
+            key, encoded = self._encoded(bucket)
+            if bucket.user is None:
+                order.append(i)
+                keys.append(key)
+                args.append(encoded)
+            else:
+                order.insert(users, i)
+                keys.insert(users, key)
+                args.insert(users, encoded)
+                users += 1
+        count = len(order)
+        # KEYS, then ARGV: how many are user buckets, and three arguments per bucket.
+        data = b"".join((resp.count(count), *keys, resp.count(users), *args))
+        return resp.Tail(2 + 4 * count, data), order
 
     async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
         if not buckets:
             return _ALLOWED
-        # The script wants the user buckets first; answers are mapped back to the caller's order.
-        order = [i for i, b in enumerate(buckets) if b.user is not None]
-        users = len(order)
-        order += [i for i, b in enumerate(buckets) if b.user is None]
-        encoded = [self._encoded(buckets[i]) for i in order]
-        count = len(order)
-        # KEYS, then ARGV: how many are user buckets, and three arguments per bucket.
-        data = [resp.bulk(count), *(key for key, _ in encoded), resp.bulk(users), *(a for _, a in encoded)]
+        call, order = self._call(buckets)
         try:
-            raw = await self._connection.run_tail(self._check, resp.Tail(2 + 4 * count, b"".join(data)))
+            raw = await self._connection.run_tail(self._check, call)
         except ClusterUnavailable:
             if self._connection.fails_open:
                 return RateDecision(True, None, 0.0, 0.0, (0.0,) * len(buckets), unchecked=True)

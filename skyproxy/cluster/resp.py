@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Arg", "Tail", "bulk", "eval_", "evalsha", "tail"]
+__all__ = ["Arg", "Tail", "bulk", "count", "eval_", "evalsha", "tail"]
 
 Arg = bytes | str | int | float
 
@@ -41,8 +41,16 @@ def bulk(value: Arg) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+_COUNTS = tuple(bulk(n) for n in range(64))
+
+
+def count(n: int) -> bytes:
+    """A small count (of keys, of buckets) as a bulk string."""
+    return _COUNTS[n] if 0 <= n < len(_COUNTS) else bulk(n)
+
+
 def tail(keys: Sequence[str], args: Sequence[Arg]) -> Tail:
-    parts = [bulk(len(keys))]
+    parts = [count(len(keys))]
     parts += map(bulk, keys)
     parts += map(bulk, args)
     return Tail(len(parts), b"".join(parts))
