@@ -146,6 +146,7 @@ def _summarise(
         "rounds": rounds,
         "summary": summary,
         "added_p50_us_c1": spread(added),
+        "added_p50_us_c1_rounds": added,
         "added_p50_us_c1_median_of_medians": (
             summary["redis"]["p50_us_c1"]["median"] - summary["local"]["p50_us_c1"]["median"]
         ),
@@ -215,6 +216,9 @@ def print_report(results: dict[str, Any]) -> None:
         f"  added p50 at 1 conn (paired per round): {fmt_spread(section['added_p50_us_c1'])} µs; "
         f"throughput {section['throughput_ratio']:.2f}x local"
     )
+    added = section.get("added_p50_us_c1_rounds")
+    if added:
+        print(f"  added p50 per round, in order: {', '.join(f'{a:,.0f}' for a in added)} µs")
     cluster = section.get("cluster_status", {})
     if "errors_total" in cluster:
         print(

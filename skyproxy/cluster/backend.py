@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Bucket",
@@ -44,8 +44,9 @@ _EPS = 1e-9
 
 
 # -- rates ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Bucket:
+# Built for every limited request: tuples, since a frozen dataclass sets each field
+# through `object.__setattr__`.
+class Bucket(NamedTuple):
     """One leaky bucket a request takes a unit from: a user's, or the environment's (user None)."""
 
     environment: str
@@ -60,8 +61,7 @@ class Bucket:
         return self.max_rate / self.period
 
 
-@dataclass(frozen=True, slots=True)
-class RateDecision:
+class RateDecision(NamedTuple):
     """The answer for the buckets of one request, in the order they were given."""
 
     allowed: bool

@@ -34,12 +34,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from skyproxy.cluster import resp
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.lane import ScriptLane
 from skyproxy.cluster.scripts import PROBE
 from skyproxy.cluster.url import RedisURL
 
-__all__ = ["OnError", "RedisConnection", "ScriptArg"]
+__all__ = ["OnError", "RedisConnection", "ScriptArg", "key_part"]
 
 log = logging.getLogger("skyproxy.cluster")
 
@@ -68,7 +69,7 @@ else:  # pragma: no cover
         return await asyncio.wait_for(call, seconds)
 
 
-def _part(text: str) -> str:
+def key_part(text: str) -> str:
     """A key component that cannot be mistaken for a separator."""
     if ":" in text or "%" in text:
         return text.replace("%", "%25").replace(":", "%3A")
@@ -123,7 +124,7 @@ class RedisConnection:
 
     def key(self, *parts: str) -> str:
         """A namespaced key: the prefix, then the parts joined by ':' (escaped inside parts)."""
-        return self.prefix + ":".join(_part(p) for p in parts)
+        return self.prefix + ":".join(key_part(p) for p in parts)
 
     def script(self, source: str) -> AsyncScript:
         """A Lua script run by its SHA, loaded again by redis-py after a Redis restart."""
@@ -157,12 +158,16 @@ class RedisConnection:
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """A script on the pipelined connection: bounded, counted, `ClusterUnavailable` on failure."""
+        return await self.run_tail(script, resp.tail(keys, args))
+
+    async def run_tail(self, script: AsyncScript, call: resp.Tail) -> Any:
+        """`run` with the keys and arguments already encoded."""
         if self._down_since is not None:
             self.errors_total += 1
             self._failed_in_outage += 1
             raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
         try:
-            return await self._lane.run(script.sha, script.script, keys, args)
+            return await self._lane.run_tail(script.sha, script.script, call)
         except _FAILURES as exc:
             raise self._failed(exc) from None
 

@@ -4,10 +4,12 @@
 through a retry object and observability hooks, and arms a timeout for the write and
 another for the read; concurrent calls each pay a write and a read of their own. On the
 request path that cost more than the script. Here every script call goes out on one
-redis-py `Connection`, through its public `pack_command`, `send_packed_command` and
-`read_response`:
-- calls made in the same turn of the event loop leave in one write, and one reader task
-  hands the replies back in order, so 64 concurrent requests share a round trip;
+redis-py `Connection`, through its public `send_packed_command` and `read_response`,
+encoded by `resp`:
+- a call made while none is waiting for a reply is written at once by its caller;
+  calls made while others wait leave together in one write, on the next turn of the
+  event loop, and one reader task hands the replies back in order, so 64 concurrent
+  requests share a round trip;
 - one timer serves every call's deadline (see `_Session._expire`). A call that runs out
   of time fails alone, as does a caller that gives up: its reply is still read and
   dropped, so the connection stays in step;
@@ -32,11 +34,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from skyproxy.cluster import resp
+
 __all__ = ["ScriptLane"]
 
 ScriptSource = str | bytes | memoryview
-ScriptArg = bytes | str | int | float
-_Part = ScriptSource | int | float
+ScriptArg = resp.Arg
 _Waiter = tuple["asyncio.Future[Any]", float]
 # uvloop's timers have millisecond resolution: a timer may fire just before its time.
 _EARLY_S = 0.001
@@ -67,18 +70,35 @@ class _Session:
             loop.create_task(self._write_forever()),
         )
 
-    def submit(self, args: Sequence[_Part], deadline: float) -> asyncio.Future[Any]:
+    async def call(self, command: bytes, deadline: float) -> Any:
+        """Sends one encoded command and waits for its reply (or its failure)."""
         reply: asyncio.Future[Any] = self.loop.create_future()
-        self.outgoing += self.connection.pack_command(*args)
+        idle = not self.waiting
         self.waiting.append((reply, deadline))
-        if not self._wake.done():
-            self._wake.set_result(None)
+        self._watch(deadline)
+        if not idle:
+            self.outgoing.append(command)
+            if not self._wake.done():
+                self._wake.set_result(None)
+        else:
+            # Nothing in flight: writing now saves waking the writer for one call.
+            # `send_packed_command` writes before its first await, so `waiting` and
+            # the bytes on the wire stay in the same order.
+            try:
+                await self._send(command)
+            except Exception as exc:
+                self.fail(exc)
+            except BaseException:  # cancelled while the write waited: the reply is dropped
+                reply.cancel()
+                raise
+        return await reply
+
+    def _watch(self, deadline: float) -> None:
         timer = self._timer
         if not self._looking and (timer is None or deadline < timer.when()):
             if timer is not None:
                 timer.cancel()
             self._timer = self.loop.call_at(deadline, self._expire)
-        return reply
 
     def fail(self, error: BaseException) -> None:
         """Every waiting call gets `error`; the session takes no more calls."""
@@ -143,6 +163,12 @@ class _Session:
             self._timer.cancel()
         self._timer = self.loop.call_at(when, self._expire)
 
+    async def _send(self, chunks: bytes | list[bytes]) -> None:
+        if not self.connection.is_connected:
+            # send_packed_command would connect again, out of step with `waiting`.
+            raise RedisConnectionError("the Redis connection was lost")
+        await self.connection.send_packed_command(chunks, check_health=False)
+
     async def _write_forever(self) -> None:
         try:
             while True:
@@ -151,10 +177,7 @@ class _Session:
                 chunks, self.outgoing = self.outgoing, []
                 if self.broken is not None:
                     return
-                if not self.connection.is_connected:
-                    # send_packed_command would connect again, out of step with `waiting`.
-                    raise RedisConnectionError("the Redis connection was lost")
-                await self.connection.send_packed_command(chunks, check_health=False)
+                await self._send(chunks)
         except Exception as exc:
             self.fail(exc)
 
@@ -199,18 +222,23 @@ class ScriptLane:
         self, sha: str, source: ScriptSource, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
         """EVALSHA, or EVAL once when Redis does not know the script, within the timeout."""
+        return await self.run_tail(sha, source, resp.tail(keys, args))
+
+    async def run_tail(self, sha: str, source: ScriptSource, call: resp.Tail) -> Any:
+        """`run` with the keys and arguments already encoded."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         session = self._session
         if session is None or session.broken is not None:
             session = await self._connect(deadline)
         try:
-            return await session.submit(("EVALSHA", sha, len(keys), *keys, *args), deadline)
+            return await session.call(resp.evalsha(sha.encode(), call), deadline)
         except NoScriptError:
             pass
         if session.broken is not None:
             session = await self._connect(deadline)
-        return await session.submit(("EVAL", source, len(keys), *keys, *args), deadline)
+        text = source.encode() if isinstance(source, str) else bytes(source)
+        return await session.call(resp.eval_(text, call), deadline)
 
     def reset(self) -> None:
         """Drops the connection; the next call opens another."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from helpers.redis_server import RedisServer
+from redis.asyncio import Redis
 
 from skyproxy.cluster.backend import Bucket
 from skyproxy.cluster.node import ClusterNode
@@ -128,3 +129,23 @@ async def test_no_buckets_is_allowed_without_a_call(redis_server: RedisServer, m
     redis_server.stop()
     assert (await node.rates.check([])).allowed
     assert node.connection.errors_total == 0
+
+
+async def test_a_check_writes_the_buckets_that_key_names(redis_server: RedisServer, make_node: Make) -> None:
+    node = await make_node(redis_server.url)
+    observer = Redis.from_url(redis_server.url)
+    try:
+        buckets = [
+            Bucket("dev", "r:1", None, 5, 60.0, max_wait=2.0),
+            Bucket("dev", "r:1", "a:b%c", 5, 60.0),
+            Bucket("dev", "r:1", "é", 5, 60.0),  # the same shape, another user
+            Bucket("dev", "r:1", "a:b%c", 6, 60.0),  # another rate: a bucket of its own
+        ]
+        for _ in range(2):  # the second check is encoded from the kept pieces
+            assert (await node.rates.check(buckets)).allowed
+        written = {key.decode() for key in await observer.keys("test:rate:*")}
+        assert written == {node.rates.key(b) for b in buckets}
+        levels = [await observer.hget(node.rates.key(b), "l") for b in buckets]
+        assert all(level is not None and 1.99 < float(level) <= 2.0 for level in levels), levels
+    finally:
+        await observer.aclose()
