@@ -257,14 +257,21 @@ return #KEYS / 4
 # ARGV[1]: "estimate", "final", or "final-where-estimated" (a terminal line that names no
 # user: its cost goes where the estimate went, as a single replica bills the creator),
 # ARGV[2]: amount, ARGV[3]: when the record expires (Unix time), ARGV[3 + i]: when state
-# key i + 1 expires. An estimate after a final changes nothing; an amount taken back
-# leaves a state key that is gone (a past period) alone. Returns 1 when counted, else 0.
+# key i + 1 expires. An estimate after a final changes nothing, but for a final that
+# named no user and found no estimate to follow (another replica's created line can
+# still be on its way): it counted where its line said, as "unplaced", and moves to
+# where the estimate would have gone. An amount taken back leaves a state key that is
+# gone (a past period) alone. Returns 1 when counted, else 0.
 # The remembered keys are not in KEYS, which one Redis allows; like every script here
 # that spans several keys, it is not meant for Redis Cluster.
 BUDGET_PREDICTION = """
 local kind, amount = ARGV[1], tonumber(ARGV[2])
 local held = redis.call('HMGET', KEYS[1], 'kind', 'amount', 'keys')
 if kind == 'estimate' and held[1] == 'final' then return 0 end
+local unplaced = held[1] == 'unplaced'
+if kind == 'estimate' and unplaced then
+  kind, amount = 'final', tonumber(held[2])
+end
 local before = {}
 if held[2] then
   before = cjson.decode(held[3])
@@ -287,7 +294,11 @@ else
     counted[#counted + 1] = KEYS[i]
   end
 end
-if kind ~= 'estimate' then kind = 'final' end
+if kind == 'final-where-estimated' then
+  kind = (not held[2] or unplaced) and 'unplaced' or 'final'
+elseif kind ~= 'estimate' then
+  kind = 'final'
+end
 redis.call('HSET', KEYS[1], 'kind', kind, 'amount', amount, 'keys', cjson.encode(counted))
 redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[3]))
 return 1

@@ -200,6 +200,33 @@ async def test_a_final_cost_without_a_user_counts_where_the_estimate_did(
     assert (await node.budgets.usage(nobody)).spent_usd == 0.05
 
 
+async def test_a_final_cost_without_a_user_that_comes_before_its_estimate_moves_there(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    """A poll through another replica can be answered, and its terminal line counted,
+    before the creating replica's queued estimate reaches Redis: the cost must still end
+    up billed to the creator, once, and not to "no user"."""
+    creator, poller = await make_node(redis_server.url), await make_node(redis_server.url)
+    alice, nobody = scope(), scope(subject="none")
+    until = time.time() + 3600
+    poller.budgets.prediction_soon("pred_1", True, [nobody], 0.10, until, where_estimated=True)
+    await poller.budgets.stop()
+    assert (await poller.budgets.usage(nobody)).spent_usd == 0.1  # counted meanwhile
+    creator.budgets.prediction_soon("pred_1", False, [alice], 0.30, until)
+    creator.budgets.prediction_soon("pred_1", False, [alice], 0.30, until)  # a line written twice
+    await creator.budgets.stop()
+    assert (await creator.budgets.usage(alice)).spent_usd == 0.1
+    assert (await creator.budgets.usage(nobody)).spent_usd == 0.0
+    # A terminal line that names the user places it for good; a later estimate changes nothing.
+    other = await make_node(redis_server.url)
+    other.budgets.prediction_soon("pred_2", True, [nobody], 0.05, until, where_estimated=True)
+    other.budgets.prediction_soon("pred_2", True, [alice], 0.07, until)
+    other.budgets.prediction_soon("pred_2", False, [nobody], 0.30, until)
+    await other.budgets.stop()
+    assert (await other.budgets.usage(alice)).spent_usd == pytest.approx(0.17)
+    assert (await other.budgets.usage(nobody)).spent_usd == 0.0
+
+
 async def test_a_burst_larger_than_one_transaction_is_sent_whole_and_in_order(
     redis_server: RedisServer, make_node: Make
 ) -> None:
