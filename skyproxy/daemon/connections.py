@@ -4,7 +4,8 @@ aiohttp closes an idle keep-alive connection after `keepalive_timeout`, but a fr
 connection that never completes its request head is kept for as long as the client
 likes, so slow-header clients ("slowloris") could hold every file descriptor. Here
 each new connection must deliver a complete head within `header_timeout` (else 408 and
-close), and a listener holds at most `max_connections`. When full, the connection that
+close; a head that arrived in time but was not yet read, the loop being held up, is
+still served), and a listener holds at most `max_connections`. When full, the connection that
 has waited longest for its head is shed (503 `connection_shed`) to make room: those are
 the cheapest to lose, and a real client then still gets in. Only when every connection
 is serving a request is a newcomer answered 503 `too_many_connections`. A connection
@@ -22,6 +23,8 @@ from random import getrandbits
 from typing import Any
 
 from aiohttp import web
+
+from skyproxy.proxy.deadlines import LOOKS
 
 log = logging.getLogger("skyproxy")
 Listener = tuple[str, int]
@@ -96,6 +99,9 @@ class GuardedServer(web.Server):
                 # Answered already (shed, or its head deadline passed) while aiohttp held the
                 # parsed head for the next loop turn: the client was told no, so the request
                 # must not reach the upstream, where a create would be billed.
+                listener = self._listener_of.get(request.protocol)
+                if listener is not None:
+                    self._closed(listener, "request_dropped")
                 return _dropped()
         return self._inner(request)
 
@@ -144,11 +150,15 @@ class GuardedServer(web.Server):
                 self.limits.max_connections,
             )
 
-    def _timed_out(self, handler: web.RequestHandler) -> None:
-        waiting = self._waiting.pop(handler, None)
-        if waiting is None:
+    def _timed_out(self, handler: web.RequestHandler, looks: int = LOOKS) -> None:
+        if handler not in self._waiting:
+            return  # its first request came
+        if looks:
+            # A loop held up can run this timer before it reads a head that arrived in time:
+            # that head gets its turns to reach the handler first, as in proxy/deadlines.py.
+            asyncio.get_running_loop().call_soon(self._timed_out, handler, looks - 1)
             return
-        _, listener, transport = waiting
+        _, listener, transport = self._waiting.pop(handler)
         transport.write(_TIMED_OUT)
         transport.close()
         self._closed(listener, "header_timeout")

@@ -172,7 +172,8 @@ class Metrics:
         )
         yield _counter(
             "skyproxy_client_connections_closed",
-            "Client connections closed by the daemon: slow heads, shed for room, refused when full",
+            "Client connections closed by the daemon: slow heads, shed for room, refused when full; "
+            "request_dropped: a request on one of them that was not forwarded",
             ["listener", "reason"],
             self.clients_closed.items(),
         )

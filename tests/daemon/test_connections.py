@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
+import signal
 import socket
 import subprocess
 import time
@@ -104,40 +106,104 @@ async def test_when_full_the_longest_waiting_slow_head_is_shed(mock_upstream, st
         writer.close()
 
 
-async def test_a_request_whose_connection_was_answered_already_is_not_forwarded(
-    raw_upstream, start_proxy, canary_env
-):
-    """The head and its deadline come due in the same loop turn (the loop stood still): the
-    client is answered 408 and the connection closed, and aiohttp still holds the parsed
-    head for the next turn. That create must not reach the upstream, where it is billed."""
-    arrived = 0
+def counting_upstream() -> tuple[web.Application, list[int]]:
+    arrived: list[int] = []
 
     async def create(request: web.Request) -> web.Response:
-        nonlocal arrived
-        arrived += 1
+        arrived.append(1)
         return web.json_response({"id": "p1", "status": "starting"}, status=201)
 
     app = web.Application()
     app.router.add_post("/v1/predictions", create)
+    return app, arrived
+
+
+CREATE_BODY = b'{"model": "truefusion-pro", "input": {"prompt": "x"}}'
+CREATE_REQUEST = (
+    b"POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: alice\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(CREATE_BODY), CREATE_BODY)
+)
+
+
+async def test_a_head_due_with_its_deadline_is_served(raw_upstream, start_proxy, canary_env):
+    """The loop stood still while the head arrived and its deadline passed: both are due in
+    one turn. The head came in time, so it is served, not refused for the loop's delay."""
+    app, arrived = counting_upstream()
     proxy = await start_proxy(env_config(await raw_upstream(app), server=server_limits(header=0.2)))
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    body = b'{"model": "truefusion-pro", "input": {"prompt": "x"}}'
-    head = (
-        b"POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: alice\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
     client = socket.create_connection((host, int(port)))
     try:
         await eventually(lambda: sum(proxy.server.client_connections().values()) == 1, "accepted")
-        client.sendall(head + body)
+        client.sendall(CREATE_REQUEST)
         time.sleep(0.5)  # in the loop's own thread: the bytes and the deadline are due together
         client.settimeout(15)
         answer = await asyncio.to_thread(client.recv, 65536)
     finally:
         client.close()
-    assert answer.startswith(b"HTTP/1.1 408 "), answer
-    await asyncio.sleep(0.3)  # turns enough for a queued request to have been dispatched
-    assert arrived == 0
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert arrived == [1]
+
+
+async def test_a_shed_connection_never_has_its_request_forwarded(tmp_path: Path, raw_upstream):
+    """uvloop, a real daemon held by SIGSTOP: a full request on the one connection allowed
+    and a newcomer arrive together. When the newcomer sheds it after its head was parsed,
+    that client is told 503, so its create must not reach the upstream, where it is billed.
+    Which of the two the loop takes first varies, so trials run until one such shed."""
+    app, arrived = counting_upstream()
+    upstream = await raw_upstream(app)
+    port = free_port()
+    body = env_config(upstream, listen=f"127.0.0.1:{port}", server=server_limits(cap=1))
+    process = _spawn_limited(tmp_path, body, port, 4096, 4096)
+    served = dropped = 0
+    try:
+        for _ in range(60):
+            answer = await _create_beside_a_newcomer(process.pid, port)
+            served += answer.startswith(b"HTTP/1.1 201 ")
+            dropped = await _dropped_requests(port)
+            if dropped:
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                code = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+                assert code == "connection_shed"
+                break
+        await asyncio.sleep(0.5)  # a forwarded create would have reached the upstream by now
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.kill()
+        process.wait(10)
+    assert dropped == 1, "no trial shed a connection whose request had been parsed already"
+    assert len(arrived) == served  # every create at the upstream is one its client was told of
+
+
+async def _create_beside_a_newcomer(pid: int, port: int) -> bytes:
+    first = socket.create_connection(("127.0.0.1", port))
+    newcomer: socket.socket | None = None
+    try:
+        client_port = first.getsockname()[1]
+        await eventually(lambda: _holds(pid, client_port), "the daemon accepted the connection")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            first.sendall(CREATE_REQUEST)
+            newcomer = socket.create_connection(("127.0.0.1", port))  # the kernel accepts it meanwhile
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        first.settimeout(15)
+        return await asyncio.to_thread(first.recv, 65536)
+    finally:
+        first.close()
+        if newcomer is not None:
+            newcomer.close()
+
+
+async def _dropped_requests(port: int) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/-/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if (
+            line.startswith("skyproxy_client_connections_closed_total{")
+            and 'reason="request_dropped"' in line
+        ):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 async def test_when_every_connection_is_busy_a_newcomer_gets_503(raw_upstream, start_proxy, canary_env):
@@ -199,6 +265,22 @@ def _spawn_limited(tmp_path: Path, body: str, port: int, soft: int, hard: int) -
         time.sleep(0.05)
     process.kill()
     raise AssertionError("daemon did not listen")
+
+
+def _holds(pid: int, client_port: int) -> bool:
+    """Whether process `pid` has accepted the loopback connection from `client_port`."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == client_port and fields[9] in inodes:
+            return True
+    return False
 
 
 def _nofile_of(pid: int) -> tuple[int, int]:
