@@ -151,6 +151,11 @@ class Tokens:
         self._stale = False
         self.loaded_at = self.clock()
 
+    def changed(self) -> bool:
+        """Whether the file needs loading: one stat, cheap enough to call on the event loop."""
+        self.checks += 1
+        return self._stale or _signature(self.path) != self._signature
+
     def refresh(self) -> bool:
         """Reloads if the file changed since the last load; True if it did."""
         self.checks += 1
@@ -194,6 +199,10 @@ async def watch(tokens: Tokens, stop: asyncio.Event, poll: float = POLL_SECONDS)
 
 
 async def _refresh(tokens: Tokens) -> None:
+    # The stat on the loop: a thread woken twice a second for it would cost the requests
+    # of that moment more than the stat itself.
+    if not tokens.changed():
+        return
     try:
         changed = await asyncio.to_thread(tokens.refresh)
     except store.TokenFileError as exc:
