@@ -53,7 +53,10 @@ SCENARIOS = (
     "redis",
     "dashboard",
     "dashboard-instructions",
+    "opcodes",
 )
+# Run only when asked for (`--scenarios opcodes`): a diagnosis of where bytecodes go.
+OPT_IN_SCENARIOS = frozenset({"opcodes"})
 PREDICTION_BODY = b'{"model":"truefusion-pro","input":{"prompt":"test"}}'
 
 # The targets of the issue; every verdict line prints its threshold.
@@ -1314,6 +1317,12 @@ def _scenario_dashboard(env: Env) -> dict[str, Any]:
     return scenario_dashboard(env)
 
 
+def _scenario_opcodes(env: Env) -> dict[str, Any]:
+    from bench.opcodes import scenario
+
+    return scenario(env)
+
+
 def _scenario_dashboard_instructions(env: Env) -> dict[str, Any]:
     from bench.dashboard import scenario_dashboard_instructions
 
@@ -1757,6 +1766,12 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             )
     elif isinstance(ins, dict) and "skipped" in ins:
         p(f"\ninstructions: skipped, {ins['skipped']}")
+    ops = results.get("opcodes")
+    if isinstance(ops, dict) and "per_request" in ops:
+        from bench import opcodes
+
+        p(f"\nPython bytecodes per request ({ops['requests']:,} of each at concurrency 16):")
+        opcodes.report(ops, p)
     from bench import cluster
 
     cluster.print_report(results)
@@ -1818,7 +1833,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-settle", type=float, default=2.0, help="seconds before reading idle RSS")
     parser.add_argument("--module-timeout", type=float, default=300.0, help="bound on limiter/audit run()")
     parser.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}"
+        "--scenarios",
+        default=",".join(s for s in SCENARIOS if s not in OPT_IN_SCENARIOS),
+        help=f"comma list of {', '.join(SCENARIOS)} (opcodes only when named)",
     )
     parser.add_argument("--skyproxy", help="the skyproxy executable (default: the venv's console script)")
     parser.add_argument(
@@ -1945,6 +1962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "redis": _scenario_redis,
         "dashboard": _scenario_dashboard,
         "dashboard-instructions": _scenario_dashboard_instructions,
+        "opcodes": _scenario_opcodes,
     }
     interrupted = False
     try:
