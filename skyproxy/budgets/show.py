@@ -12,12 +12,15 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyproxy.budgets.enforce import Budgets
 from skyproxy.budgets.periods import iso, window
 from skyproxy.budgets.shared import period_label, subject_from_key
 from skyproxy.config import Settings
+
+if TYPE_CHECKING:
+    from skyproxy.cluster.url import RedisURL
 
 ENDPOINT = "/-/budgets"
 
@@ -64,17 +67,18 @@ def _shared(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
     return asyncio.run(shared_report(settings))
 
 
-async def shared_report(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
+async def shared_report(settings: Settings, url: RedisURL | None = None) -> tuple[str, list[dict[str, Any]]]:
     """The current periods' rows from Redis: spend and reservations of every replica.
 
-    Raises `ClusterUnavailable` when Redis does not answer."""
+    `url`: the daemon's, resolved at start (its key source is blocking to read); else it
+    is resolved here. Raises `ClusterUnavailable` when Redis does not answer."""
     from skyproxy.cluster.budget_view import shared_usage
 
     assert settings.cluster is not None
     now = time.time()
     windows = {b.name: (b, *window(b.period, now)) for b in settings.budgets}
     labels = [(name, period_label(b.period, start)) for name, (b, start, _) in windows.items()]
-    shown, found = await shared_usage(settings.cluster, labels)
+    shown, found = await shared_usage(settings.cluster, labels, url=url)
     rows = [
         {
             "budget": item.budget,

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from skyproxy.cluster.backend import BudgetScope, Usage
 from skyproxy.cluster.budgets import RedisBudgets
 from skyproxy.cluster.connection import RedisConnection
-from skyproxy.cluster.url import resolve_url
+from skyproxy.cluster.url import RedisURL, resolve_url
 from skyproxy.config import ClusterSettings
 
 __all__ = ["SharedUsage", "shared_usage"]
@@ -34,11 +34,17 @@ class SharedUsage:
 
 
 async def shared_usage(
-    settings: ClusterSettings, windows: Sequence[tuple[str, str]], environ: Mapping[str, str] = os.environ
+    settings: ClusterSettings,
+    windows: Sequence[tuple[str, str]],
+    environ: Mapping[str, str] = os.environ,
+    *,
+    url: RedisURL | None = None,
 ) -> tuple[str, list[SharedUsage]]:
     """(Redis as shown: host and database, every subject's usage of each (budget, period
-    label) there); `ClusterUnavailable` when Redis does not answer."""
-    url = resolve_url(settings, environ)
+    label) there); `ClusterUnavailable` when Redis does not answer. `url`, if given, is
+    used as is: a daemon's, whose key source must not be read again on its event loop."""
+    if url is None:
+        url = resolve_url(settings, environ)
     connection = RedisConnection(
         url,
         on_error="closed",

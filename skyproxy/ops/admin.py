@@ -67,8 +67,9 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
             return web.json_response({"source": "daemon", "budgets": state.budgets.snapshot()}, dumps=_dumps)
         from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
 
+        url = None if state.cluster is None else state.cluster.connection.url  # resolved at start
         try:  # [cluster]: every replica's figures, as they admit creates, not this one's lines alone
-            source, rows = await shared_report(settings)
+            source, rows = await shared_report(settings, url)
         except ClusterUnavailable:
             message = "The shared budgets cannot be read from Redis right now. Please retry."
             return error_response(503, "limits_unavailable", message, request_id_of(request.headers))

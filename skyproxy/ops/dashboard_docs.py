@@ -73,10 +73,12 @@ def spend(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> Any:
 async def _shared_spend(dashboard: Dashboard, board: Board) -> dict[str, Any]:
     from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
 
+    state = dashboard.state
+    url = None if state.cluster is None else state.cluster.connection.url  # resolved at start
     try:
-        source, rows = await shared_report(dashboard.state.runtime.settings)
+        source, rows = await shared_report(state.runtime.settings, url)
     except ClusterUnavailable:
-        source, rows = "this replica (Redis did not answer)", dashboard.state.budgets.snapshot()
+        source, rows = "this replica (Redis did not answer)", state.budgets.snapshot()
     return _spend(board, source, rows)
 
 
