@@ -47,7 +47,9 @@ async def shared_usage(
         url = resolve_url(settings, environ)
     connection = RedisConnection(
         url,
-        on_error="closed",
+        # An outage it meets is logged with what it means for the daemon (in /-/budgets and
+        # the dashboard), so with the daemon's on_error.
+        on_error=settings.on_error,
         timeout_ms=max(settings.timeout_ms, _CLI_TIMEOUT_MS),
         prefix=settings.prefix,
     )

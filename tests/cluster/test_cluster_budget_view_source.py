@@ -52,3 +52,23 @@ async def test_the_views_read_redis_without_reading_the_url_source_again(
     assert document["budgets_source"] == rows["source"]
     for shown in (text, spend_text, daemon.stderr()):
         assert PASSWORD not in shown
+
+
+async def test_a_view_that_finds_redis_down_does_not_say_the_daemon_refuses(
+    start_redis: Callable[..., RedisServer], start_replicas: Callable[..., list[Daemon]]
+) -> None:
+    """Under on_error = "open" the daemon serves on through an outage; a dashboard polling
+    its bars must not log that it refuses limited requests."""
+    server = start_redis()
+    (replica,) = start_replicas(server.url, count=1, rules=BUDGET, on_error="open")
+    server.stop()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{replica.url}/-/api/spend") as answer,
+    ):
+        assert answer.status == 200
+        document: dict[str, Any] = await answer.json()
+    assert document["budgets_source"] == "this replica (Redis did not answer)"
+    assert "is unavailable" in replica.stderr()  # the view's failure is logged, before its answer
+    assert "refusing limited requests" not in replica.stderr()
