@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,10 +71,21 @@ else:  # pragma: no cover
 
 
 def key_part(text: str) -> str:
-    """A key component that cannot be mistaken for a separator."""
+    """A key component that cannot be mistaken for a separator, and that encodes: a header's
+    bytes that are not UTF-8 come as lone surrogates, written as the text %uDCxx (then
+    escaped as every "%" is, so that reading a key back and naming it again finds it)."""
+    if not text.isascii():
+        text = _SURROGATE.sub(_escaped, text)
     if ":" in text or "%" in text:
         return text.replace("%", "%25").replace(":", "%3A")
     return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return f"%u{ord(found.group()):04X}"
 
 
 class RedisConnection:
