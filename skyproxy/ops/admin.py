@@ -13,6 +13,7 @@ from skyproxy import __version__
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import CONTENT_TYPE
+from skyproxy.ops.shared_budgets import shared_report
 from skyproxy.proxy.guard import is_loopback
 from skyproxy.proxy.responses import error_response, request_id_of
 from skyproxy.proxy.runtime import State
@@ -65,11 +66,10 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         settings = state.runtime.settings
         if settings.cluster is None or not settings.budgets:
             return web.json_response({"source": "daemon", "budgets": state.budgets.snapshot()}, dumps=_dumps)
-        from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
-
-        url = None if state.cluster is None else state.cluster.connection.url  # resolved at start
+        if state.cluster is None:  # [cluster] in the config, and the node not up yet
+            return error_response(503, "limits_unavailable", "Redis is not connected yet.", "-")
         try:  # [cluster]: every replica's figures, as they admit creates, not this one's lines alone
-            source, rows = await shared_report(settings, url)
+            source, rows = await shared_report(settings, state.cluster)
         except ClusterUnavailable:
             message = "The shared budgets cannot be read from Redis right now. Please retry."
             return error_response(503, "limits_unavailable", message, request_id_of(request.headers))

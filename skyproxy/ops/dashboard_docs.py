@@ -17,6 +17,7 @@ from skyproxy import __version__
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.dashboard.board import Board
 from skyproxy.dashboard.traffic import Bucket
+from skyproxy.ops.shared_budgets import shared_report
 from skyproxy.webhooks.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -71,12 +72,11 @@ def spend(dashboard: Dashboard, board: Board, request: web.BaseRequest) -> Any:
 
 
 async def _shared_spend(dashboard: Dashboard, board: Board) -> dict[str, Any]:
-    from skyproxy.budgets.show import shared_report  # urllib and Redis: only here
-
     state = dashboard.state
-    url = None if state.cluster is None else state.cluster.connection.url  # resolved at start
     try:
-        source, rows = await shared_report(state.runtime.settings, url)
+        if state.cluster is None:  # [cluster] in the config, and the node not up yet
+            raise ClusterUnavailable("Redis", "not connected yet")
+        source, rows = await shared_report(state.runtime.settings, state.cluster)
     except ClusterUnavailable:
         source, rows = "this replica (Redis did not answer)", state.budgets.snapshot()
     return _spend(board, source, rows)
