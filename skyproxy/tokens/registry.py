@@ -76,7 +76,7 @@ def _entry(record: store.TokenRecord) -> Token:
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:  # gone, or unreadable: load() then says which, and the watcher lives on
         return None
     return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
@@ -172,7 +172,9 @@ class Tokens:
 
     def flush_last_used(self) -> bool:
         """Stores last-used times that moved since the last write; True if the file changed."""
-        due = {d: t for d, t in self._used.items() if t > self._stored.get(d, -math.inf)}
+        # A copy first: this runs in a thread while verify() adds first uses on the loop.
+        used = list(self._used.items())
+        due = {d: t for d, t in used if t > self._stored.get(d, -math.inf)}
         if not due:
             return False
         moments = {d.hex(): datetime.fromtimestamp(t, timezone.utc) for d, t in due.items()}
