@@ -67,7 +67,8 @@ def routes(environment: str, state: State) -> dict[str, Handler]:
         if settings.cluster is None or not settings.budgets:
             return web.json_response({"source": "daemon", "budgets": state.budgets.snapshot()}, dumps=_dumps)
         if state.cluster is None:  # [cluster] in the config, and the node not up yet
-            return error_response(503, "limits_unavailable", "Redis is not connected yet.", "-")
+            message = "Redis is not connected yet."
+            return error_response(503, "limits_unavailable", message, request_id_of(request.headers))
         try:  # [cluster]: every replica's figures, as they admit creates, not this one's lines alone
             source, rows = await shared_report(settings, state.cluster)
         except ClusterUnavailable:
