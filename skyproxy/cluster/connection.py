@@ -7,12 +7,19 @@ deadline around the whole call (waiting for a pooled connection included). So no
 waits on Redis longer than that. redis-py's own retries are off: a retry would spend
 the same budget twice.
 
-The first failed call starts an outage: one log line, the degraded flag up, and a probe
-that writes a short-lived key with backoff (a PING would pass on a Redis that refuses
-writes), through the lane as the requests go. While the outage lasts, calls fail at once
-without touching the network, so a dead Redis costs a request nothing and the pool is
-not churned; the probe's success ends the outage with one more line. The backoff is
-capped so that a returning Redis is used again within about a second.
+A refused, reset or failing connection starts an outage at once: one log line, the
+degraded flag up, and a probe that writes a short-lived key with backoff (a PING would
+pass on a Redis that refuses writes), through the lane as the requests go. While the
+outage lasts, calls fail at once without touching the network, so a dead Redis costs a
+request nothing and the pool is not churned; the probe's success ends the outage with
+one more line. The backoff is capped so that a returning Redis is used again within
+about a second.
+
+A call that runs out of time fails alone: on_error applies to it, as to every call that
+waits past `timeout_ms`. The outage begins only when no call has been answered for
+`SLOW_OUTAGE_TIMEOUTS` timeouts after it. A stall shorter than that (a Redis fork, a VM
+held up for a moment) costs the calls that waited through it, not the ones after it;
+that it happened is logged, at most once a minute.
 
 The URL is a `RedisURL`: logs, errors and the status show its host and database only.
 """
@@ -55,6 +62,8 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 MAX_CONNECTIONS = 128
 PROBE_FIRST_S = 0.05
 PROBE_MAX_S = 1.0
+SLOW_OUTAGE_TIMEOUTS = 2  # timeouts without an answer after a late call: then an outage
+LATE_LOG_EVERY_S = 60.0  # stalls that ended without an outage: a line at most this often
 _REASON_CHARS = 160
 
 
@@ -109,6 +118,10 @@ class RedisConnection:
         self._down_since: float | None = None
         self._failed_in_outage = 0
         self._probe: asyncio.Task[None] | None = None
+        self._late_since: float | None = None  # the first late call with no answer since
+        self._late_calls = 0
+        self._late_logged = -LATE_LOG_EVERY_S
+        self._judge: asyncio.TimerHandle | None = None
         self._pool = BlockingConnectionPool.from_url(
             url.reveal(),
             max_connections=max_connections,
@@ -148,6 +161,9 @@ class RedisConnection:
             await self.run(self._probe_script, [self.key("probe")], [])
 
     async def close(self) -> None:
+        if self._judge is not None:
+            self._judge.cancel()
+            self._judge = None
         probe, self._probe = self._probe, None
         if probe is not None:
             while not probe.done():  # see inflight.stop_task: one cancel may be swallowed
@@ -164,9 +180,12 @@ class RedisConnection:
             self._failed_in_outage += 1
             raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
         try:
-            return await _bounded(operation(self._redis), self.timeout)
+            result = await _bounded(operation(self._redis), self.timeout)
         except _FAILURES as exc:
             raise self._failed(exc) from None
+        if self._late_since is not None:
+            self._answered()
+        return result
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """A script on the pipelined connection: bounded, counted, `ClusterUnavailable` on failure."""
@@ -179,9 +198,12 @@ class RedisConnection:
             self._failed_in_outage += 1
             raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
         try:
-            return await self._lane.run_tail(script.sha, script.script, call)
+            result = await self._lane.run_tail(script.sha, script.script, call)
         except _FAILURES as exc:
             raise self._failed(exc) from None
+        if self._late_since is not None:
+            self._answered()
+        return result
 
     def status(self) -> dict[str, Any]:
         """For /-/status: where Redis is (host and database), and whether it answers."""
@@ -198,23 +220,67 @@ class RedisConnection:
     # -- outages --------------------------------------------------------------------
     def _failed(self, exc: BaseException) -> ClusterUnavailable:
         self.errors_total += 1
-        reason = self._reason(exc)
-        self._begin_outage(reason)
-        return ClusterUnavailable(self.url.shown, reason)
-
-    def _reason(self, exc: BaseException) -> str:
         # The sockets' timeout and the deadline around the call are the same: either may fire.
         if isinstance(exc, TimeoutError | asyncio.TimeoutError | RedisTimeout):
-            return f"no answer within {self.timeout * 1000:g} ms"
+            reason = f"no answer within {self.timeout * 1000:g} ms"
+            if self._down_since is None:
+                self._late(reason)
+            else:
+                self._failed_in_outage += 1
+        else:
+            reason = self._reason(exc)
+            self._begin_outage(reason)
+        return ClusterUnavailable(self.url.shown, reason)
+
+    def _late(self, reason: str) -> None:
+        """A call ran out of time: an outage if no call is answered within the grace."""
+        self._late_calls += 1
+        if self._late_since is None:
+            self._late_since = time.monotonic()
+            grace = SLOW_OUTAGE_TIMEOUTS * self.timeout
+            self._judge = asyncio.get_running_loop().call_later(grace, self._unanswered, reason)
+
+    def _unanswered(self, reason: str) -> None:
+        self._judge = None
+        if self._late_since is None or self._down_since is not None:
+            return
+        calls, self._late_since, self._late_calls = self._late_calls, None, 0
+        self._begin_outage(reason, calls)
+
+    def _answered(self) -> None:
+        """A call was answered after late ones: the stall is over without an outage."""
+        calls, self._late_since, self._late_calls = self._late_calls, None, 0
+        if self._judge is not None:
+            self._judge.cancel()
+            self._judge = None
+        now = time.monotonic()
+        if now - self._late_logged >= LATE_LOG_EVERY_S:
+            self._late_logged = now
+            log.warning(
+                "cluster: Redis %s answered again after %d %s got no answer within %g ms "
+                "(on_error=%s applied to them); not an outage",
+                self.url.shown,
+                calls,
+                "call" if calls == 1 else "calls",
+                self.timeout * 1000,
+                self.on_error,
+            )
+
+    def _reason(self, exc: BaseException) -> str:
         text = self.url.scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         return text[:_REASON_CHARS]
 
-    def _begin_outage(self, reason: str) -> None:
+    def _begin_outage(self, reason: str, failed: int = 1) -> None:
         if self._down_since is not None:
-            self._failed_in_outage += 1
+            self._failed_in_outage += failed
             return
+        failed += self._late_calls  # late calls just before a broken connection: one outage
+        self._late_since, self._late_calls = None, 0
+        if self._judge is not None:
+            self._judge.cancel()
+            self._judge = None
         self._down_since = time.monotonic()
-        self._failed_in_outage = 1
+        self._failed_in_outage = failed
         self.outages_total += 1
         consequence = (
             "serving without shared limits" if self.fails_open else "refusing limited requests with 503"

@@ -191,7 +191,9 @@ async def test_a_paused_redis_costs_each_call_at_most_the_timeout(
     assert "no answer within 200 ms" in str(closed[0])
     opened = [r for _, r in results[20:40]]
     assert all(getattr(r, "unchecked", False) for r in opened)
-    # Later calls fail at once: the outage is known.
+    # No call answered for twice the timeout after the late ones: the outage begins, and
+    # later calls fail at once.
+    await eventually(lambda: all(n.degraded for n in nodes), "an outage after the grace", deadline_s=5)
     seconds, result = await timed(node.rates.check([BUCKET]))
     assert isinstance(result, ClusterUnavailable)
     assert seconds < timeout
@@ -202,6 +204,32 @@ async def test_a_paused_redis_costs_each_call_at_most_the_timeout(
     await eventually(lambda: not any(n.degraded for n in nodes), "recovered after SIGCONT", deadline_s=5)
     assert time.monotonic() - started < 5
     assert (await node.rates.check([BUCKET])).allowed
+
+
+async def test_a_stall_shorter_than_the_grace_fails_only_the_calls_that_waited_through_it(
+    redis_server: RedisServer, make_node: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_error applies per call: a Redis held up for one timeout costs the calls that
+    waited past it, and the next call, answered, is served without waiting for a probe."""
+    caplog.set_level(logging.DEBUG)
+    timeout = 1.0  # the grace is twice this: room for a loaded machine between the two calls
+    node = await make_node(redis_server.url, on_error="closed", timeout_ms=timeout * 1000)
+    assert (await node.rates.check([BUCKET])).allowed
+    redis_server.pause()
+    with pytest.raises(ClusterUnavailable, match="no answer within 1000 ms"):
+        await node.rates.check([BUCKET])
+    redis_server.resume()
+    assert (await node.rates.check([BUCKET])).allowed  # not refused as part of an outage
+    assert not node.degraded and not node.refuses
+    assert (node.connection.errors_total, node.connection.outages_total) == (1, 0)
+    await asyncio.sleep(timeout * 3)  # past the grace: the answer ended the stall for good
+    assert not node.degraded
+    assert (await node.rates.check([BUCKET])).allowed
+    lines = [r.getMessage() for r in cluster_lines(caplog)]
+    assert len(lines) == 1, lines
+    assert "answered again after 1 call got no answer within 1000 ms" in lines[0]
+    assert "not an outage" in lines[0] and "unavailable" not in lines[0]
+    assert node.status()["outages_total"] == 0
 
 
 async def test_starting_while_redis_is_down_is_an_outage_not_a_crash(
