@@ -11,7 +11,9 @@ requests fall into loop turns (about 1% on a total, less per function).
 
 counts skyproxy, skyproxy-priced and skyproxy-access (the instructions scenario's
 configs) over `--instructions-requests` creates and as many gets, and prints what
-tokens and a budget add, per function. The runner starts a target as
+tokens and a budget add, per function. With `--reference DIR`, that tree runs as
+`reference` with skyproxy's config, and the comparison says where skyproxy's own
+bytecodes went since (the reference is the base there). The runner starts a target as
 `python -m bench.opcodes trace --control FILE -- PYTHON SCRIPT ARGS...`; FILE is created
 to count and removed to stop, and the counts then land in FILE.json as
 {"path:qualname": bytecodes}.
@@ -70,6 +72,13 @@ def trace(control: Path, argv: Sequence[str]) -> None:
     sys.settrace(new_frame)
     threading.settrace(new_frame)
     script = list(argv[1:] if Path(argv[0]).name.startswith("python") else argv)
+    if script[:1] == ["-P"]:  # as python -P: this tree must not shadow the one on PYTHONPATH
+        script = script[1:]
+        sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
+    if script[:1] == ["-m"]:  # python -m MODULE ARGS
+        sys.argv = [script[1], *script[2:]]
+        runpy.run_module(script[1], run_name="__main__", alter_sys=True)
+        return
     sys.argv = script
     runpy.run_path(script[0], run_name="__main__")
 
@@ -96,7 +105,8 @@ def scenario(env: Env) -> dict[str, Any]:
     requests = env.args.instructions_requests
     _, upstream_port, _ = run.start_upstream_fast(env, "upstream-fast")
     counts: dict[str, dict[str, dict[str, int]]] = {}
-    for name in TARGETS:
+    targets = TARGETS + (("reference",) if env.args.reference else ())
+    for name in targets:
         env.check_time(f"opcodes {name}", 300)
         try:
             counts[name] = _count(env, name, upstream_port, requests)
@@ -108,6 +118,11 @@ def scenario(env: Env) -> dict[str, Any]:
     for name in TARGETS[1:]:
         out["added"][name] = {
             kind: _added(counts["skyproxy"][kind], counts[name][kind], requests) for kind in ("create", "get")
+        }
+    if "reference" in counts:  # what skyproxy runs beyond the reference, not the other way
+        out["added"]["skyproxy over reference"] = {
+            kind: _added(counts["reference"][kind], counts["skyproxy"][kind], requests)
+            for kind in ("create", "get")
         }
     return out
 
@@ -126,6 +141,7 @@ def _count(env: Env, name: str, upstream_port: int, requests: int) -> dict[str, 
         deadline_s=120.0,
         access=name == "skyproxy-access",
         extra=run.PRICING_CONFIG if name == "skyproxy-priced" else "",
+        source=env.args.reference if name == "reference" else None,
     )
     url = f"http://127.0.0.1:{port}"
     found: dict[str, dict[str, int]] = {}
@@ -170,7 +186,8 @@ def report(result: dict[str, Any], p: Any) -> None:
         p(f"{name}: {kinds.get('create', 0):,.0f} bytecodes per create, {kinds.get('get', 0):,.0f} per get")
     for name, kinds in result.get("added", {}).items():
         for kind, added in kinds.items():
-            p(f"{name} over skyproxy, per {kind}: {added['total']:+,.0f} bytecodes")
+            over = name if " over " in name else f"{name} over skyproxy"
+            p(f"{over}, per {kind}: {added['total']:+,.0f} bytecodes")
             for key, value in list(added.items())[1 : TOP + 1]:
                 p(f"    {value:+8.1f}  {key}")
 
