@@ -117,16 +117,20 @@ class RedisBudgets:
     def add_soon(self, scopes: Sequence[BudgetScope], usd: float) -> None:
         """`add` for a caller that cannot await, in order with `settle_soon`."""
         if scopes:
-            self._later.put(self._add, self._all_keys(scopes), _add_args(scopes, usd))
+            self._later.put(self._add, self._add_keys(scopes), _add_args(scopes, usd))
 
     async def add(self, scopes: Sequence[BudgetScope], usd: float) -> bool:
         if not scopes:
             return True
         try:
-            await self._connection.run(self._add, self._all_keys(scopes), _add_args(scopes, usd))
+            await self._connection.run(self._add, self._add_keys(scopes), _add_args(scopes, usd))
         except ClusterUnavailable:
             return False
         return True
+
+    def _add_keys(self, scopes: Sequence[BudgetScope]) -> list[str]:
+        """The scopes' keys, then one of this addition's own: sent twice, it counts once."""
+        return [*self._all_keys(scopes), self._connection.key("budget-add", os.urandom(12).hex())]
 
     def prediction_soon(
         self,
@@ -160,4 +164,5 @@ class RedisBudgets:
 
 
 def _add_args(scopes: Sequence[BudgetScope], usd: float) -> list[ScriptArg]:
-    return [_micro(usd), *(math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes)]
+    expiries = [math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes]
+    return [_micro(usd), *expiries, max(expiries)]  # the addition's key: while its scopes last

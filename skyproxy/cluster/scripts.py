@@ -237,15 +237,23 @@ return applied
 """
 )
 
-# Adds to spent directly (a cost known after the reservation was settled).
-# ARGV[1]: amount (may be negative); then per budget the Unix time its keys expire.
+# Adds to spent directly (a cost known after the reservation was settled, or a line's
+# own cost). Unlike the other calls an addition is not idempotent, and a queued call
+# whose answer came too late is sent again: so each has its own key, KEYS[#KEYS], and
+# one that finds it already there changes nothing.
+# KEYS: four per budget, then the addition's key. ARGV[1]: amount (may be negative);
+# then per budget the Unix time its keys expire; last, when the addition's key expires.
+# Returns the budgets added to (0 for an addition made before).
 BUDGET_ADD = """
-for b = 1, #KEYS / 4 do
+local budgets = (#KEYS - 1) / 4
+if not redis.call('SET', KEYS[#KEYS], 1, 'NX') then return 0 end
+redis.call('EXPIREAT', KEYS[#KEYS], tonumber(ARGV[budgets + 2]))
+for b = 1, budgets do
   local k = (b - 1) * 4
   redis.call('HINCRBY', KEYS[k + 1], 'spent', tonumber(ARGV[1]))
   for j = k + 1, k + 4 do redis.call('EXPIREAT', KEYS[j], tonumber(ARGV[1 + b])) end
 end
-return #KEYS / 4
+return budgets
 """
 
 # A prediction's cost, counted once whichever replica writes its lines: its "created"

@@ -286,3 +286,28 @@ async def test_a_reservation_taken_by_a_call_that_timed_out_is_released(
         await eventually(released, "nothing held for a create that was refused")
     finally:
         await relay.stop()
+
+
+async def test_an_addition_sent_again_after_its_answer_came_too_late_counts_once(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    """A queued batch whose answer comes after timeout_ms is sent again, though Redis ran
+    it: a line's own cost must still be added once."""
+    relay = SlowRelay(redis_server.port)
+    await relay.start()
+    try:
+        node = await make_node(f"redis://127.0.0.1:{relay.port}/0", timeout_ms=200)
+        daily = scope()
+        assert await node.budgets.add([scope(subject="erin")], 0.01)  # the script is loaded
+        # The transaction runs on Redis and its answer comes too late (redis-py's check
+        # that the script is loaded, before it, is answered in time).
+        relay.hold_only = b"QUEUED"
+        relay.hold.set()
+        node.budgets.add_soon([daily], 0.25)
+        await eventually(lambda: node.connection.errors_total >= 1, "the first send ran out of time")
+        relay.hold.clear()
+        await eventually(lambda: node.status()["queued_calls"] == 0, "the batch sent again")
+        assert (await node.budgets.usage(daily)).spent_usd == 0.25
+        assert node.status()["queued_calls_lost"] == 0
+    finally:
+        await relay.stop()

@@ -18,6 +18,7 @@ class SlowRelay:
         self.target = target
         self.port = 0
         self.hold = asyncio.Event()  # set: replies are held back
+        self.hold_only: bytes | None = None  # then only from the first that holds these bytes
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -43,7 +44,8 @@ class SlowRelay:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
         try:
             while data := await reader.read(65_536):
-                while replies and self.hold.is_set():
+                held = self.hold_only is None or self.hold_only in data
+                while replies and held and self.hold.is_set():
                     await asyncio.sleep(0.01)
                 writer.write(data)
                 await writer.drain()
