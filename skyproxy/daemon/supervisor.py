@@ -26,6 +26,7 @@ from skyproxy.daemon.notify import Notifier, watchdog_interval
 from skyproxy.daemon.reload import ReloadFailed, digest, prepare, watch_config
 from skyproxy.daemon.webhooks import WebhookService
 from skyproxy.errors import KeySourceError
+from skyproxy.keys import nodump
 from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import Metrics
 from skyproxy.proxy.runtime import Runtime, State, build_runtime, resolve_keys
@@ -66,6 +67,10 @@ class Supervisor:
         settings = self._initial
         if self._own_process:
             fds.raise_soft_limit()
+            # Before any key is read: from here on no other process of this user reads them.
+            problem = nodump.forbid_dumps()
+            if problem is not None:
+                log.warning("keys in memory are readable by this user's other processes: %s", problem)
         self._config_digest = await asyncio.to_thread(digest, settings.path)
         keys, errors = await asyncio.to_thread(resolve_keys, settings)
         if errors:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from skyproxy import __version__
 from skyproxy.cluster.errors import ClusterUnavailable
+from skyproxy.keys import nodump
 from skyproxy.ops import dashboard
 from skyproxy.ops.metrics import CONTENT_TYPE
 from skyproxy.ops.shared_budgets import shared_report
@@ -129,6 +130,8 @@ def status_document(state: State) -> dict[str, object]:
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 3),
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        # False: no core dump, and no other process of this user can read the keys in memory.
+        "dumpable": nodump.dumpable(),
         "config": {
             "path": str(runtime.settings.path),
             "generation": runtime.generation,
