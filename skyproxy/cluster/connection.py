@@ -122,6 +122,7 @@ class RedisConnection:
         self._late_calls = 0
         self._late_logged = -LATE_LOG_EVERY_S
         self._judge: asyncio.TimerHandle | None = None
+        self._closed = False  # calls failed by close() say nothing about Redis
         self._pool = BlockingConnectionPool.from_url(
             url.reveal(),
             max_connections=max_connections,
@@ -161,6 +162,7 @@ class RedisConnection:
             await self.run(self._probe_script, [self.key("probe")], [])
 
     async def close(self) -> None:
+        self._closed = True
         if self._judge is not None:
             self._judge.cancel()
             self._judge = None
@@ -234,6 +236,8 @@ class RedisConnection:
 
     def _late(self, reason: str) -> None:
         """A call ran out of time: an outage if no call is answered within the grace."""
+        if self._closed:
+            return
         self._late_calls += 1
         if self._late_since is None:
             self._late_since = time.monotonic()
@@ -271,6 +275,8 @@ class RedisConnection:
         return text[:_REASON_CHARS]
 
     def _begin_outage(self, reason: str, failed: int = 1) -> None:
+        if self._closed:
+            return
         if self._down_since is not None:
             self._failed_in_outage += failed
             return
