@@ -17,9 +17,11 @@ about a second.
 
 A call that runs out of time fails alone: on_error applies to it, as to every call that
 waits past `timeout_ms`. The outage begins only when no call has been answered for
-`SLOW_OUTAGE_TIMEOUTS` timeouts after it. A stall shorter than that (a Redis fork, a VM
-held up for a moment) costs the calls that waited through it, not the ones after it;
-that it happened is logged, at most once a minute.
+`SLOW_OUTAGE_TIMEOUTS` timeouts after it. A quiet replica may make no call meanwhile, so
+one timeout before that the connection asks Redis itself, and that call's own deadline
+ends the grace. A stall shorter than that (a Redis fork, a VM held up for a moment)
+costs the calls that waited through it, not the ones after it; that it happened is
+logged, at most once a minute.
 
 The URL is a `RedisURL`: logs, errors and the status show its host and database only.
 """
@@ -122,6 +124,7 @@ class RedisConnection:
         self._late_calls = 0
         self._late_logged = -LATE_LOG_EVERY_S
         self._judge: asyncio.TimerHandle | None = None
+        self._asking: asyncio.Task[None] | None = None  # the judge's own call to Redis
         self._closed = False  # calls failed by close() say nothing about Redis
         self._pool = BlockingConnectionPool.from_url(
             url.reveal(),
@@ -166,11 +169,11 @@ class RedisConnection:
         if self._judge is not None:
             self._judge.cancel()
             self._judge = None
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            while not probe.done():  # see inflight.stop_task: one cancel may be swallowed
-                probe.cancel()
-                await asyncio.wait({probe}, timeout=0.5)
+        for task in (self._asking, self._probe):
+            while task is not None and not task.done():  # see inflight.stop_task: one cancel may be swallowed
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+        self._asking = self._probe = None
         await self._lane.close()
         await self._redis.aclose()
         await self._pool.disconnect()
@@ -241,15 +244,28 @@ class RedisConnection:
         self._late_calls += 1
         if self._late_since is None:
             self._late_since = time.monotonic()
-            grace = SLOW_OUTAGE_TIMEOUTS * self.timeout
+            grace = (SLOW_OUTAGE_TIMEOUTS - 1) * self.timeout  # then the question's own timeout
             self._judge = asyncio.get_running_loop().call_later(grace, self._unanswered, reason)
 
     def _unanswered(self, reason: str) -> None:
         self._judge = None
-        if self._late_since is None or self._down_since is not None:
+        if self._late_since is None or self._down_since is not None or self._closed:
             return
-        calls, self._late_since, self._late_calls = self._late_calls, None, 0
-        self._begin_outage(reason, calls)
+        if self._asking is not None:
+            self._asking.cancel()  # a question about an earlier stall
+        self._asking = asyncio.get_running_loop().create_task(self._ask(reason, self._late_since))
+
+    async def _ask(self, reason: str, since: float) -> None:
+        """No call answered since the late one, maybe because none was made: asks Redis."""
+        try:
+            await self._lane.run(self._probe_script.sha, PROBE, [self.key("probe")], [])
+        except _FAILURES as exc:
+            if self._late_since == since and self._down_since is None:
+                timed_out = isinstance(exc, TimeoutError | asyncio.TimeoutError | RedisTimeout)
+                self._begin_outage(reason if timed_out else self._reason(exc), 0)
+            return
+        if self._late_since == since:
+            self._answered()
 
     def _answered(self) -> None:
         """A call was answered after late ones: the stall is over without an outage."""
@@ -280,7 +296,7 @@ class RedisConnection:
         if self._down_since is not None:
             self._failed_in_outage += failed
             return
-        failed += self._late_calls  # late calls just before a broken connection: one outage
+        failed += self._late_calls  # late calls just before it: one outage
         self._late_since, self._late_calls = None, 0
         if self._judge is not None:
             self._judge.cancel()

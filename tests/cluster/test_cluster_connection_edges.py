@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers.daemon import eventually
 from helpers.redis_server import RedisServer
 
 from skyproxy.cluster.backend import Bucket
@@ -51,3 +52,28 @@ async def test_calls_in_flight_when_the_connection_closes_start_no_outage_after_
         assert not left, left
     finally:
         redis_server.resume()
+
+
+async def test_a_stall_on_a_quiet_replica_is_not_an_outage(
+    redis_server: RedisServer, make_node: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One late call and no call after it (a replica with little traffic): no call was
+    answered within the grace because none was made, not because Redis is away. The
+    connection asks Redis before it calls an outage, and a Redis that answers ends the stall."""
+    caplog.set_level(logging.DEBUG)
+    node = await make_node(redis_server.url, on_error="closed", timeout_ms=500)
+    assert (await node.rates.check([BUCKET])).allowed
+    redis_server.pause()
+    with pytest.raises(ClusterUnavailable, match="no answer within 500 ms"):
+        await node.rates.check([BUCKET])
+    redis_server.resume()
+    await eventually(
+        lambda: any("not an outage" in line for line in cluster_lines(caplog)),
+        "the stall seen to end without a call",
+        deadline_s=5,
+    )
+    assert not node.degraded
+    assert node.status()["outages_total"] == 0
+    lines = cluster_lines(caplog)
+    assert len(lines) == 1, lines
+    assert "answered again after 1 call got no answer within 500 ms" in lines[0]
