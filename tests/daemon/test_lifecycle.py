@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from helpers import (
 )
 from helpers.daemon import Spawn, audit_lines, create, eventually, generation, status_of
 
+from skyproxy.keys import nodump
 from skyproxy.keys.secret import fingerprint
 from skyproxy.mock.app import MockState
 
@@ -424,7 +426,10 @@ async def test_a_daemon_tunes_its_gc_and_an_embedded_server_does_not(tmp_path, c
         # full collection, and young collections come less often.
         assert gc.get_freeze_count() > 10_000
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
+        assert nodump.dumpable() is False
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+        # The rest of the suite runs in this process too, and expects it dumpable.
+        ctypes.CDLL(None).prctl(nodump.PR_SET_DUMPABLE, 1, 0, 0, 0)
         await daemon.stop()
