@@ -90,8 +90,12 @@ class Batch:
         batch = queue[:MAX_BATCH]
         if not batch:
             return True
+        # Not even tried in an outage: it is counted once, not per retry. Nor after a call
+        # on the request path's lane ran out of time, until the lane answers again: a
+        # reserve left late there may still run, and the release that undoes it must not
+        # reach Redis first on this other connection.
         if self._connection.degraded:
-            return False  # not even tried: the outage is counted once, not per retry
+            return False
         try:
             failed = await self._connection.call(lambda redis: _send(redis, batch))
         except ClusterUnavailable:  # logged once per outage and counted by the connection

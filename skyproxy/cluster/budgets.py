@@ -77,7 +77,7 @@ class RedisBudgets:
         for scope in scopes:
             args += (_micro(scope.limit_usd), math.ceil(scope.resets_at + EXPIRY_GRACE_S))
         keys = self._all_keys(scopes)
-        tried = not self._connection.degraded
+        tried = not self._connection.down
         try:
             raw = await self._connection.run(self._reserve, keys, args)
         except ClusterUnavailable:

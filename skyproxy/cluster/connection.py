@@ -21,7 +21,8 @@ waits past `timeout_ms`. The outage begins only when no call has been answered f
 one timeout before that the connection asks Redis itself, and that call's own deadline
 ends the grace. A stall shorter than that (a Redis fork, a VM held up for a moment)
 costs the calls that waited through it, not the ones after it; that it happened is
-logged, at most once a minute.
+logged, at most once a minute. From the late call until the lane answers again the
+connection shows as degraded, and the batched calls wait (see `Batch.flush`).
 
 The URL is a `RedisURL`: logs, errors and the status show its host and database only.
 """
@@ -144,7 +145,13 @@ class RedisConnection:
 
     @property
     def degraded(self) -> bool:
-        """True from the first failed call until Redis answers the probe again."""
+        """True from a failed call (refused, broken, or past timeout_ms) until Redis answers
+        on the request path's connection again: "slower than timeout_ms" is degraded too."""
+        return self._down_since is not None or self._late_since is not None
+
+    @property
+    def down(self) -> bool:
+        """In an outage: calls fail at once, without being sent."""
         return self._down_since is not None
 
     @property
@@ -185,12 +192,11 @@ class RedisConnection:
             self._failed_in_outage += 1
             raise ClusterUnavailable(self.url.shown, "waiting for Redis to return")
         try:
-            result = await _bounded(operation(self._redis), self.timeout)
+            return await _bounded(operation(self._redis), self.timeout)
         except _FAILURES as exc:
             raise self._failed(exc) from None
-        if self._late_since is not None:
-            self._answered()
-        return result
+        # An answer here does not end a stall: only one on the lane shows that the calls
+        # left late on it have been run (see Batch.flush).
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """A script on the pipelined connection: bounded, counted, `ClusterUnavailable` on failure."""
@@ -212,7 +218,8 @@ class RedisConnection:
 
     def status(self) -> dict[str, Any]:
         """For /-/status: where Redis is (host and database), and whether it answers."""
-        down_for = None if self._down_since is None else round(time.monotonic() - self._down_since, 1)
+        since = self._down_since if self._down_since is not None else self._late_since
+        down_for = None if since is None else round(time.monotonic() - since, 1)
         return {
             "redis": self.url.shown,
             "on_error": self.on_error,
@@ -296,12 +303,13 @@ class RedisConnection:
         if self._down_since is not None:
             self._failed_in_outage += failed
             return
-        failed += self._late_calls  # late calls just before it: one outage
+        failed += self._late_calls  # late calls just before it: one outage, from the first
+        began = self._late_since if self._late_since is not None else time.monotonic()
         self._late_since, self._late_calls = None, 0
         if self._judge is not None:
             self._judge.cancel()
             self._judge = None
-        self._down_since = time.monotonic()
+        self._down_since = began
         self._failed_in_outage = failed
         self.outages_total += 1
         consequence = (

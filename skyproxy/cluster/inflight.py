@@ -56,7 +56,7 @@ class RedisInFlight:
         lease_id = os.urandom(12).hex()
         keys = tuple(self.key(s) for s in slots)
         args: list[ScriptArg] = [lease_id, self._lease_ms, *(s.cap for s in slots)]
-        tried = not self._connection.degraded
+        tried = not self._connection.down
         try:
             raw = await self._connection.run(self._acquire, keys, args)
         except ClusterUnavailable:

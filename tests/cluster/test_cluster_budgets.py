@@ -311,3 +311,30 @@ async def test_an_addition_sent_again_after_its_answer_came_too_late_counts_once
         assert node.status()["queued_calls_lost"] == 0
     finally:
         await relay.stop()
+
+
+async def test_a_release_waits_until_the_late_reserve_it_undoes_has_run(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    """A reserve that ran out of time is still in Redis' queue on the lane's connection. The
+    release queued for it goes out on another one, so it waits until the lane answers
+    again: run first, it would find nothing, and the reserve would hold its estimate for
+    the whole lease."""
+    node = await make_node(redis_server.url, timeout_ms=200)
+    daily = scope()
+    assert (await node.budgets.reserve([scope(subject="erin")], 0.1)).admitted  # the script is loaded
+    redis_server.pause()
+    with pytest.raises(ClusterUnavailable):
+        await node.budgets.reserve([daily], 0.30)
+    assert node.degraded  # slower than timeout_ms is degraded, outage or not
+    assert node.status()["queued_calls"] == 1
+    await asyncio.sleep(0.6)  # three timeouts: a send of the release would have failed by now
+    assert node.connection.errors_total == 1  # only the reserve: the release was not sent
+    redis_server.resume()
+    await eventually(lambda: node.status()["queued_calls"] == 0, "the release sent once the lane answered")
+
+    async def released() -> bool:
+        usage = await node.budgets.usage(daily)
+        return (usage.spent_usd, usage.reserved_usd) == (0.0, 0.0)
+
+    await eventually(released, "nothing held for the create that was refused")
