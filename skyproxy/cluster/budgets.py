@@ -129,8 +129,10 @@ class RedisBudgets:
         return True
 
     def _add_keys(self, scopes: Sequence[BudgetScope]) -> list[str]:
-        """The scopes' keys, then one of this addition's own: sent twice, it counts once."""
-        return [*self._all_keys(scopes), self._connection.key("budget-add", os.urandom(12).hex())]
+        """The scopes' keys, then the hash of additions made, in the first scope's name."""
+        first = scopes[0]
+        adds = self._connection.key("budget", first.budget, first.subject, first.period, "adds")
+        return [*self._all_keys(scopes), adds]
 
     def prediction_soon(
         self,
@@ -164,5 +166,7 @@ class RedisBudgets:
 
 
 def _add_args(scopes: Sequence[BudgetScope], usd: float) -> list[ScriptArg]:
+    """The amount, each scope's expiry, the additions' hash's (its scope's), and an id:
+    sent twice, the addition counts once."""
     expiries = [math.ceil(s.resets_at + EXPIRY_GRACE_S) for s in scopes]
-    return [_micro(usd), *expiries, max(expiries)]  # the addition's key: while its scopes last
+    return [_micro(usd), *expiries, expiries[0], os.urandom(12).hex()]

@@ -239,14 +239,16 @@ return applied
 
 # Adds to spent directly (a cost known after the reservation was settled, or a line's
 # own cost). Unlike the other calls an addition is not idempotent, and a queued call
-# whose answer came too late is sent again: so each has its own key, KEYS[#KEYS], and
-# one that finds it already there changes nothing.
-# KEYS: four per budget, then the addition's key. ARGV[1]: amount (may be negative);
-# then per budget the Unix time its keys expire; last, when the addition's key expires.
+# whose answer came too late is sent again: so each carries an id, remembered in a hash
+# that lives as long as its first budget's keys, and one whose id is there changes
+# nothing. One hash per budget and subject, not a key per addition: the keyspace, which
+# the budget views scan, does not grow with the lines.
+# KEYS: four per budget, then the additions' hash. ARGV[1]: amount (may be negative);
+# then per budget the Unix time its keys expire; then when the hash expires; last, the id.
 # Returns the budgets added to (0 for an addition made before).
 BUDGET_ADD = """
 local budgets = (#KEYS - 1) / 4
-if not redis.call('SET', KEYS[#KEYS], 1, 'NX') then return 0 end
+if redis.call('HSETNX', KEYS[#KEYS], ARGV[budgets + 3], 1) == 0 then return 0 end
 redis.call('EXPIREAT', KEYS[#KEYS], tonumber(ARGV[budgets + 2]))
 for b = 1, budgets do
   local k = (b - 1) * 4
