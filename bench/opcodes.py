@@ -87,7 +87,7 @@ def _dump(counts: dict[CodeType, int], path: Path) -> None:
     named: dict[str, int] = {}
     for code, n in counts.items():
         where = code.co_filename.split("site-packages/")[-1]
-        where = where.split("/skyproxy/", 1)[-1] if "/skyproxy/" in where else where
+        where = where.rsplit("/skyproxy/", 1)[-1]  # the package, even in a clone named skyproxy
         key = f"{where}:{getattr(code, 'co_qualname', code.co_name)}"
         named[key] = named.get(key, 0) + n
     part = path.with_name(path.name + ".part")
