@@ -37,50 +37,34 @@ class RedisRates:
         return self._connection.key("rate", bucket.environment, bucket.rule, rate, "user", bucket.user)
 
     def plan(self, buckets: Sequence[Bucket]) -> RatePlan:
-        """The script wants the user buckets first: KEYS, then ARGV (how many are user
-        buckets, and per bucket its max_rate, period and max_wait)."""
         users = tuple(b._replace(user="") for b in buckets if b.user is not None)
-        ordered = users + tuple(b for b in buckets if b.user is None)
-        args: list[ScriptArg] = [len(users)]
+        return self._encoded(users + tuple(b for b in buckets if b.user is None), len(users), whole=False)
+
+    def _encoded(self, ordered: tuple[Bucket, ...], users: int, whole: bool) -> RatePlan:
+        """The script wants the user buckets first: KEYS, then ARGV (how many are user
+        buckets, and per bucket its max_rate, period and max_wait). `whole`: the user
+        buckets' keys with their users, else up to the user id."""
+        args: list[ScriptArg] = [users]
         for b in ordered:
             args += (b.max_rate, b.period, 0 if b.user is not None else b.max_wait)
-        after = b"".join([*(resp.bulk(self.key(b)) for b in ordered[len(users) :]), *map(resp.bulk, args)])
-        prefixes = tuple(self.key(b).encode() for b in users)
+        keyed = ordered if whole else ordered[users:]
+        after = b"".join([*(resp.bulk(self.key(b)) for b in keyed), *map(resp.bulk, args)])
+        prefixes = () if whole else tuple(self.key(b).encode() for b in ordered[:users])
         items = 1 + len(ordered) + len(args)  # the count of keys, the keys, the arguments
         return RatePlan(ordered, (items, resp.count(len(ordered)), prefixes, after))
 
     async def check_plan(self, plan: RatePlan, user: str) -> RateDecision:
-        items, before, prefixes, after = plan.encoded
-        part = key_part(user).encode()
-        data = b"".join((before, *[resp.bulk(prefix + part) for prefix in prefixes], after))
-        return await self._decide(resp.Tail(items, data), len(plan.buckets))
-
-    async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
-        """Each bucket as it is, users and all; the decision in the caller's order."""
-        if not buckets:
-            return _ALLOWED
-        order = [i for i, b in enumerate(buckets) if b.user is not None]
-        users = len(order)
-        order += [i for i, b in enumerate(buckets) if b.user is None]
-        args: list[ScriptArg] = [users]
-        for i in order:
-            b = buckets[i]
-            args += (b.max_rate, b.period, 0 if b.user is not None else b.max_wait)
-        keys = [self.key(buckets[i]) for i in order]
-        decision = await self._decide(resp.tail(keys, args), len(buckets))
-        levels = [0.0] * len(buckets)
-        for position, i in enumerate(order):
-            levels[i] = decision.levels[position]
-        refused = decision.refused_by
-        return decision._replace(refused_by=None if refused is None else order[refused], levels=tuple(levels))
-
-    async def _decide(self, call: resp.Tail, count: int) -> RateDecision:
-        """The script's answer, in the script's order of the buckets."""
+        items, data, prefixes, after = plan.encoded
+        if prefixes:
+            part = key_part(user).encode()
+            data = b"".join((data, *[resp.bulk(prefix + part) for prefix in prefixes], after))
+        else:
+            data += after
         try:
-            raw = await self._connection.run_tail(self._check, call)
+            raw = await self._connection.run_tail(self._check, resp.Tail(items, data))
         except ClusterUnavailable:
             if self._connection.fails_open:
-                return RateDecision(True, None, 0.0, 0.0, (0.0,) * count, unchecked=True)
+                return RateDecision(True, None, 0.0, 0.0, (0.0,) * len(plan.buckets), unchecked=True)
             raise
         refusing = raw[1]
         # allowed, refused_by, retry_after, delay, levels
@@ -91,6 +75,22 @@ class RedisRates:
             float(raw[3]),
             tuple(map(float, raw[4:])),
         )
+
+    async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
+        """Each bucket as it is, users and all; the decision in the caller's order."""
+        if not buckets:
+            return _ALLOWED
+        order = [i for i, b in enumerate(buckets) if b.user is not None]
+        users = len(order)
+        order += [i for i, b in enumerate(buckets) if b.user is None]
+        decision = await self.check_plan(
+            self._encoded(tuple(buckets[i] for i in order), users, whole=True), ""
+        )
+        levels = [0.0] * len(buckets)
+        for position, i in enumerate(order):
+            levels[i] = decision.levels[position]
+        refused = decision.refused_by
+        return decision._replace(refused_by=None if refused is None else order[refused], levels=tuple(levels))
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:
         if not buckets:
