@@ -55,7 +55,10 @@ class RedisRates:
 
     async def check_plan(self, plan: RatePlan, user: str) -> RateDecision:
         items, data, prefixes, after = plan.encoded
-        if prefixes:
+        if len(prefixes) == 1:  # the usual plan: one rule per user
+            key = prefixes[0] + key_part(user).encode()
+            data = b"%b$%d\r\n%b\r\n%b" % (data, len(key), key, after)
+        elif prefixes:
             part = key_part(user).encode()
             data = b"".join((data, *[resp.bulk(prefix + part) for prefix in prefixes], after))
         else:
