@@ -32,6 +32,7 @@ __all__ = [
     "Outlook",
     "RateBackend",
     "RateDecision",
+    "RatePlan",
     "Reservation",
     "Slot",
     "Usage",
@@ -82,12 +83,30 @@ class RateDecision(NamedTuple):
         return max(0, math.ceil(level / bucket.per_second - _EPS))
 
 
+class RatePlan(NamedTuple):
+    """The buckets one set of rules takes from, for any user, with the backend's encoding
+    of the check less the user: built once per config generation, not per request."""
+
+    buckets: tuple[Bucket, ...]  # the user buckets first (their user is ""), then the environment's
+    # items, what comes before the user buckets' keys, each key up to the user id, what comes after
+    encoded: tuple[int, bytes, tuple[bytes, ...], bytes]
+
+
 class RateBackend(Protocol):
     async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
         """User buckets refuse at once; environment buckets may reserve up to `max_wait`.
 
         Either every bucket takes a unit or none does.
         """
+        ...
+
+    def plan(self, buckets: Sequence[Bucket]) -> RatePlan:
+        """`buckets` (the users' ones for any user) ready for `check_plan`."""
+        ...
+
+    async def check_plan(self, plan: RatePlan, user: str) -> RateDecision:
+        """`check` of the plan's buckets, the user buckets being `user`'s; the decision's
+        indices are the plan's."""
         ...
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:

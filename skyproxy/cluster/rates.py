@@ -1,7 +1,8 @@
 """Shared rate limits: the leaky buckets of `RATE_CHECK`, one round trip per request.
 
-A check's call is encoded from pieces kept per bucket shape (environment, rule, rate):
-the key up to the user id and the rate's arguments. A user's bucket adds its id.
+A request's buckets are the same from one request to the next but for the user: a
+`RatePlan` holds the script call encoded once, less the user id in the user buckets'
+keys, and a check joins the user's id in.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 from collections.abc import Sequence
 
 from skyproxy.cluster import resp
-from skyproxy.cluster.backend import Bucket, RateDecision
+from skyproxy.cluster.backend import Bucket, RateDecision, RatePlan
 from skyproxy.cluster.connection import RedisConnection, ScriptArg, key_part
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.cluster.scripts import RATE_CHECK, RATE_REFUND
@@ -18,8 +19,6 @@ from skyproxy.cluster.scripts import RATE_CHECK, RATE_REFUND
 __all__ = ["RedisRates"]
 
 _ALLOWED = RateDecision(True, None, 0.0, 0.0, ())
-_SHAPES_KEPT = 1024  # bucket shapes come from the config: a reload or two's worth
-_Shape = tuple[str, str, bool, int, float, float]
 
 
 class RedisRates:
@@ -29,7 +28,6 @@ class RedisRates:
         self._connection = connection
         self._check = connection.script(RATE_CHECK)
         self._refund = connection.script(RATE_REFUND)
-        self._shapes: dict[_Shape, tuple[bytes, bytes]] = {}
 
     def key(self, bucket: Bucket) -> str:
         # The rate is part of the name, so a reload that changes it starts the bucket empty.
@@ -38,69 +36,64 @@ class RedisRates:
             return self._connection.key("rate", bucket.environment, bucket.rule, rate, "env")
         return self._connection.key("rate", bucket.environment, bucket.rule, rate, "user", bucket.user)
 
-    def _encoded(self, bucket: Bucket) -> tuple[bytes, bytes]:
-        """The bucket's key and its arguments, as the script call carries them."""
-        b, user = bucket, bucket.user
-        shape = (b.environment, b.rule, user is None, b.max_rate, b.period, b.max_wait)
-        kept = self._shapes.get(shape)
-        if kept is None:
-            kept = self._shapes[shape] = self._shape(bucket)
-        key, args = kept
-        if user is None:
-            return key, args
-        return resp.bulk(key + key_part(user).encode()), args
+    def plan(self, buckets: Sequence[Bucket]) -> RatePlan:
+        users = tuple(b._replace(user="") for b in buckets if b.user is not None)
+        return self._encoded(users + tuple(b for b in buckets if b.user is None), len(users), whole=False)
 
-    def _shape(self, bucket: Bucket) -> tuple[bytes, bytes]:
-        """An environment bucket's encoded key, or a user bucket's key up to the user id;
-        and the encoded max_rate, period and max_wait."""
-        if len(self._shapes) >= _SHAPES_KEPT:
-            self._shapes.clear()
-        if bucket.user is None:
-            key, max_wait = resp.bulk(self.key(bucket)), bucket.max_wait
+    def _encoded(self, ordered: tuple[Bucket, ...], users: int, whole: bool) -> RatePlan:
+        """The script wants the user buckets first: KEYS, then ARGV (how many are user
+        buckets, and per bucket its max_rate, period and max_wait). `whole`: the user
+        buckets' keys with their users, else up to the user id."""
+        args: list[ScriptArg] = [users]
+        for b in ordered:
+            args += (b.max_rate, b.period, 0 if b.user is not None else b.max_wait)
+        keyed = ordered if whole else ordered[users:]
+        after = b"".join([*(resp.bulk(self.key(b)) for b in keyed), *map(resp.bulk, args)])
+        prefixes = () if whole else tuple(self.key(b).encode() for b in ordered[:users])
+        items = 1 + len(ordered) + len(args)  # the count of keys, the keys, the arguments
+        return RatePlan(ordered, (items, resp.count(len(ordered)), prefixes, after))
+
+    async def check_plan(self, plan: RatePlan, user: str) -> RateDecision:
+        items, data, prefixes, after = plan.encoded
+        if len(prefixes) == 1:  # the usual plan: one rule per user
+            key = prefixes[0] + key_part(user).encode()
+            data = b"%b$%d\r\n%b\r\n%b" % (data, len(key), key, after)
+        elif prefixes:
+            part = key_part(user).encode()
+            data = b"".join((data, *[resp.bulk(prefix + part) for prefix in prefixes], after))
         else:
-            key, max_wait = self.key(bucket._replace(user="")).encode(), 0
-        return key, b"".join(map(resp.bulk, (bucket.max_rate, bucket.period, max_wait)))
-
-    def _call(self, buckets: Sequence[Bucket]) -> tuple[resp.Tail, list[int]]:
-        """The script call, and the caller's index of each bucket in the order the
-        script wants them: the user buckets first."""
-        order: list[int] = []
-        keys: list[bytes] = []
-        args: list[bytes] = []
-        users = 0
-        for i, bucket in enumerate(buckets):
-            key, encoded = self._encoded(bucket)
-            if bucket.user is None:
-                order.append(i)
-                keys.append(key)
-                args.append(encoded)
-            else:
-                order.insert(users, i)
-                keys.insert(users, key)
-                args.insert(users, encoded)
-                users += 1
-        count = len(order)
-        # KEYS, then ARGV: how many are user buckets, and three arguments per bucket.
-        data = b"".join((resp.count(count), *keys, resp.count(users), *args))
-        return resp.Tail(2 + 4 * count, data), order
-
-    async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
-        if not buckets:
-            return _ALLOWED
-        call, order = self._call(buckets)
+            data += after
         try:
-            raw = await self._connection.run_tail(self._check, call)
+            raw = await self._connection.run_tail(self._check, resp.Tail(items, data))
         except ClusterUnavailable:
             if self._connection.fails_open:
-                return RateDecision(True, None, 0.0, 0.0, (0.0,) * len(buckets), unchecked=True)
+                return RateDecision(True, None, 0.0, 0.0, (0.0,) * len(plan.buckets), unchecked=True)
             raise
+        refusing = raw[1]
+        # allowed, refused_by, retry_after, delay, levels
+        return RateDecision(
+            raw[0] == 1,
+            refusing - 1 if refusing else None,
+            float(raw[2]),
+            float(raw[3]),
+            tuple(map(float, raw[4:])),
+        )
+
+    async def check(self, buckets: Sequence[Bucket]) -> RateDecision:
+        """Each bucket as it is, users and all; the decision in the caller's order."""
+        if not buckets:
+            return _ALLOWED
+        order = [i for i, b in enumerate(buckets) if b.user is not None]
+        users = len(order)
+        order += [i for i, b in enumerate(buckets) if b.user is None]
+        decision = await self.check_plan(
+            self._encoded(tuple(buckets[i] for i in order), users, whole=True), ""
+        )
         levels = [0.0] * len(buckets)
         for position, i in enumerate(order):
-            levels[i] = float(raw[4 + position])
-        refusing = int(raw[1])
-        refused_by = order[refusing - 1] if refusing else None
-        # allowed, refused_by, retry_after, delay, levels
-        return RateDecision(raw[0] == 1, refused_by, float(raw[2]), float(raw[3]), tuple(levels))
+            levels[i] = decision.levels[position]
+        refused = decision.refused_by
+        return decision._replace(refused_by=None if refused is None else order[refused], levels=tuple(levels))
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:
         if not buckets:

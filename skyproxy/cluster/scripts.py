@@ -4,8 +4,9 @@ Every script reads the clock with `redis.call('TIME')`, so replicas whose clocks
 disagree still share one timeline. Redis replicates a script's effects, not the script,
 so reading the clock before writing is allowed (Redis 5 and later).
 
-Numbers come back as strings formatted with `%.17g`: Redis turns a Lua number into an
-integer, which would cut a bucket level of 9.83 to 9. Money is integer micro-dollars,
+Numbers come back as strings formatted with `%.17g`: Redis turns a Lua number it is
+returned into an integer, which would cut a bucket level of 9.83 to 9. (A number given to
+`redis.call` is written with all its digits.) Money is integer micro-dollars,
 so sums of reservations are exact.
 """
 
@@ -57,11 +58,6 @@ for i = 1, count do
   end
   levels[i] = level
 end
-local function answer(allowed, refusing, wait, delay)
-  local out = {allowed, refusing, string.format('%.17g', wait), string.format('%.17g', delay)}
-  for i = 1, count do out[4 + i] = string.format('%.17g', levels[i]) end
-  return out
-end
 local refusing, worst = 0, 0
 for i = 1, users do
   if levels[i] + 1 > capacity[i] then
@@ -69,25 +65,35 @@ for i = 1, users do
     if refusing == 0 or wait > worst then refusing, worst = i, wait end
   end
 end
-if refusing > 0 then return answer(0, refusing, worst, 0) end
 local delay = 0
-for i = users + 1, count do
-  local wait = (levels[i] + 1 - capacity[i]) / per_second[i]
-  local max_wait = tonumber(ARGV[2 + (i - 1) * 3 + 2])
-  if wait > max_wait then
-    if refusing == 0 or wait - max_wait > worst then refusing, worst = i, wait - max_wait end
-  elseif wait > delay then
-    delay = wait
+if refusing == 0 then
+  for i = users + 1, count do
+    local wait = (levels[i] + 1 - capacity[i]) / per_second[i]
+    local max_wait = tonumber(ARGV[2 + (i - 1) * 3 + 2])
+    if wait > max_wait then
+      if refusing == 0 or wait - max_wait > worst then refusing, worst = i, wait - max_wait end
+    elseif wait > delay then
+      delay = wait
+    end
   end
 end
-if refusing > 0 then return answer(0, refusing, worst, 0) end
-for i = 1, count do
-  levels[i] = levels[i] + 1
-  redis.call('HSET', KEYS[i], 'l', string.format('%.17g', levels[i]), 't', string.format('%.17g', now))
-  -- Gone once drained: an absent bucket is an empty one.
-  redis.call('PEXPIRE', KEYS[i], math.ceil(levels[i] / per_second[i] * 1000) + 1000)
+local out = {0, refusing, '0', '0'}
+if refusing > 0 then
+  out[3] = string.format('%.17g', worst)
+else
+  out[1] = 1
+  if delay > 0 then out[4] = string.format('%.17g', delay) end
+  for i = 1, count do
+    local level = levels[i] + 1
+    levels[i] = level
+    -- A number given to redis.call is written with all its digits.
+    redis.call('HSET', KEYS[i], 'l', level, 't', now)
+    -- Gone once drained: an absent bucket is an empty one.
+    redis.call('PEXPIRE', KEYS[i], math.ceil(level / per_second[i] * 1000) + 1000)
+  end
 end
-return answer(1, 0, 0, delay)
+for i = 1, count do out[4 + i] = string.format('%.17g', levels[i]) end
+return out
 """
 )
 
