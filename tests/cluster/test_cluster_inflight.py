@@ -130,3 +130,31 @@ async def test_a_slot_taken_by_a_call_that_timed_out_is_given_back(
         await eventually(free, "the slot free again", deadline_s=5)
     finally:
         await relay.stop()
+
+
+async def test_a_release_waits_until_the_late_acquire_it_undoes_has_run(
+    redis_server: RedisServer, make_node: Make
+) -> None:
+    """As for budget reservations: the release queued for an acquire that ran out of time
+    waits until the lane answers again, so it cannot run before the acquire and leave the
+    slot taken for the whole lease."""
+    node = await make_node(redis_server.url, timeout_ms=200)
+    one = Slot("dev", "predictions", "dave", 1)
+    warm = await node.inflight.acquire([Slot("dev", "predictions", "erin", 1)])  # script loaded
+    await node.inflight.release(warm.lease)
+    redis_server.pause()
+    with pytest.raises(ClusterUnavailable):
+        await node.inflight.acquire([one])
+    assert node.degraded
+    await asyncio.sleep(0.6)  # three timeouts: a send of the release would have failed by now
+    assert node.connection.errors_total == 1  # only the acquire: the release was not sent
+    redis_server.resume()
+    await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+
+    async def free() -> bool:
+        decision = await node.inflight.acquire([one])
+        if decision.lease is not None:
+            await node.inflight.release(decision.lease)
+        return decision.allowed
+
+    await eventually(free, "the slot free again, well within its 10 s lease", deadline_s=5)
