@@ -120,14 +120,8 @@ async def test_a_slot_taken_by_a_call_that_timed_out_is_given_back(
         relay.hold.clear()
         await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
 
-        async def free() -> bool:
-            decision = await node.inflight.acquire([one])
-            if decision.lease is not None:
-                await node.inflight.release(decision.lease)
-            return decision.allowed
-
         # Well within the 10 s lease: the slot was released, not left to run out.
-        await eventually(free, "the slot free again", deadline_s=5)
+        await eventually(lambda: slot_free(node, one), "the slot free again", deadline_s=5)
     finally:
         await relay.stop()
 
@@ -150,11 +144,12 @@ async def test_a_release_waits_until_the_late_acquire_it_undoes_has_run(
     assert node.connection.errors_total == 1  # only the acquire: the release was not sent
     redis_server.resume()
     await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
+    await eventually(lambda: slot_free(node, one), "the slot free again, well within its 10 s lease", deadline_s=5)
 
-    async def free() -> bool:
-        decision = await node.inflight.acquire([one])
-        if decision.lease is not None:
-            await node.inflight.release(decision.lease)
-        return decision.allowed
 
-    await eventually(free, "the slot free again, well within its 10 s lease", deadline_s=5)
+async def slot_free(node: Any, slot: Slot) -> bool:
+    """Whether `slot` can be taken now (it is given back at once)."""
+    decision = await node.inflight.acquire([slot])
+    if decision.lease is not None:
+        await node.inflight.release(decision.lease)
+    return bool(decision.allowed)
