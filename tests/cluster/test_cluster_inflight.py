@@ -144,7 +144,7 @@ async def test_a_release_waits_until_the_late_acquire_it_undoes_has_run(
     assert node.connection.errors_total == 1  # only the acquire: the release was not sent
     redis_server.resume()
     await eventually(lambda: not node.degraded, "Redis back", deadline_s=5)
-    await eventually(lambda: slot_free(node, one), "the slot free again, well within its 10 s lease", deadline_s=5)
+    await eventually(lambda: slot_free(node, one), "the slot free, well within its 10 s lease", deadline_s=5)
 
 
 async def slot_free(node: Any, slot: Slot) -> bool:
