@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,11 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Until the event loop's handlers are in place, logrotate's SIGUSR1 or a reload's SIGHUP
+    # would end the process (their default). Neither has anything to act on yet: the audit
+    # file is not open, and the config is about to be read.
+    for early in (signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(early, signal.SIG_IGN)
     from skyproxy.daemon.logs import configure_logging
     from skyproxy.daemon.notify import Notifier
     from skyproxy.daemon.supervisor import StartupError, Supervisor

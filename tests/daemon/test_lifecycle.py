@@ -221,6 +221,38 @@ async def test_sighup_reloads_the_config(
     assert await asyncio.to_thread(daemon.wait, 30) == 0
 
 
+def ignored_signals(pid: int) -> int:
+    """The process's mask of ignored signals, from /proc (0 until it is readable)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return int(found.group(1), 16) if found else 0
+
+
+async def test_sigusr1_and_sighup_while_starting_do_not_end_the_daemon(
+    tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
+) -> None:
+    """logrotate's SIGUSR1, or a reload, may come while the daemon is still importing and
+    reading its config, before the event loop handles them: by default they would kill it."""
+    url, _ = mock_upstream
+    port = free_port()
+    config = write_config(tmp_path, env_config(url, listen=f"127.0.0.1:{port}"))
+    daemon = await asyncio.to_thread(spawn, config, port, None, False)
+    pid = daemon.process.pid
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    # Sent as soon as the process says it ignores them: in the window before the loop's
+    # handlers, where the default action would end it.
+    await eventually(lambda: ignored_signals(pid) & usr1, "SIGUSR1 ignored from the start", deadline_s=20)
+    daemon.signal(signal.SIGUSR1)
+    daemon.signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_healthy, daemon)
+    assert daemon.process.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+
+
 async def test_sigusr1_reopens_the_audit_file(
     tmp_path: Path, mock_upstream: tuple[str, MockState], spawn: Spawn
 ) -> None:
