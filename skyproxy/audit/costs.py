@@ -68,6 +68,17 @@ class Costs(Generic[K]):
             changes.append((key, cost))
         return changes
 
+    def first_estimate(self, key: K, prediction_id: str, cost: float) -> bool:
+        """A "created" line that is its prediction's first line, taken in: its one change is
+        then +cost at key. False, with nothing taken, when `observe()` must decide."""
+        estimates = self._estimates
+        if prediction_id in estimates or prediction_id in self._finals:
+            return False
+        estimates[prediction_id] = (key, cost)
+        if self._limit is not None and len(estimates) > self._limit:
+            estimates.popitem(last=False)
+        return True
+
     def __len__(self) -> int:
         """How many entries are held: lines without a prediction id, estimates and final costs."""
         return len(self._loose) + len(self._estimates) + len(self._finals)

@@ -77,6 +77,15 @@ def may_be_terminal(body: bytes | bytearray | None, encoding: str | None) -> boo
     return any(marker in body for marker in _TERMINAL_MARKERS)
 
 
+def model_in(body: bytes) -> str | None:
+    """The model a plain JSON request body names (a create's), or None."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return model_of(value) if isinstance(value, dict) else None
+
+
 def model_of(obj: dict[str, Any] | None) -> str | None:
     if not obj:
         return None

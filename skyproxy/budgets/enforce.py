@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from skyproxy.audit.record import TERMINAL
-from skyproxy.budgets.hold import NO_HOLD, Hold, Holds, Subject
-from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
+from skyproxy.budgets.hold import EMPTY, NO_HOLD, Account, Hold, Holds, Subject
+from skyproxy.budgets.ledger import NANOS, Ledger, Place, Window, nanos
 from skyproxy.budgets.periods import iso
 from skyproxy.budgets.shared import SharedHold, period_label, subject_key
 from skyproxy.cluster.backend import BudgetBackend, BudgetScope
 from skyproxy.config import Budget
 
 log = logging.getLogger("skyproxy.budgets")
+REMEMBERED_AMOUNTS = 256  # dollar amounts kept converted: the prices of a few models
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +75,19 @@ class _Rule:
     """One budget as the hot path reads it, with its spend in the current window."""
 
     __slots__ = (
+        "accounts",
         "budget",
         "end",
         "limit",
         "name",
         "per",
         "period",
-        "reserved",
-        "spent",
         "start",
         "warn",
         "warned",
     )
 
-    def __init__(self, budget: Budget, reserved: dict[Subject, int]) -> None:
+    def __init__(self, budget: Budget, accounts: dict[Subject, Account]) -> None:
         self.budget = budget
         self.name = budget.name
         self.per = budget.per
@@ -96,9 +96,28 @@ class _Rule:
         self.warn = None if budget.warn_at is None else nanos(budget.usd * budget.warn_at)
         self.start = -math.inf  # of the window `spent` counts; rebuilt when the ledger rolls
         self.end = -math.inf
-        self.spent: dict[Subject, int] = {}
-        self.reserved = reserved  # what admitted creates hold until they end, per subject
+        # Per subject: spend in the window, and what admitted creates hold until they end.
+        self.accounts = accounts
         self.warned: set[Subject] = set()
+
+    def account(self, subject: Subject) -> Account:
+        found = self.accounts.get(subject)
+        if found is None:
+            found = self.accounts[subject] = Account()
+        return found
+
+    def recount(self, current: Window) -> None:
+        """Spend from the ledger's cells for a new window; reservations carry over."""
+        self.start, self.end = current.start, current.end
+        self.warned = set()
+        # Accounts nothing is held in are dropped, so subjects of past windows are not kept.
+        self.accounts = accounts = {s: a for s, a in self.accounts.items() if a.reserved}
+        for held in accounts.values():
+            held.spent = 0
+        applies_to = self.budget.applies_to
+        for (environment, user, client), amount in current.spent.items():
+            if applies_to(environment):
+                self.account(self.subject(environment, user, client)).spent += amount
 
     def subject(self, environment: str, user: str | None, client: str | None) -> Subject:
         per = self.per
@@ -117,6 +136,7 @@ class Budgets:
         self._by_env: dict[str, tuple[_Rule, ...]] = {}
         self._epoch = -1
         self.shared: BudgetBackend | None = None  # with [cluster]: spend and reservations on Redis
+        self._nanos: dict[float, int] = {}  # estimates in nano-dollars, by their amount in dollars
         self.reconfigure(budgets)
 
     @property
@@ -130,8 +150,8 @@ class Budgets:
         self._budgets = budgets
         for budget in budgets:
             self.ledger.keep(budget.period)
-        # A budget kept by name keeps its reservations: the holds in flight release into them.
-        kept = {rule.name: rule.reserved for rule in self._rules}
+        # A budget kept by name keeps its accounts: the holds in flight release into them.
+        kept = {rule.name: rule.accounts for rule in self._rules}
         self._rules = tuple(_Rule(b, kept.get(b.name, {})) for b in budgets)
         self._by_env = {}
         self._epoch = -1  # rebuild every rule's spend at the next use
@@ -156,15 +176,8 @@ class Budgets:
         self._epoch = ledger.epoch
         for rule in self._rules:
             current = ledger.windows[rule.period]
-            if rule.start == current.start:
-                continue
-            rule.start, rule.end = current.start, current.end
-            rule.spent = {}
-            rule.warned = set()
-            for (environment, user, client), amount in current.spent.items():
-                if rule.budget.applies_to(environment):
-                    subject = rule.subject(environment, user, client)
-                    rule.spent[subject] = rule.spent.get(subject, 0) + amount
+            if rule.start != current.start:
+                rule.recount(current)
 
     # -- the hot path ---------------------------------------------------------------------
     def admit(
@@ -180,36 +193,40 @@ class Budgets:
         ledger = self.ledger
         if now >= ledger.next_end or ledger.epoch != self._epoch:
             self._sync(now)
-        estimate = round(estimate_usd * NANOS) if estimate_usd > 0 else 0
+        estimate = self._nanos.get(estimate_usd)
+        if estimate is None:
+            estimate = self._nanos_of(estimate_usd)
         if len(rules) == 1:  # the usual case, without the lists
             rule = rules[0]
             per = rule.per
             subject = user if per == "user" else client if per == "client" else environment
-            spent = rule.spent.get(subject, 0)
-            reserved = rule.reserved
-            held = reserved.get(subject, 0)
-            if spent + held + estimate > rule.limit:
-                return self._exceeded(rule, spent, held, now)
+            account = rule.accounts.get(subject, EMPTY)
+            if account.spent + account.reserved + estimate > rule.limit:
+                return self._exceeded(rule, account.spent, account.reserved, now)
             if not estimate:
                 return NO_HOLD
-            reserved[subject] = held + estimate
-            return Hold(reserved, subject, estimate)
-        subjects: list[Subject] = []
+            if account is EMPTY:
+                account = rule.account(subject)
+            return account.hold(estimate)
+        subjects = []
         for rule in rules:
-            per = rule.per
-            subject = user if per == "user" else client if per == "client" else environment
-            spent = rule.spent.get(subject, 0)
-            held = rule.reserved.get(subject, 0)
-            if spent + held + estimate > rule.limit:
-                return self._exceeded(rule, spent, held, now)
+            subject = rule.subject(environment, user, client)
+            account = rule.accounts.get(subject, EMPTY)
+            if account.spent + account.reserved + estimate > rule.limit:
+                return self._exceeded(rule, account.spent, account.reserved, now)
             subjects.append(subject)
         if not estimate:
             return NO_HOLD
-        holds = []
-        for rule, subject in zip(rules, subjects, strict=True):
-            rule.reserved[subject] = rule.reserved.get(subject, 0) + estimate
-            holds.append(Hold(rule.reserved, subject, estimate))
-        return Holds(holds)
+        pairs = zip(rules, subjects, strict=True)
+        return Holds([rule.account(subject).hold(estimate) for rule, subject in pairs])
+
+    def _nanos_of(self, usd: float) -> int:
+        """An amount in nano-dollars; the few that recur (prices) are remembered."""
+        found = round(usd * NANOS) if usd > 0 else 0
+        if len(self._nanos) >= REMEMBERED_AMOUNTS:
+            self._nanos.clear()
+        self._nanos[usd] = found
+        return found
 
     async def admit_shared(
         self, environment: str, user: str | None, client: str | None, estimate_usd: float
@@ -298,30 +315,45 @@ class Budgets:
         With no budget configured nothing is kept: "neither" costs nothing per request."""
         if not self._rules:
             return
-        now = self.clock()
-        if timestamp > now:
-            now = timestamp
         ledger = self.ledger
-        if now >= ledger.next_end or ledger.epoch != self._epoch:
-            self._sync(now)  # roll first, so that a change is added once
+        # Rolled first, so that a change is added once. A line is counted in the window
+        # that holds its timestamp, so only that rolls the windows here; the clock rolls
+        # them at the next admission.
+        if timestamp >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(max(timestamp, self.clock()))
         place = (timestamp, environment, user, client)
-        # The ledger's observe() unrolled: the spend rule's changes go to the ledger's cells
-        # and to the budgets' subjects in one pass, with no list of changes in between.
-        for where, usd in ledger.costs.observe(place, status, prediction_id, cost):
-            self._spend(where, ledger.count(where, usd))
+        costs = ledger.costs
+        if (
+            status == "created"
+            and cost
+            and prediction_id is not None
+            and costs.first_estimate(place, prediction_id, cost)
+        ):  # the line every create writes: its estimate is its one change
+            amount = self._nanos.get(cost)
+            if amount is None:
+                amount = self._nanos_of(cost)
+            ledger.add(timestamp, (environment, user, client), amount)
+            self._spend(timestamp, environment, user, client, amount)
+        else:  # the ledger's observe() unrolled: each change to the cells and the subjects
+            for where, usd in costs.observe(place, status, prediction_id, cost):
+                self._spend(*where, ledger.count(where, usd))
         shared = self.shared
         if shared is not None and cost is not None:
             self._share(shared, place, status, prediction_id, cost)
 
-    def _spend(self, where: Place, amount: int) -> None:
+    def _spend(
+        self, moment: float, environment: str, user: str | None, client: str | None, amount: int
+    ) -> None:
         """One change of spend, added to each budget whose current window holds its moment."""
-        moment, environment, user, client = where
         rules = self._by_env.get(environment)
         for rule in self._for(environment) if rules is None else rules:
             if rule.start <= moment < rule.end:
                 per = rule.per
                 subject = user if per == "user" else client if per == "client" else environment
-                spent = rule.spent[subject] = rule.spent.get(subject, 0) + amount
+                account = rule.accounts.get(subject)
+                if account is None:
+                    account = rule.account(subject)
+                spent = account.spent = account.spent + amount
                 if rule.warn is not None and amount > 0 and spent >= rule.warn and subject not in rule.warned:
                     self._warn(rule, subject, spent)
 
@@ -358,17 +390,18 @@ class Budgets:
         self._sync(self.clock())
         rows: list[dict[str, Any]] = []
         for rule in self._rules:
-            subjects = set(rule.spent) | set(rule.reserved)
             resets_at = iso(self.ledger.windows[rule.period].end)
-            for subject in sorted(subjects, key=lambda s: (s is None, s or "")):
+            held = {subject: a for subject, a in rule.accounts.items() if a.spent or a.reserved}
+            for subject in sorted(held, key=lambda s: (s is None, s or "")):
+                account = held[subject]
                 rows.append(
                     {
                         "budget": rule.name,
                         "per": rule.per,
                         "subject": subject,
                         "period": rule.period,
-                        "spent_usd": round(rule.spent.get(subject, 0) / NANOS, 9),
-                        "reserved_usd": round(rule.reserved.get(subject, 0) / NANOS, 9),
+                        "spent_usd": round(account.spent / NANOS, 9),
+                        "reserved_usd": round(account.reserved / NANOS, 9),
                         "limit_usd": rule.budget.usd,
                         "resets_at": resets_at,
                     }

@@ -1,31 +1,57 @@
-"""A create's reservation under this process's budgets, given back once the exchange ends."""
+"""Where a create's estimate is reserved under this process's budgets until the exchange ends.
+
+A create reserves into one `Account` per budget that applies: its subject's spend and
+reservations in the budget's current window. The `Hold` it gets back is shared by every
+create that reserves the same amount in the same accounts, so taking a reservation
+allocates nothing; whoever takes one releases it exactly once.
+"""
 
 from __future__ import annotations
 
 Subject = str | None
+HELD_AMOUNTS = 16  # distinct amounts an account keeps holds for: prices are few
+
+
+class Account:
+    """One subject's spend and reservations under one budget, in whole nano-dollars."""
+
+    __slots__ = ("_holds", "reserved", "spent")
+
+    def __init__(self) -> None:
+        self.spent = 0  # in the budget's current window
+        self.reserved = 0  # by creates in flight, whatever the window
+        self._holds: dict[int, Hold] | None = None  # made at the first reservation
+
+    def hold(self, amount: int) -> Hold:
+        """Reserves `amount`; the caller has checked it fits."""
+        self.reserved += amount
+        holds = self._holds
+        if holds is None:
+            holds = self._holds = {}
+        found = holds.get(amount)
+        if found is None:
+            if len(holds) >= HELD_AMOUNTS:
+                holds.clear()
+            found = holds[amount] = Hold(self, amount)
+        return found
+
+
+EMPTY = Account()  # what an absent account reads as: nothing spent or held (never reserved in)
 
 
 class Hold:
-    """Reserved nano-dollars under one budget for one subject; `release()` gives them back, once."""
+    """An amount reserved in one account; `release()` gives it back (call it once)."""
 
-    __slots__ = ("_amount", "_reserved", "_subject")
+    __slots__ = ("_account", "_amount")
 
-    def __init__(self, reserved: dict[Subject, int] | None, subject: Subject, amount: int) -> None:
-        self._reserved = reserved if amount else None
-        self._subject = subject
+    def __init__(self, account: Account | None, amount: int) -> None:
+        self._account = account
         self._amount = amount
 
     def release(self) -> None:
-        reserved = self._reserved
-        if reserved is None:
-            return
-        self._reserved = None
-        subject = self._subject
-        left = reserved[subject] - self._amount
-        if left:
-            reserved[subject] = left
-        else:
-            del reserved[subject]
+        account = self._account
+        if account is not None:
+            account.reserved -= self._amount
 
 
 class Holds(Hold):
@@ -34,13 +60,12 @@ class Holds(Hold):
     __slots__ = ("_holds",)
 
     def __init__(self, holds: list[Hold]) -> None:
-        super().__init__(None, None, 0)
+        super().__init__(None, 0)
         self._holds = holds
 
     def release(self) -> None:
-        holds, self._holds = self._holds, []
-        for hold in holds:
+        for hold in self._holds:
             hold.release()
 
 
-NO_HOLD = Hold(None, None, 0)
+NO_HOLD = Hold(None, 0)

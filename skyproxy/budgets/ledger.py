@@ -115,12 +115,15 @@ class Ledger:
         now by the caller); returns it in nano-dollars."""
         amount = round(usd * NANOS)
         moment, environment, user, client = where
-        cell = (environment, user, client)
+        self.add(moment, (environment, user, client), amount)
+        return amount
+
+    def add(self, moment: float, cell: Cell, amount: int) -> None:
+        """`amount` nano-dollars spent at `moment`, into each window that holds it."""
         for current in self.windows.values():
             if current.start <= moment < current.end:
                 spent = current.spent
                 spent[cell] = spent.get(cell, 0) + amount
-        return amount
 
     def replay(self, audit_path: Path) -> int:
         """Feeds in every line of the current windows from the audit files; blocking.

@@ -13,7 +13,7 @@ class SharedHold(Hold):
     __slots__ = ("_backend", "_reservation")
 
     def __init__(self, backend: BudgetBackend, reservation: Reservation) -> None:
-        super().__init__(None, None, 0)
+        super().__init__(None, 0)
         self._backend = backend
         self._reservation: Reservation | None = reservation
 

@@ -70,9 +70,7 @@ def authenticate(
     return token
 
 
-def estimate(pricing: Mapping[str, float], model: str | None, known: bool) -> float:
-    """A create's reserved cost: its model's price, 0 for a model without one; when the body
-    streams on and its model cannot be known yet, the dearest price, so nothing slips under."""
-    if not known:
-        return max(pricing.values(), default=0.0)
-    return pricing.get(model, 0.0) if model is not None else 0.0
+def dearest(pricing: Mapping[str, float]) -> float:
+    """A create's reserved cost when its body streams on and its model cannot be known yet:
+    the dearest price, so nothing slips under."""
+    return max(pricing.values(), default=0.0)

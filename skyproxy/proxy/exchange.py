@@ -71,7 +71,8 @@ class Call:
         """Gives back what admission took; however the exchange ended, and only once."""
         if self.slots is not NO_SLOTS:
             self.slots.release()
-        self.hold.release()
+        hold, self.hold = self.hold, NO_HOLD  # a hold is shared: released once per create
+        hold.release()
 
 
 @dataclass(frozen=True, slots=True)

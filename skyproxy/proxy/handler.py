@@ -233,11 +233,12 @@ class ProxyHandler:
                 if isinstance(read, web.Response):
                     return read
             call.body = read
-            if read is not None:
-                call.model = events.model_of(events.parse_json(read, None))
-            plain = "Content-Encoding" not in request.headers
-            known = not request.body_exists or (read is not None and plain)
-            estimate = access.estimate(pricing, call.model, known)
+            if read is not None and "Content-Encoding" not in request.headers:
+                model = call.model = events.model_in(read)
+                if model is not None:
+                    estimate = pricing.get(model, 0.0)  # 0 for a model without a price
+            elif request.body_exists:  # streams on, or comes coded: its model is not known yet
+                estimate = access.dearest(pricing)
         budgets = self.state.budgets
         if budgets.shared is None:
             held = budgets.admit(env.name, call.user, call.client, estimate)

@@ -11,13 +11,16 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from helpers.daemon import eventually
+from multidict import CIMultiDict
 
 from skyproxy.audit.summary import summarize
 from skyproxy.budgets.enforce import NO_HOLD, Budgets, Exceeded, Hold
 from skyproxy.config import Budget
+from skyproxy.proxy.exchange import Call
 
 
 class Clock:
@@ -78,12 +81,30 @@ def test_reservations_count_until_released() -> None:
     refused = budgets.admit("dev", "alice", None, 0.4)
     assert isinstance(refused, Exceeded)
     assert (refused.spent_usd, refused.reserved_usd, refused.limit_usd) == (0.0, 0.8, 1.0)
-    for hold in holds:  # the creates failed: nothing spent, everything given back, once
+    for hold in holds:  # the creates failed: nothing spent, everything given back
         assert isinstance(hold, Hold)
-        hold.release()
         hold.release()
     assert budgets.snapshot() == []
     assert isinstance(budgets.admit("dev", "alice", None, 1.0), Hold)
+
+
+def test_an_exchange_gives_its_reservation_back_once_however_often_it_releases() -> None:
+    """Holds of one amount in one account are shared, so the exchange releases its own once."""
+    budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
+    calls = []
+    for _ in range(2):
+        call = Call(cast(Any, None), cast(Any, None), cast(Any, None), "req", CIMultiDict(), "create")
+        held = budgets.admit("dev", "alice", None, 0.4)
+        assert isinstance(held, Hold)
+        call.hold = held
+        calls.append(call)
+    assert calls[0].hold is calls[1].hold
+    calls[0].release()
+    calls[0].release()  # a second release of one exchange gives nothing more back
+    assert [row["reserved_usd"] for row in budgets.snapshot()] == [0.4]
+    assert isinstance(budgets.admit("dev", "alice", None, 0.61), Exceeded)
+    calls[1].release()
+    assert budgets.snapshot() == []
 
 
 def test_the_terminal_cost_replaces_the_estimate_and_unpriced_models_count_when_known() -> None:
