@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from skyproxy.audit import events
-from skyproxy.budgets.enforce import NO_HOLD, Exceeded
+from skyproxy.budgets.enforce import NO_HOLD, Exceeded, Hold
 from skyproxy.cluster.errors import ClusterUnavailable
 from skyproxy.http1.client import Client
 from skyproxy.ops.metrics import route_of
@@ -189,6 +189,8 @@ class ProxyHandler:
                 return self._too_many(call, slots)
             call.slots = slots
         if route.budgeted and call.kind == "create":
+            if self.state.budgets.shared is None and request.content.is_eof():
+                return self._reserve_now(call)  # the usual small body, in with its head
             return await self._reserve(call, route)
         return None
 
@@ -215,39 +217,41 @@ class ProxyHandler:
             extra={"retry_after": over.retry_after},
         )
 
+    def _reserve_now(self, call: Call) -> web.Response | None:
+        """`_reserve()` for a body already in whole and this process's own budgets: no waiting."""
+        pricing = call.runtime.settings.pricing
+        estimate = _estimate(call, pricing, body.buffered(call.request)) if pricing else 0.0
+        return self._held(call, self.state.budgets.admit(call.env.name, call.user, call.client, estimate))
+
     async def _reserve(self, call: Call, route: Route) -> web.Response | None:
         """The create's estimate reserved under every budget, or 402 when one would be passed.
 
         A small body is read now to find its model; one that streams on (or comes
         content-encoded) cannot be priced yet and is reserved at the dearest price."""
-        request = call.request
-        env = call.env
         pricing = call.runtime.settings.pricing
         estimate = 0.0
         if pricing:  # without prices every estimate is 0: no need to look at the body
-            read: bytes | web.Response | None
-            if request.content.is_eof():  # the usual small body, in with its head: no deadline to keep
-                read = await body.read_whole(request)
+            request = call.request
+            if request.content.is_eof():  # the usual small body, in with its head
+                estimate = _estimate(call, pricing, body.buffered(request))
             else:
                 read = await _before_exchange(call, route, body.read_whole(request))
                 if isinstance(read, web.Response):
                     return read
-            call.body = read
-            if read is not None and "Content-Encoding" not in request.headers:
-                model = call.model = events.model_in(read)
-                if model is not None:
-                    estimate = pricing.get(model, 0.0)  # 0 for a model without a price
-            elif request.body_exists:  # streams on, or comes coded: its model is not known yet
-                estimate = access.dearest(pricing)
+                estimate = _estimate(call, pricing, read)
         budgets = self.state.budgets
+        env, user, client = call.env.name, call.user, call.client
         if budgets.shared is None:
-            held = budgets.admit(env.name, call.user, call.client, estimate)
-        else:  # [cluster]: spend and reservations on Redis
-            held = await budgets.admit_shared(env.name, call.user, call.client, estimate)
+            return self._held(call, budgets.admit(env, user, client, estimate))
+        # [cluster]: spend and reservations on Redis
+        return self._held(call, await budgets.admit_shared(env, user, client, estimate))
+
+    def _held(self, call: Call, held: Hold | Exceeded) -> web.Response | None:
+        """None once the create holds its reservation; else the 402 for the budget it would pass."""
         if not isinstance(held, Exceeded):
             call.hold = held
             return None
-        self.state.metrics.refused(env.name, "budget_exceeded")
+        self.state.metrics.refused(call.env.name, "budget_exceeded")
         record.rejected(self.state, call, 402)
         call.reply["Retry-After"] = str(held.retry_after)
         message = (
@@ -289,6 +293,18 @@ class ProxyHandler:
     def _count(self, response: web.StreamResponse, path: str) -> web.StreamResponse:
         self.state.count(self.environment, route_of(path), response.status)
         return response
+
+
+def _estimate(call: Call, pricing: Mapping[str, float], read: bytes | None) -> float:
+    """A create's reserved cost from its body (`read` whole, or None): its model's price, 0
+    for a model without one; the dearest price while its model cannot be known yet (the
+    body streams on, or comes content-encoded), so nothing slips under."""
+    call.body = read
+    request = call.request
+    if read is not None and "Content-Encoding" not in request.headers:
+        model = call.model = events.model_in(read)
+        return pricing.get(model, 0.0) if model is not None else 0.0
+    return access.dearest(pricing) if request.body_exists else 0.0
 
 
 async def _before_exchange(call: Call, route: Route, reading: Coroutine[Any, Any, _T]) -> _T | web.Response:
