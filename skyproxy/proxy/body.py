@@ -79,7 +79,8 @@ async def upload(request: web.BaseRequest, route: Route, outcome: Outcome, deadl
         await _continue(request)
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
-        body = await request.read()
+        content = request.content
+        body = content.read_nowait() if content.is_eof() else await request.read()
         if outcome.request_prefix is not None:
             outcome.request_prefix = body
         return body, None
