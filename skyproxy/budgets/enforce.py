@@ -134,6 +134,7 @@ class Budgets:
         self._budgets: tuple[Budget, ...] = ()
         self._rules: tuple[_Rule, ...] = ()
         self._by_env: dict[str, tuple[_Rule, ...]] = {}
+        self._solo: dict[str, _Rule] = {}  # environments with exactly one budget: admit()'s own path
         self._epoch = -1
         self.shared: BudgetBackend | None = None  # with [cluster]: spend and reservations on Redis
         self._nanos: dict[float, int] = {}  # estimates in nano-dollars, by their amount in dollars
@@ -154,6 +155,7 @@ class Budgets:
         kept = {rule.name: rule.accounts for rule in self._rules}
         self._rules = tuple(_Rule(b, kept.get(b.name, {})) for b in budgets)
         self._by_env = {}
+        self._solo = {}
         self._epoch = -1  # rebuild every rule's spend at the next use
 
     def applies(self, environment: str) -> bool:
@@ -165,6 +167,8 @@ class Budgets:
             found = self._by_env[environment] = tuple(
                 r for r in self._rules if r.budget.applies_to(environment)
             )
+            if len(found) == 1:
+                self._solo[environment] = found[0]
         return found
 
     def _sync(self, now: float) -> None:
@@ -184,30 +188,39 @@ class Budgets:
         self, environment: str, user: str | None, client: str | None, estimate_usd: float
     ) -> Hold | Exceeded:
         """Reserves the estimate under every budget that applies, or says which one it would pass."""
-        rules = self._by_env.get(environment)
-        if rules is None:
-            rules = self._for(environment)
-        if not rules:
-            return NO_HOLD
-        now = self.clock()
+        rule = self._solo.get(environment)
+        if rule is None:  # no budget, several, or an environment not seen since the last reload
+            return self._admit_all(environment, user, client, estimate_usd)
+        now = self.clock()  # _prepare(), unrolled for the usual case
         ledger = self.ledger
         if now >= ledger.next_end or ledger.epoch != self._epoch:
             self._sync(now)
         estimate = self._nanos.get(estimate_usd)
         if estimate is None:
             estimate = self._nanos_of(estimate_usd)
-        if len(rules) == 1:  # the usual case, without the lists
-            rule = rules[0]
-            per = rule.per
-            subject = user if per == "user" else client if per == "client" else environment
-            account = rule.accounts.get(subject, EMPTY)
-            if account.spent + account.reserved + estimate > rule.limit:
-                return self._exceeded(rule, account.spent, account.reserved, now)
-            if not estimate:
-                return NO_HOLD
-            if account is EMPTY:
-                account = rule.account(subject)
-            return account.hold(estimate)
+        per = rule.per
+        subject = user if per == "user" else client if per == "client" else environment
+        account = rule.accounts.get(subject, EMPTY)
+        if account.spent + account.reserved + estimate > rule.limit:
+            return self._exceeded(rule, account.spent, account.reserved, now)
+        if not estimate:
+            return NO_HOLD
+        holds = account.holds
+        held = None if holds is None else holds.get(estimate)
+        if held is None:  # the first reservation of this amount here (EMPTY has no holds)
+            return rule.account(subject).hold(estimate)
+        account.reserved += estimate
+        return held
+
+    def _admit_all(
+        self, environment: str, user: str | None, client: str | None, estimate_usd: float
+    ) -> Hold | Exceeded:
+        rules = self._for(environment)
+        if len(rules) == 1:
+            return self.admit(environment, user, client, estimate_usd)
+        if not rules:
+            return NO_HOLD
+        now, estimate = self._prepare(estimate_usd)
         subjects = []
         for rule in rules:
             subject = rule.subject(environment, user, client)
@@ -219,6 +232,15 @@ class Budgets:
             return NO_HOLD
         pairs = zip(rules, subjects, strict=True)
         return Holds([rule.account(subject).hold(estimate) for rule, subject in pairs])
+
+    def _prepare(self, estimate_usd: float) -> tuple[float, int]:
+        """The clock's time, the windows brought to it, and the estimate in nano-dollars."""
+        now = self.clock()
+        ledger = self.ledger
+        if now >= ledger.next_end or ledger.epoch != self._epoch:
+            self._sync(now)
+        estimate = self._nanos.get(estimate_usd)
+        return now, self._nanos_of(estimate_usd) if estimate is None else estimate
 
     def _nanos_of(self, usd: float) -> int:
         """An amount in nano-dollars; the few that recur (prices) are remembered."""

@@ -15,19 +15,19 @@ HELD_AMOUNTS = 16  # distinct amounts an account keeps holds for: prices are few
 class Account:
     """One subject's spend and reservations under one budget, in whole nano-dollars."""
 
-    __slots__ = ("_holds", "reserved", "spent")
+    __slots__ = ("holds", "reserved", "spent")
 
     def __init__(self) -> None:
         self.spent = 0  # in the budget's current window
         self.reserved = 0  # by creates in flight, whatever the window
-        self._holds: dict[int, Hold] | None = None  # made at the first reservation
+        self.holds: dict[int, Hold] | None = None  # by amount; made at the first reservation
 
     def hold(self, amount: int) -> Hold:
         """Reserves `amount`; the caller has checked it fits."""
         self.reserved += amount
-        holds = self._holds
+        holds = self.holds
         if holds is None:
-            holds = self._holds = {}
+            holds = self.holds = {}
         found = holds.get(amount)
         if found is None:
             if len(holds) >= HELD_AMOUNTS:

@@ -57,6 +57,7 @@ class Ledger:
         # No totals: only the changes are read, so lines without a prediction id are not kept.
         self.costs: Costs[Place] = Costs(limit=REMEMBERED_PREDICTIONS, totals=False)
         self.windows: dict[Period, Window] = {}
+        self._spans: tuple[Window, ...] = ()  # the windows, for the loop every line takes
         self.epoch = 0  # counts rolls, so that views built on the windows know to rebuild
         self.next_end = math.inf  # the end of the first window to roll
         self.replayed = False  # whether the audit files were read in
@@ -67,8 +68,7 @@ class Ledger:
         """Counts spend per `period` too (the budgets use it), from now on."""
         if period not in self.windows:
             self.windows[period] = Window(*window(period, self.clock()))
-            self.next_end = min(w.end for w in self.windows.values())
-            self.epoch += 1
+            self._rolled()
 
     def advance(self, now: float) -> None:
         """Rolls every window that `now` has passed: forward only, never back."""
@@ -77,7 +77,11 @@ class Ledger:
         for period, found in self.windows.items():
             if now >= found.end:
                 self.windows[period] = Window(*window(period, now))
-        self.next_end = min(w.end for w in self.windows.values())
+        self._rolled()
+
+    def _rolled(self) -> None:
+        self._spans = tuple(self.windows.values())
+        self.next_end = min(w.end for w in self._spans)
         self.epoch += 1
 
     def current(self, period: Period, now: float | None = None) -> Window:
@@ -120,7 +124,7 @@ class Ledger:
 
     def add(self, moment: float, cell: Cell, amount: int) -> None:
         """`amount` nano-dollars spent at `moment`, into each window that holds it."""
-        for current in self.windows.values():
+        for current in self._spans:
             if current.start <= moment < current.end:
                 spent = current.spent
                 spent[cell] = spent.get(cell, 0) + amount
