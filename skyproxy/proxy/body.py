@@ -49,6 +49,8 @@ async def read_whole(request: web.BaseRequest) -> bytes | None:
 
     For admission steps that must see the body before the exchange, such as pricing a create.
     """
+    if request.content.is_eof():
+        return buffered(request)
     length = request.content_length
     if not request.body_exists or length is None or length > SMALL_BODY:
         return None
