@@ -301,9 +301,11 @@ def _estimate(call: Call, pricing: Mapping[str, float], read: bytes | None) -> f
     body streams on, or comes content-encoded), so nothing slips under."""
     call.body = read
     request = call.request
-    if read is not None and "Content-Encoding" not in request.headers:
+    if read is not None:
+        # Kept for the created line whatever the coding: an identity-coded body names it.
         model = call.model = events.model_in(read)
-        return pricing.get(model, 0.0) if model is not None else 0.0
+        if "Content-Encoding" not in request.headers:
+            return pricing.get(model, 0.0) if model is not None else 0.0
     return access.dearest(pricing) if request.body_exists else 0.0
 
 

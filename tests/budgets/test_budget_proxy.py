@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from helpers import VENV_BIN, env_config, free_port, write_config
 from helpers.access import Recorder
 from helpers.daemon import CREATE, audit_lines, eventually
@@ -188,3 +189,28 @@ async def test_a_priced_create_asking_for_a_webhook_is_rewritten_whole(
     assert sent["webhook"]["url"] != "http://127.0.0.1:9/hook"  # routed through the receiver
     assert_error(402, "budget_exceeded", await post(proxy, body=asked))
     assert upstream.creates == 1
+
+
+async def test_a_create_sent_with_content_encoding_identity_is_billed_by_the_model_it_names(
+    canary_env: str, start_proxy: Callable[..., Any], raw_upstream: Callable[..., Any]
+) -> None:
+    # The answer names the model by its display name, which has no price: the create's
+    # own body, read in admission, is what the created line's cost comes from.
+    async def create(request: web.Request) -> web.Response:
+        await request.read()
+        answer = {"id": "pred_0001", "status": "starting", "model": {"name": "TrueFusion Pro"}}
+        return web.json_response(answer, status=201)
+
+    app = web.Application()
+    app.router.add_post("/v1/predictions", create)
+    url = await raw_upstream(app)
+    proxy = await start_proxy(env_config(url, rules=NO_LIMITS, extra=PRICED + budget(0.15)))
+    headers = {"X-User-Id": "alice", "Content-Encoding": "identity", "Content-Type": "application/json"}
+    sent = json.dumps(CREATE).encode()
+    created = await fetch(proxy.session, "POST", f"{proxy.url}/v1/predictions", data=sent, headers=headers)
+    assert created[0] == 201
+    await eventually(lambda: len(audit_lines(proxy.audit_path)) == 1, "the created line")
+    line = audit_lines(proxy.audit_path)[0]
+    assert (line["status"], line["model"], line["costUsd"]) == ("created", "truefusion-pro", 0.1)
+    again = await fetch(proxy.session, "POST", f"{proxy.url}/v1/predictions", data=sent, headers=headers)
+    assert_error(402, "budget_exceeded", again)  # 0.1 spent, and 0.1 more would pass 0.15
