@@ -412,10 +412,15 @@ class Budgets:
         self._sync(self.clock())
         rows: list[dict[str, Any]] = []
         for rule in self._rules:
-            resets_at = iso(self.ledger.windows[rule.period].end)
-            held = {subject: a for subject, a in rule.accounts.items() if a.spent or a.reserved}
-            for subject in sorted(held, key=lambda s: (s is None, s or "")):
-                account = held[subject]
+            current = self.ledger.windows[rule.period]
+            resets_at = iso(current.end)
+            # Subjects with spend lines in the window (at $0 too) or a reservation: not those
+            # whose account is only left from a reservation given back.
+            applies_to = rule.budget.applies_to
+            shown = {rule.subject(*cell) for cell in current.spent if applies_to(cell[0])}
+            shown.update(subject for subject, a in rule.accounts.items() if a.reserved)
+            for subject in sorted(shown, key=lambda s: (s is None, s or "")):
+                account = rule.accounts.get(subject, EMPTY)
                 rows.append(
                     {
                         "budget": rule.name,

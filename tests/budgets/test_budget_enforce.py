@@ -107,6 +107,24 @@ def test_an_exchange_gives_its_reservation_back_once_however_often_it_releases()
     assert budgets.snapshot() == []
 
 
+def test_a_subject_whose_spend_came_to_nothing_is_still_shown() -> None:
+    """`budget show` lists every subject with spend lines in the window, at $0 too; one that
+    only reserved and gave it back has no row."""
+    budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
+    held = budgets.admit("dev", "alice", None, 0.5)
+    assert isinstance(held, Hold)
+    record(budgets, "created", "p1", 0.5)
+    record(budgets, "failed", "p1", 0.0)  # the prediction failed: it cost nothing
+    held.release()
+    passing = budgets.admit("dev", "bob", None, 0.5)
+    assert isinstance(passing, Hold)
+    passing.release()  # the upstream was down: no line
+    expected = [("alice", 0.0, 0.0)]
+    assert [(r["subject"], r["spent_usd"], r["reserved_usd"]) for r in budgets.snapshot()] == expected
+    budgets.reconfigure((Budget("daily", "user", 2.0, "day"),))  # recounted from the ledger
+    assert [(r["subject"], r["spent_usd"], r["reserved_usd"]) for r in budgets.snapshot()] == expected
+
+
 def test_the_terminal_cost_replaces_the_estimate_and_unpriced_models_count_when_known() -> None:
     budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
     record(budgets, "created", "p1", 0.5)
