@@ -347,7 +347,8 @@ class Budgets:
         costs = ledger.costs
         if (
             status == "created"
-            and cost
+            and cost is not None
+            and cost > 0
             and prediction_id is not None
             and costs.first_estimate(place, prediction_id, cost)
         ):  # the line every create writes: its estimate is its one change

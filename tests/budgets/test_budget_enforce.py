@@ -88,6 +88,15 @@ def test_reservations_count_until_released() -> None:
     assert isinstance(budgets.admit("dev", "alice", None, 1.0), Hold)
 
 
+def test_a_negative_cost_on_a_created_line_is_taken_back_exactly() -> None:
+    """A hostile upstream's create answer may bill a negative amount: whatever it counted as,
+    the terminal cost replaces exactly that, as `audit summary` has it."""
+    budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
+    record(budgets, "created", "p1", -0.5)
+    record(budgets, "succeeded", "p1", 0.2)
+    assert spent(budgets, "daily", "alice") == 0.2
+
+
 def test_an_exchange_gives_its_reservation_back_once_however_often_it_releases() -> None:
     """Holds of one amount in one account are shared, so the exchange releases its own once."""
     budgets = Budgets((DAILY,), Clock("2026-11-26T10:00:00"))
