@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from skyproxy.audit.record import TERMINAL
-from skyproxy.budgets.hold import EMPTY, NO_HOLD, Account, Hold, Holds, Subject
-from skyproxy.budgets.ledger import NANOS, Ledger, Place, Window, nanos
+from skyproxy.budgets.hold import EMPTY, NO_HOLD, Hold, Holds, Subject
+from skyproxy.budgets.ledger import NANOS, Ledger, Place, nanos
 from skyproxy.budgets.periods import iso
+from skyproxy.budgets.rule import Rule
 from skyproxy.budgets.shared import SharedHold, period_label, subject_key
 from skyproxy.cluster.backend import BudgetBackend, BudgetScope
 from skyproxy.config import Budget
@@ -63,67 +64,6 @@ class Exceeded:
         }
 
 
-def subject_of(budget: Budget, environment: str, user: str | None, client: str | None) -> Subject:
-    if budget.per == "user":
-        return user
-    if budget.per == "client":
-        return client
-    return environment
-
-
-class _Rule:
-    """One budget as the hot path reads it, with its spend in the current window."""
-
-    __slots__ = (
-        "accounts",
-        "budget",
-        "end",
-        "limit",
-        "name",
-        "per",
-        "period",
-        "start",
-        "warn",
-        "warned",
-    )
-
-    def __init__(self, budget: Budget, accounts: dict[Subject, Account]) -> None:
-        self.budget = budget
-        self.name = budget.name
-        self.per = budget.per
-        self.period = budget.period
-        self.limit = nanos(budget.usd)
-        self.warn = None if budget.warn_at is None else nanos(budget.usd * budget.warn_at)
-        self.start = -math.inf  # of the window `spent` counts; rebuilt when the ledger rolls
-        self.end = -math.inf
-        # Per subject: spend in the window, and what admitted creates hold until they end.
-        self.accounts = accounts
-        self.warned: set[Subject] = set()
-
-    def account(self, subject: Subject) -> Account:
-        found = self.accounts.get(subject)
-        if found is None:
-            found = self.accounts[subject] = Account()
-        return found
-
-    def recount(self, current: Window) -> None:
-        """Spend from the ledger's cells for a new window; reservations carry over."""
-        self.start, self.end = current.start, current.end
-        self.warned = set()
-        # Accounts nothing is held in are dropped, so subjects of past windows are not kept.
-        self.accounts = accounts = {s: a for s, a in self.accounts.items() if a.reserved}
-        for held in accounts.values():
-            held.spent = 0
-        applies_to = self.budget.applies_to
-        for (environment, user, client), amount in current.spent.items():
-            if applies_to(environment):
-                self.account(self.subject(environment, user, client)).spent += amount
-
-    def subject(self, environment: str, user: str | None, client: str | None) -> Subject:
-        per = self.per
-        return user if per == "user" else client if per == "client" else environment
-
-
 class Budgets:
     """Every budget's spend and reservations; one instance for the life of the process."""
 
@@ -132,9 +72,9 @@ class Budgets:
         self.ledger = Ledger(clock, {b.period for b in budgets})
         self.warnings: dict[str, int] = {}  # crossings of warn_at, per budget
         self._budgets: tuple[Budget, ...] = ()
-        self._rules: tuple[_Rule, ...] = ()
-        self._by_env: dict[str, tuple[_Rule, ...]] = {}
-        self._solo: dict[str, _Rule] = {}  # environments with exactly one budget: admit()'s own path
+        self._rules: tuple[Rule, ...] = ()
+        self._by_env: dict[str, tuple[Rule, ...]] = {}
+        self._solo: dict[str, Rule] = {}  # environments with exactly one budget: admit()'s own path
         self._epoch = -1
         self.shared: BudgetBackend | None = None  # with [cluster]: spend and reservations on Redis
         self._nanos: dict[float, int] = {}  # estimates in nano-dollars, by their amount in dollars
@@ -153,7 +93,7 @@ class Budgets:
             self.ledger.keep(budget.period)
         # A budget kept by name keeps its accounts: the holds in flight release into them.
         kept = {rule.name: rule.accounts for rule in self._rules}
-        self._rules = tuple(_Rule(b, kept.get(b.name, {})) for b in budgets)
+        self._rules = tuple(Rule(b, kept.get(b.name, {})) for b in budgets)
         self._by_env = {}
         self._solo = {}
         self._epoch = -1  # rebuild every rule's spend at the next use
@@ -161,7 +101,7 @@ class Budgets:
     def applies(self, environment: str) -> bool:
         return bool(self._for(environment))
 
-    def _for(self, environment: str) -> tuple[_Rule, ...]:
+    def _for(self, environment: str) -> tuple[Rule, ...]:
         found = self._by_env.get(environment)
         if found is None:
             found = self._by_env[environment] = tuple(
@@ -275,7 +215,7 @@ class Budgets:
 
     def _warn_shared(
         self,
-        rules: tuple[_Rule, ...],
+        rules: tuple[Rule, ...],
         spent_by_scope: tuple[float, ...],
         environment: str,
         user: str | None,
@@ -290,7 +230,7 @@ class Budgets:
             if spent >= rule.warn and subject not in rule.warned:
                 self._warn(rule, subject, spent)
 
-    def _scope(self, rule: _Rule, subject: Subject) -> BudgetScope:
+    def _scope(self, rule: Rule, subject: Subject) -> BudgetScope:
         """Where Redis keeps a rule's subject's spend in the rule's current window."""
         current = self.ledger.windows[rule.period]
         label = period_label(rule.period, current.start)
@@ -380,7 +320,7 @@ class Budgets:
                 if rule.warn is not None and amount > 0 and spent >= rule.warn and subject not in rule.warned:
                     self._warn(rule, subject, spent)
 
-    def _warn(self, rule: _Rule, subject: Subject, spent: int) -> None:
+    def _warn(self, rule: Rule, subject: Subject, spent: int) -> None:
         rule.warned.add(subject)  # once per subject and period: a new window starts a new set
         self.warnings[rule.name] = self.warnings.get(rule.name, 0) + 1
         budget = rule.budget
@@ -395,7 +335,7 @@ class Budgets:
             budget.warn_at,
         )
 
-    def _exceeded(self, rule: _Rule, spent: int, reserved: int, now: float) -> Exceeded:
+    def _exceeded(self, rule: Rule, spent: int, reserved: int, now: float) -> Exceeded:
         end = self.ledger.windows[rule.period].end
         return Exceeded(
             budget=rule.name,
