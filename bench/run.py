@@ -212,14 +212,32 @@ def tree_kb(pid: int, field_name: str = "VmRSS") -> int:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process tree, in seconds (live processes only)."""
-    ticks = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process tree, in seconds: callgrind counts only the first."""
+    user, system, _ = _stat(pid)
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults a process tree took without reading a disk: memory it touched anew."""
+    return _stat(pid)[2]
+
+
+def _stat(pid: int) -> tuple[int, int, int]:
+    user = system = faults = 0
     for p in descendants(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        faults += int(fields[7])
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system, faults
 
 
 def open_fds(pid: int) -> int:
@@ -659,15 +677,22 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         for name in order:
             url = f"http://127.0.0.1:{targets[name][1]}"
             pid = targets[name][0].pid
-            cpu0 = cpu_seconds(pid)
+            (user0, sys0), faults0 = cpu_split(pid), minor_faults(pid)
             high = run_wrk(env, url, 64, args.duration, tokens.get(name))
-            cpu1 = cpu_seconds(pid)
+            (user1, sys1), faults1 = cpu_split(pid), minor_faults(pid)
+            cpu0, cpu1 = user0 + sys0, user1 + sys1
             low = run_wrk(env, url, 1, args.duration, tokens.get(name))
             # CPU the proxy spent per request at 64 conns: less sensitive to noisy neighbours
             # than req/s (it does not count time the proxy waited for its core).
             high["proxy_cpu_seconds"] = round(cpu1 - cpu0, 3)
             high["proxy_cpu_us_per_request"] = (
                 (cpu1 - cpu0) * 1e6 / high["requests"] if high["requests"] else 0
+            )
+            high["proxy_sys_us_per_request"] = (
+                (sys1 - sys0) * 1e6 / high["requests"] if high["requests"] else 0
+            )
+            high["proxy_faults_per_request"] = (
+                (faults1 - faults0) / high["requests"] if high["requests"] else 0
             )
             this_round[name] = {"c64": high, "c1": low}
             log(
@@ -687,6 +712,8 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         summary[name] = {
             "rps_c64": spread([x["c64"]["rps"] for x in rs]),
             "cpu_us_per_request_c64": spread([x["c64"]["proxy_cpu_us_per_request"] for x in rs]),
+            "sys_us_per_request_c64": spread([x["c64"]["proxy_sys_us_per_request"] for x in rs]),
+            "faults_per_request_c64": spread([x["c64"]["proxy_faults_per_request"] for x in rs]),
             "p50_us_c1": spread([x["c1"]["latency_us"]["p50"] for x in rs]),
             "p99_us_c1": spread([x["c1"]["latency_us"]["p99"] for x in rs]),
             "p50_us_c64": spread([x["c64"]["latency_us"]["p50"] for x in rs]),
@@ -751,6 +778,15 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
                 summary["skyproxy-access"]["cpu_us_per_request_c64"]["median"],
                 summary["skyproxy"]["cpu_us_per_request_c64"]["median"],
             ),
+            # The kernel's share: what callgrind's instruction count cannot see.
+            "sys_us_per_request": [
+                round(summary[t]["sys_us_per_request_c64"]["median"], 1)
+                for t in ("skyproxy", "skyproxy-access")
+            ],
+            "faults_per_request": [
+                round(summary[t]["faults_per_request_c64"]["median"], 2)
+                for t in ("skyproxy", "skyproxy-access")
+            ],
         }
 
     extra: dict[str, Any] = {}
@@ -1722,6 +1758,13 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
                     f"tokens+budgets / neither (same run): throughput {r['throughput']:.2f}x "
                     f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
                     f"CPU per request {r['cpu_per_request']:.2f}x"
+                    + (
+                        " (of it in the kernel: {} vs {} µs; page faults per request {} vs {})".format(
+                            *r["sys_us_per_request"], *r["faults_per_request"]
+                        )
+                        if "faults_per_request" in r
+                        else ""
+                    )
                 )
                 continue
             p(
