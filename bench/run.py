@@ -129,6 +129,12 @@ period = "month"
 """
 )
 TOKEN_ENV = "SKYPROXY_BENCH_TOKEN"  # the client token the load generators present
+# skyproxy against each same-run variant of itself, as the throughput report names them.
+COST_RATIOS = {
+    "skyproxy-vs-off": "limits+audit on / off",
+    "skyproxy-vs-noscan": "key scan of success bodies on / off",
+    "skyproxy-vs-twin": "A/A control: skyproxy / skyproxy-twin, the same config in two processes",
+}
 
 # The receiver's store sits beside the config, in the run's temp dir: on disk, not tmpfs,
 # where the bench checks (`store_filesystem` in the results).
@@ -633,7 +639,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
     per_target = 2 * args.duration + 3
-    n_targets = 2 + (4 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
+    n_targets = 2 + (5 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
     up_proc, up_port, up_kind = start_upstream_fast(env, "upstream-fast")
@@ -653,6 +659,10 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
         targets["skyproxy-access"] = (access_proc, access_port)
         tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
+        # An A/A control: skyproxy's own config in a second process. What it measures
+        # against skyproxy is this machine's noise floor for the same-run cost ratios.
+        twin_proc, twin_port, _ = start_skyproxy(env, "skyproxy-twin", up_port)
+        targets["skyproxy-twin"] = (twin_proc, twin_port)
     else:
         notes.append("skyproxy not available: only the references ran")
     if not args.no_nginx_proxy and shutil.which("nginx"):
@@ -750,7 +760,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
 
     # What limits and audit cost, and what the key search in success bodies costs,
     # each against the same proxy without it, same run.
-    for other in ("skyproxy-off", "skyproxy-noscan"):
+    for other in ("skyproxy-off", "skyproxy-noscan", "skyproxy-twin"):
         if "skyproxy" in targets and other in targets:
             ratios["skyproxy-vs-" + other.removeprefix("skyproxy-")] = {
                 "throughput": ratio(
@@ -1598,6 +1608,9 @@ def _cost_verdicts(
             f"per round {r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}; "
             f"proxy CPU per request {r['cpu_per_request']:.3f}x"
         )
+        twin = tp["ratios"].get("skyproxy-vs-twin")
+        if twin is not None:  # the noise floor the verdict is read against
+            note += f"; A/A control {twin['throughput']:.3f}x (CPU {twin['cpu_per_request']:.3f}x)"
         value = f"{r['throughput']:.3f}x"
         out.append(Verdict(f"{label}, throughput", "PASS" if ok else "FAIL", value, t_tp, note))
     else:
@@ -1745,10 +1758,10 @@ def print_report(results: dict[str, Any], vs: list[Verdict], path: Path | None) 
             )
         p("  (median of rounds, min-max in brackets)")
         for name, r in tp["ratios"].items():
-            if name in ("skyproxy-vs-off", "skyproxy-vs-noscan"):
-                what = "limits+audit" if name == "skyproxy-vs-off" else "key scan of success bodies"
+            if name in COST_RATIOS:
+                what = COST_RATIOS[name]
                 p(
-                    f"{what} on / off (same run): throughput {r['throughput']:.3f}x "
+                    f"{what} (same run): throughput {r['throughput']:.3f}x "
                     f"[{r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}], "
                     f"CPU per request {r['cpu_per_request']:.3f}x"
                 )
