@@ -12,6 +12,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -565,6 +566,45 @@ def start_skyproxy(
     return proc, port, config.parent / "audit"
 
 
+# The throughput scenario's skyproxy targets: start_skyproxy's options for each.
+SKYPROXY_TARGETS: dict[str, dict[str, Any]] = {
+    "skyproxy": {},
+    "skyproxy-off": {"features": False},
+    "skyproxy-noscan": {"scan": False},
+    "skyproxy-access": {"access": True},
+    # An A/A control: skyproxy's own config in another process. What it measures against
+    # skyproxy is this machine's noise floor for the same-run cost ratios.
+    "skyproxy-twin": {},
+}
+
+
+def _start_target(
+    env: Env, name: str, upstream_port: int, tokens: dict[str, str], options: dict[str, Any]
+) -> tuple[Proc, int]:
+    proc, port, _ = start_skyproxy(env, name, upstream_port, **options)
+    token = env.child_env.pop(TOKEN_ENV, None)
+    if token is not None:
+        tokens[name] = token  # a new token file each start
+    return proc, port
+
+
+def _fresh(
+    env: Env,
+    starter: Callable[[], tuple[Proc, int]],
+    tokens: dict[str, str],
+    name: str,
+    warmup_requests: dict[str, int],
+) -> tuple[Proc, int]:
+    """A target in a new process, warmed up. Each process draws its own address-space layout
+    and string hash seed, and an A/A run showed identical configs differing by 5-10% in CPU
+    per request from one process to another for their whole lives; a process per round
+    averages that out with the rest of the round-to-round noise (as pyperf's workers do)."""
+    started = starter()
+    warm = run_wrk(env, f"http://127.0.0.1:{started[1]}", 64, env.args.warmup, tokens.get(name))
+    warmup_requests[name] += warm["requests"]
+    return started
+
+
 def start_nginx_proxy(env: Env, name: str, upstream_port: int) -> tuple[Proc, int]:
     from bench.upstreams import nginx_command, nginx_proxy_conf
 
@@ -638,7 +678,8 @@ def run_wrk(
 def scenario_throughput(env: Env) -> dict[str, Any]:
     """Throughput at 64 connections and latency at 1, every target interleaved per round."""
     args = env.args
-    per_target = 2 * args.duration + 3
+    # A new process per round: a start (about a second) and a warm-up, for each but nginx.
+    per_target = 2 * args.duration + 3 + (0 if args.same_processes else args.warmup + 1.5)
     n_targets = 2 + (5 if env.skyproxy else 0) + (0 if args.no_nginx_proxy else 1)
     env.check_time("throughput", n_targets * (args.rounds * per_target + args.warmup))
 
@@ -646,25 +687,18 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
     targets: dict[str, tuple[Proc, int]] = {}
     tokens: dict[str, str] = {}  # the client token each target's load presents, if any
     notes: list[str] = []
-    bare_proc, bare_port = start_bare(env, "bare", up_port)
-    targets["bare"] = (bare_proc, bare_port)
+    # How each Python target starts: again for every round unless --same-processes.
+    starters: dict[str, Callable[[], tuple[Proc, int]]] = {"bare": lambda: start_bare(env, "bare", up_port)}
     sky_audit: Path | None = None
+    retired_lines = 0  # audit lines of skyproxy processes that earlier rounds ran
     if env.skyproxy:
-        sky_proc, sky_port, sky_audit = start_skyproxy(env, "skyproxy", up_port)
-        targets["skyproxy"] = (sky_proc, sky_port)
-        off_proc, off_port, _ = start_skyproxy(env, "skyproxy-off", up_port, features=False)
-        targets["skyproxy-off"] = (off_proc, off_port)
-        noscan_proc, noscan_port, _ = start_skyproxy(env, "skyproxy-noscan", up_port, scan=False)
-        targets["skyproxy-noscan"] = (noscan_proc, noscan_port)
-        access_proc, access_port, _ = start_skyproxy(env, "skyproxy-access", up_port, access=True)
-        targets["skyproxy-access"] = (access_proc, access_port)
-        tokens["skyproxy-access"] = env.child_env.pop(TOKEN_ENV)
-        # An A/A control: skyproxy's own config in a second process. What it measures
-        # against skyproxy is this machine's noise floor for the same-run cost ratios.
-        twin_proc, twin_port, _ = start_skyproxy(env, "skyproxy-twin", up_port)
-        targets["skyproxy-twin"] = (twin_proc, twin_port)
+        sky_audit = env.workdir / "skyproxy" / "audit"  # as write_skyproxy_config lays it out
+        for name, options in SKYPROXY_TARGETS.items():
+            starters[name] = functools.partial(_start_target, env, name, up_port, tokens, options)
     else:
         notes.append("skyproxy not available: only the references ran")
+    for name, starter in starters.items():
+        targets[name] = starter()
     if not args.no_nginx_proxy and shutil.which("nginx"):
         targets["nginx-proxy"] = start_nginx_proxy(env, "nginx-proxy", up_port)
 
@@ -685,6 +719,11 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         order = names[r % len(names) :] + names[: r % len(names)]
         this_round: dict[str, Any] = {"order": order}
         for name in order:
+            if r > 0 and name in starters and not args.same_processes:
+                env.procs.stop(targets[name][0])  # SIGTERM: skyproxy flushes its audit queue
+                if name == "skyproxy" and sky_audit is not None:
+                    retired_lines += count_lines(sky_audit)  # a start empties the folder
+                targets[name] = _fresh(env, starters[name], tokens, name, warmup_requests)
             url = f"http://127.0.0.1:{targets[name][1]}"
             pid = targets[name][0].pid
             (user0, sys0), faults0 = cpu_split(pid), minor_faults(pid)
@@ -806,7 +845,7 @@ def scenario_throughput(env: Env) -> dict[str, Any]:
         env.procs.stop(proc)  # SIGTERM: skyproxy flushes its audit queue
     env.procs.stop(up_proc)
     if "skyproxy" in targets and sky_audit is not None:
-        extra["audit_lines"] = count_lines(sky_audit)
+        extra["audit_lines"] = retired_lines + count_lines(sky_audit)
         extra["audit_files"] = sorted(p.name for p in sky_audit.iterdir())
         # Every request that reached skyproxy: the check, the warm-up and the rounds.
         extra["skyproxy_requests_sent"] = 1 + warmup_requests["skyproxy"] + summary["skyproxy"]["requests"]
@@ -1601,14 +1640,15 @@ def _cost_verdicts(
     tp = results.get("throughput")
     key, target = throughput
     t_tp = f">= {target:.2f}x {against}"
-    r = tp.get("ratios", {}).get(key) if isinstance(tp, dict) else None
+    ratios = tp.get("ratios", {}) if isinstance(tp, dict) else {}
+    r = ratios.get(key)
     if r is not None:
         ok = r["throughput"] >= target
         note = (
             f"per round {r['throughput_per_round']['min']:.2f}-{r['throughput_per_round']['max']:.2f}; "
             f"proxy CPU per request {r['cpu_per_request']:.3f}x"
         )
-        twin = tp["ratios"].get("skyproxy-vs-twin")
+        twin = ratios.get("skyproxy-vs-twin")
         if twin is not None:  # the noise floor the verdict is read against
             note += f"; A/A control {twin['throughput']:.3f}x (CPU {twin['cpu_per_request']:.3f}x)"
         value = f"{r['throughput']:.3f}x"
@@ -1900,6 +1940,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-nginx-proxy", action="store_true", help="do not measure nginx as a proxy")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--same-processes",
+        action="store_true",
+        help="throughput: keep each target's process for every round (default: a new one per round)",
+    )
     parser.add_argument(
         "--nice",
         type=int,
