@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from skyproxy import codings
@@ -88,7 +88,7 @@ async def prepare(
         deadline.finish()
     if not read:
         return b""
-    coding = request.headers.get("Content-Encoding")
+    coding = request.headers.get(hdrs.CONTENT_ENCODING)
     if coding is not None:
         names = codings.parse(coding)
         if names is None:

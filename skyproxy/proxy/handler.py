@@ -12,7 +12,7 @@ import re
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, istr
 
 from skyproxy.audit import events
@@ -304,7 +304,7 @@ def _estimate(call: Call, pricing: Mapping[str, float], read: bytes | None) -> f
     if read is not None:
         # Kept for the created line whatever the coding: an identity-coded body names it.
         model = call.model = events.model_in(read)
-        if "Content-Encoding" not in request.headers:
+        if hdrs.CONTENT_ENCODING not in request.headers:  # an istr: not case-folded again
             return pricing.get(model, 0.0) if model is not None else 0.0
     return access.dearest(pricing) if request.body_exists else 0.0
 
