@@ -596,9 +596,9 @@ def _fresh(
     warmup_requests: dict[str, int],
 ) -> tuple[Proc, int]:
     """A target in a new process, warmed up. Each process draws its own address-space layout
-    and string hash seed, and an A/A run showed identical configs differing by 5-10% in CPU
-    per request from one process to another for their whole lives; a process per round
-    averages that out with the rest of the round-to-round noise (as pyperf's workers do)."""
+    and string hash seed, and identical configs in separate processes differed by 5-8% in CPU
+    per request over the same interleaved rounds; a process per round averages whatever of
+    that is the process's with the rest of the round-to-round noise (as pyperf's workers do)."""
     started = starter()
     warm = run_wrk(env, f"http://127.0.0.1:{started[1]}", 64, env.args.warmup, tokens.get(name))
     warmup_requests[name] += warm["requests"]
