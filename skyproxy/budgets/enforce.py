@@ -284,28 +284,21 @@ class Budgets:
         if timestamp >= ledger.next_end or ledger.epoch != self._epoch:
             self._sync(max(timestamp, self.clock()))
         place = (timestamp, environment, user, client)
-        taken = False
-        if status == "created" and cost is not None and cost > 0 and prediction_id is not None:
+        costs = ledger.costs
+        if (
+            status == "created"
+            and cost is not None
+            and cost > 0
+            and prediction_id is not None
+            and costs.first_estimate(place, prediction_id, cost)
+        ):  # the line every create writes: its estimate is its one change
             amount = self._nanos.get(cost)
             if amount is None:
                 amount = self._nanos_of(cost)
-            # The line every create writes: its estimate is its one change.
-            taken = ledger.first_estimate(place, prediction_id, cost, amount)
-            if taken:
-                rule = self._solo.get(environment)
-                if rule is None:
-                    self._spend(timestamp, environment, user, client, amount)
-                elif rule.start <= timestamp < rule.end:  # _spend() for the one budget
-                    per = rule.per
-                    subject = user if per == "user" else client if per == "client" else environment
-                    account = rule.accounts.get(subject)
-                    if account is None:
-                        account = rule.account(subject)
-                    spent = account.spent = account.spent + amount
-                    if rule.warn is not None and amount and spent >= rule.warn and subject not in rule.warned:
-                        self._warn(rule, subject, spent)
-        if not taken:  # the ledger's observe() unrolled: each change to the cells and the subjects
-            for where, usd in ledger.costs.observe(place, status, prediction_id, cost):
+            ledger.add(timestamp, (environment, user, client), amount)
+            self._spend(timestamp, environment, user, client, amount)
+        else:  # the ledger's observe() unrolled: each change to the cells and the subjects
+            for where, usd in costs.observe(place, status, prediction_id, cost):
                 self._spend(*where, ledger.count(where, usd))
         shared = self.shared
         if shared is not None and cost is not None:

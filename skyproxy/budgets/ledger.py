@@ -122,20 +122,6 @@ class Ledger:
         self.add(moment, (environment, user, client), amount)
         return amount
 
-    def first_estimate(self, where: Place, prediction_id: str, usd: float, amount: int) -> bool:
-        """A "created" line that is its prediction's first, with its estimate (`usd`, and
-        `amount` nano-dollars) taken in: remembered, and added to its cell. False, with
-        nothing taken, when `observe()` must decide."""
-        if not self.costs.first_estimate(where, prediction_id, usd):
-            return False
-        moment, environment, user, client = where
-        for current in self._spans:
-            if current.start <= moment < current.end:
-                spent = current.spent
-                cell = (environment, user, client)
-                spent[cell] = spent.get(cell, 0) + amount
-        return True
-
     def add(self, moment: float, cell: Cell, amount: int) -> None:
         """`amount` nano-dollars spent at `moment`, into each window that holds it."""
         for current in self._spans:
