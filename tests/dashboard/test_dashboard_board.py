@@ -89,7 +89,9 @@ def test_a_new_day_starts_from_zero_but_the_month_goes_on() -> None:
 
 def test_the_board_builds_from_rotated_files_then_takes_new_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    now = time.time()
+    # Far enough into the UTC day that the lines two minutes back are today's too: run
+    # just after midnight, "today" would otherwise hold only some of them.
+    now = max(time.time(), day_start(time.time()) + 300)
     with gzip.open(tmp_path / "audit.jsonl.2.gz", "wb") as f:
         f.write(line(now - 120, pid="p0", user="old"))
     (tmp_path / "audit.jsonl.1").write_bytes(line(now - 60, pid="p1") + b"not json\n")
