@@ -17,7 +17,8 @@ from aiohttp import web
 from helpers import VENV_BIN, env_config, free_port, write_config
 from helpers.access import Recorder
 from helpers.daemon import CREATE, audit_lines, eventually
-from helpers.http import assert_error, fetch
+from helpers.http import assert_error, fetch, host_of, http_head, read_response
+from yarl import URL
 
 from skyproxy.webhooks.signing import new_secret
 
@@ -214,3 +215,36 @@ async def test_a_create_sent_with_content_encoding_identity_is_billed_by_the_mod
     assert (line["status"], line["model"], line["costUsd"]) == ("created", "truefusion-pro", 0.1)
     again = await fetch(proxy.session, "POST", f"{proxy.url}/v1/predictions", data=sent, headers=headers)
     assert_error(402, "budget_exceeded", again)  # 0.1 spent, and 0.1 more would pass 0.15
+
+
+async def test_a_body_after_its_head_is_priced_by_its_model_and_a_chunked_one_at_the_dearest(
+    canary_env: str, start_proxy: Callable[..., Any], raw_upstream: Callable[..., Any]
+) -> None:
+    # Admission prices a body in with its head from the buffer; one that follows is awaited
+    # and priced the same; a chunked one streams on unread, so it reserves the dearest price.
+    upstream = Recorder()
+    url = await raw_upstream(upstream.app())
+    prices = PRICED + "flux-max = 1.0\n"  # the dearest: more than the whole budget
+    proxy = await start_proxy(env_config(url, rules=NO_LIMITS, extra=prices + budget(0.15)))
+    sent = json.dumps(CREATE).encode()
+    target = URL(proxy.url)
+
+    async def raw_create(user: str, framing: tuple[str, str], body: bytes, pause: float) -> Any:
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            head = [("Host", host_of(proxy.url)), ("Content-Type", "application/json"), framing]
+            writer.write(http_head("POST", "/v1/predictions", [*head, ("X-User-Id", user)]))
+            await writer.drain()
+            await asyncio.sleep(pause)  # the head alone first: admission finds no body yet
+            writer.write(body)
+            return await asyncio.wait_for(read_response(reader), 10)
+        finally:
+            writer.close()
+
+    late = await raw_create("alice", ("Content-Length", str(len(sent))), sent, 0.2)
+    assert late.status == 201, late.body  # 0.1 for truefusion-pro, not the dearest 1.0
+    assert_error(402, "budget_exceeded", await post(proxy))  # 0.1 spent, and 0.1 more would pass 0.15
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(sent), sent)
+    streamed = await raw_create("bob", ("Transfer-Encoding", "chunked"), chunked, 0.0)
+    assert_error(402, "budget_exceeded", streamed)  # its model unknown: reserved at 1.0
+    assert upstream.creates == 1
